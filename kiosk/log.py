@@ -1,0 +1,77 @@
+"""Structured logs: every line is an event with fields, to stderr (journald takes it).
+
+`event(log, "payment.result", ref=ref, outcome="declined")` logs
+`event=payment.result ref=... outcome=declined` as text, or one JSON object per line with
+`--log-format json`. Never pass a whole payment code or key material as a field: use
+`mask_code()`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_FIELDS = "kiosk_fields"
+
+
+def mask_code(code: str | None) -> str | None:
+    """A payment code as it may appear anywhere outside the journal: only the last 4 digits."""
+    if code is None:
+        return None
+    return "*" * max(len(code) - 4, 0) + code[-4:]
+
+
+def event(log: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one event with its fields."""
+    log.log(level, name, extra={_FIELDS: {"event": name, **fields}})
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] | None = getattr(record, _FIELDS, None)
+        if fields is None:
+            text = record.getMessage()
+        else:
+            text = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
+        line = f"{record.levelname.lower()} {record.name}: {text}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] | None = getattr(record, _FIELDS, None)
+        obj: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        if fields is None:
+            obj["event"] = "message"
+            obj["message"] = record.getMessage()
+        else:
+            obj.update(fields)
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj, default=str, ensure_ascii=False)
+
+
+def _text(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if (" " in text or text == "") else text
+
+
+def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    """Send the kiosk's logs to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # requests/urllib3 debug lines can carry full request URLs; keep them quiet.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)

@@ -1,0 +1,54 @@
+"""Money as Decimal, formatted with exactly the currency's minor digits."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+# ISO 4217 minor units for currencies Alipay settles that are not 2-digit.
+_ZERO_DIGIT = {"JPY", "KRW", "VND", "IDR", "CLP", "ISK", "TWD", "HUF", "UGX", "PYG"}
+_THREE_DIGIT = {"BHD", "KWD", "OMR", "JOD", "TND", "IQD", "LYD"}
+
+CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
+MIN_AMOUNT = Decimal("0.01")
+MAX_AMOUNT = Decimal("100000000.00")
+
+
+def minor_digits(currency: str) -> int:
+    """How many digits follow the decimal point in this currency's amounts."""
+    if currency in _ZERO_DIGIT:
+        return 0
+    if currency in _THREE_DIGIT:
+        return 3
+    return 2
+
+
+def format_amount(amount: Decimal, currency: str) -> str:
+    """The amount as Alipay and the VMC see it: '1.50' USD, '150' JPY."""
+    digits = minor_digits(currency)
+    quantum = Decimal(1).scaleb(-digits)
+    return str(amount.quantize(quantum))
+
+
+def parse_amount(text: str, currency: str) -> Decimal:
+    """Parse an amount that must carry exactly the currency's minor digits.
+
+    Raises ValueError with a precise message otherwise ("1.5" is not a USD amount).
+    """
+    digits = minor_digits(currency)
+    pattern = r"^\d{1,9}$" if digits == 0 else rf"^\d{{1,9}}\.\d{{{digits}}}$"
+    if not re.fullmatch(pattern, text):
+        example = "150" if digits == 0 else "1." + "5".ljust(digits, "0")
+        raise ValueError(
+            f"{text!r} is not a {currency} amount: it needs exactly {digits} minor digits "
+            f"(like {example!r})"
+        )
+    try:
+        value = Decimal(text)
+    except InvalidOperation as exc:  # pragma: no cover - the regex already guards this
+        raise ValueError(f"{text!r} is not a number") from exc
+    if value <= 0:
+        raise ValueError(f"{text!r} must be greater than zero")
+    if value > MAX_AMOUNT:
+        raise ValueError(f"{text!r} is more than Alipay's limit of {MAX_AMOUNT}")
+    return value

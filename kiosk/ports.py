@@ -1,0 +1,119 @@
+"""The small interfaces between the core and the hardware edges.
+
+The core never imports evdev, gpiozero or serial: it talks to a `Scanner`, an `Indicator` and a
+`VendOutput`, built from the config by `drivers.build`. Each driver has a fake twin, so a test or
+`kiosk demo` runs the same core code paths as a kiosk in the field.
+
+Threading contract: drivers may call the callbacks they are given from their own threads. The
+callbacks are cheap and never block (the daemon puts an event on its queue and returns).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Protocol
+
+
+class KioskState(enum.StrEnum):
+    """What the lights and buzzer show (SPEC section 6)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    PAYING = "paying"
+    VENDING = "vending"
+    DECLINED = "declined"
+    OFFLINE = "offline"
+    OUT_OF_SERVICE = "out_of_service"
+
+
+class Sound(enum.StrEnum):
+    """One-off buzzer signals that are not tied to a state change."""
+
+    SCAN = "scan"  # short beep: a code was read and a payment starts
+    ERROR = "error"  # short error beep: the scan was ignored or was not a payment code
+
+
+class Indicator(Protocol):
+    """Status lights and buzzer."""
+
+    def show(self, state: KioskState) -> None:
+        """Switch to this state's pattern at once, interrupting the previous one."""
+
+    def sound(self, sound: Sound) -> None:
+        """Play a one-off signal over the current light pattern."""
+
+    def close(self) -> None:
+        """Turn everything off and release the pins. Safe to call twice."""
+
+
+# A scanner hands over each complete line it read (without the terminator). The core decides
+# whether it is a payment code; drivers do not drop anything silently.
+ScanCallback = Callable[[str], None]
+
+
+class Scanner(Protocol):
+    """A barcode scanner: it reads codes and hands each complete one to `on_scan`."""
+
+    def start(self, on_scan: ScanCallback) -> None:
+        """Begin reading in the background (reconnecting after unplug)."""
+
+    def healthy(self) -> bool:
+        """True while the device is open, or while the driver is waiting for a replug."""
+
+    def close(self) -> None:
+        """Stop reading and release the device (ungrab). Safe to call twice."""
+
+
+class VendResult(enum.StrEnum):
+    """How a vend ended, as far as the vending side says."""
+
+    VENDED = "vended"  # SUCCESS <ref>, or the drop sensor saw the product fall
+    FAILED = "failed"  # FAILURE <ref>
+    TIMED_OUT = "timed_out"  # no word within vend.timeout_s: counts as a failure
+
+
+@dataclass(frozen=True)
+class VendRequest:
+    """The controller's `VEND <item> <amount>` (vmc sale mode): the customer chose."""
+
+    item: str
+    amount: Decimal
+
+
+class VendListener(Protocol):
+    """What the vend output tells the core about the controller's own requests (vmc mode)."""
+
+    def on_vend_request(self, request: VendRequest) -> None: ...
+
+    def on_vend_cancel(self) -> None: ...
+
+
+class VendOutput(Protocol):
+    """Releases the product and reports whether it came out."""
+
+    def start(self, listener: VendListener) -> None:
+        """Begin listening to the controller (serial) or the drop sensor (relay)."""
+
+    def dispense(self, ref: str, amount: Decimal, timeout_s: float) -> VendResult:
+        """Approve the vend (`APPROVED <ref> <amount>` or a relay pulse) and block until it
+        is confirmed, failed, or `timeout_s` passes."""
+
+    def await_report(self, ref: str, timeout_s: float) -> VendResult:
+        """After a restart: wait for a `SUCCESS`/`FAILURE` the controller may still send for a
+        vend approved before the restart, without approving again."""
+
+    def deny(self, reason: str) -> None:
+        """Tell the controller the payment was refused (`DENIED <reason>`)."""
+
+    def answer_vend(self, answer: str) -> None:
+        """Answer a `VEND` request: `OK`, `BUSY`, `OUT_OF_SERVICE <reason>`, `CANCELLED`,
+        `TIMEOUT` (no scan within scan_timeout_s)."""
+
+    def healthy(self) -> bool:
+        """True while the link is open, or while the driver is reconnecting."""
+
+    def close(self) -> None:
+        """Release the port or pins. Safe to call twice."""
