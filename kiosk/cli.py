@@ -1,10 +1,259 @@
-"""The `kiosk` command line (SPEC section 2)."""
+"""The `kiosk` command line (SPEC section 2). Exit status: 0 success, 1 runtime failure,
+2 bad usage or bad config."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import signal
 import sys
+import threading
+import tomllib
+from pathlib import Path
+
+from kiosk import __version__
+from kiosk.errors import ConfigError, JournalError, KioskError
+from kiosk.log import event, setup_logging
+
+log = logging.getLogger("kiosk")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    from kiosk.config import default_config_path
+
+    return Path(args.config) if args.config else default_config_path()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kiosk", description="Alipay barcode payment firmware for vending kiosks."
+    )
+    parser.add_argument("--version", action="version", version=f"kiosk {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", metavar="PATH",
+        help="config file (default: $KIOSK_CONFIG, else /etc/kiosk/kiosk.toml)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", parents=[common], help="the daemon, in the foreground")
+    run.add_argument("--log-format", choices=("text", "json"), default="text")
+
+    demo = sub.add_parser("demo", parents=[common],
+                          help="play the scenarios with fake devices and a gateway simulator")
+    demo.add_argument("--interactive", action="store_true",
+                      help="type payment codes yourself instead of the script")
+    demo.add_argument("--log-format", choices=("text", "json", "none"), default="none",
+                      help="show the daemon's log lines too (default: only the summary)")
+
+    sub.add_parser("check", parents=[common], help="validate the config file")
+
+    journal = sub.add_parser("journal", parents=[common],
+                             help="list transactions and pending retries")
+    journal.add_argument("--json", action="store_true", help="a JSON array (SPEC section 5)")
+    journal.add_argument("--all", action="store_true", help="include every finished one")
+    journal.add_argument("--state-dir", metavar="DIR", help="read the journal from here")
+
+    sim = sub.add_parser("simulator", parents=[common],
+                         help="run the Alipay MAPI gateway simulator")
+    sim.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
+    sim.add_argument("--partner", help="merchant partner id (default: from --config)")
+    sim.add_argument("--merchant-key", metavar="PEM",
+                     help="the merchant's public (or private) key, to verify RSA/RSA2 requests "
+                          "(default: the config's private_key_file)")
+    sim.add_argument("--md5-key", metavar="FILE",
+                     help="the MD5 key (default: the config's md5_key_file)")
+    sim.add_argument("--alipay-private-key", metavar="PEM",
+                     help="the key the simulator signs answers with; generated when absent")
+    sim.add_argument("--write-alipay-public-key", metavar="PEM",
+                     help="write the simulator's public key here, for the kiosk's config")
+    sim.add_argument("--log-format", choices=("text", "json"), default="text")
+
+    selftest = sub.add_parser("selftest", parents=[common],
+                              help="check each light, the buzzer, a scan and a vend")
+    selftest.add_argument("--scan-timeout", type=float, default=30.0, metavar="S")
+    selftest.add_argument("--vend", action="store_true",
+                          help="also approve one test vend on a serial controller")
+
+    provision = sub.add_parser("provision", parents=[common],
+                               help="install a config dropped on the boot partition")
+    provision.add_argument("--from", dest="source", required=True, metavar="PATH")
+    provision.add_argument("--etc-dir", default="/etc/kiosk", metavar="DIR")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("kiosk: not built yet", file=sys.stderr)
-    return 1
+    args = build_parser().parse_args(argv)
+    try:
+        match args.command:
+            case "run":
+                return cmd_run(args)
+            case "demo":
+                from kiosk.demo import run_demo
+
+                return run_demo(interactive=args.interactive, log_format=args.log_format)
+            case "check":
+                from kiosk.config import run_check
+
+                return run_check(_config_path(args))
+            case "journal":
+                return cmd_journal(args)
+            case "simulator":
+                from kiosk.simulator.serve import run_simulator
+
+                return run_simulator(args)
+            case "selftest":
+                from kiosk.selftest import run_selftest
+
+                return run_selftest(_config_path(args), args.scan_timeout, args.vend)
+            case "provision":
+                from kiosk.provision import run_provision
+
+                return run_provision(Path(args.source), Path(args.etc_dir))
+    except ConfigError as exc:
+        print(f"kiosk: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except KioskError as exc:
+        print(f"kiosk: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_USAGE
+
+
+# -- kiosk journal -------------------------------------------------------------------------
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    if getattr(args, "state_dir", None):
+        return Path(args.state_dir)
+    path = _config_path(args)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read state_dir ({exc})") from None
+    state_dir = Path(raw.get("kiosk", {}).get("state_dir", "/var/lib/kiosk"))
+    return state_dir if state_dir.is_absolute() else path.parent / state_dir
+
+
+def cmd_journal(args: argparse.Namespace) -> int:
+    from kiosk.journal import Journal
+
+    state_dir = _state_dir(args)
+    with Journal(state_dir, read_only=True) as journal:
+        rows = [t.export() for t in journal.listing(include_all=args.all)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print(f"no transactions in {state_dir}")
+        return EXIT_OK
+    header = ("created_at", "ref", "amount", "state", "code", "attempts", "buyer_code")
+    table = [header] + [
+        (r["created_at"][:19], r["ref"], f"{r['amount']} {r['currency']}",
+         r["state"] + ("" if r["final"] else " *"), r["code"] or "-", str(r["attempts"]),
+         r["buyer_code"] or "-")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    pending = sum(1 for r in rows if not r["final"])
+    print(f"\n{pending} unfinished (*), {len(rows) - pending} finished shown")
+    return EXIT_OK
+
+
+# -- kiosk run ------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The daemon. A bad config or an unreadable journal does not crash-loop the service: the
+    kiosk reports itself out of service and waits for SIGHUP (config fixed) or SIGTERM."""
+    from kiosk.config import load_config
+    from kiosk.systemd import Notifier
+
+    setup_logging(args.log_format)
+    path = _config_path(args)
+    notifier = Notifier()
+    while True:
+        try:
+            config = load_config(path)
+            from kiosk.journal import Journal
+
+            journal = Journal(config.kiosk.state_dir)
+        except (ConfigError, JournalError) as exc:
+            what = "config" if isinstance(exc, ConfigError) else "journal"
+            for line in str(exc).splitlines():
+                event(log, f"{what}.invalid", level=logging.ERROR, problem=line)
+            if _wait_out_of_service(notifier, f"{what}: {str(exc).splitlines()[0]}"):
+                continue  # SIGHUP: try again
+            return EXIT_OK
+        return _run_kiosk(config, journal, path, notifier)
+
+
+def _wait_out_of_service(notifier: object, reason: str) -> bool:
+    """Sit out of service until SIGHUP (True) or SIGTERM (False), keeping the watchdog fed."""
+    from kiosk.systemd import Notifier
+
+    assert isinstance(notifier, Notifier)
+    event(log, "indicator", state="out_of_service")
+    event(log, "kiosk.out_of_service", level=logging.ERROR, reason=reason)
+    woke = threading.Event()
+    why: list[str] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        why.append("hup" if signum == signal.SIGHUP else "term")
+        woke.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    notifier.ready(f"out of service: {reason}")
+    interval = notifier.watchdog_interval_s or 3600.0
+    while not woke.wait(interval):
+        notifier.watchdog()
+    if why and why[-1] == "hup":
+        event(log, "config.reload")
+        return True
+    notifier.stopping()
+    return False
+
+
+def _run_kiosk(config: object, journal: object, path: Path, notifier: object) -> int:
+    import drivers
+    from kiosk.config import Config, load_config
+    from kiosk.daemon import Kiosk
+    from kiosk.journal import Journal
+    from kiosk.systemd import Notifier
+
+    assert isinstance(config, Config) and isinstance(journal, Journal)
+    assert isinstance(notifier, Notifier)
+    try:
+        scanner = drivers.build_scanner(config)
+        indicator = drivers.build_indicator(config)
+        vend = drivers.build_vend_output(config)
+    except Exception as exc:  # a driver library missing, a pin busy: say which, stay up
+        journal.close()
+        event(log, "driver.failed", level=logging.ERROR, error=str(exc))
+        if _wait_out_of_service(notifier, f"driver: {exc}"):
+            return cmd_run(argparse.Namespace(config=str(path), log_format=_log_format()))
+        return EXIT_OK
+    kiosk = Kiosk(config, scanner=scanner, indicator=indicator, vend=vend, journal=journal,
+                  notifier=notifier, reload_config=lambda: load_config(path))
+    signal.signal(signal.SIGTERM, lambda s, f: kiosk.stop())
+    signal.signal(signal.SIGINT, lambda s, f: kiosk.stop())
+    signal.signal(signal.SIGHUP, lambda s, f: kiosk.reload())
+    try:
+        return kiosk.run()
+    finally:
+        journal.close()
+
+
+def _log_format() -> str:
+    handlers = logging.getLogger().handlers
+    from kiosk.log import JsonFormatter
+
+    return "json" if handlers and isinstance(handlers[0].formatter, JsonFormatter) else "text"
+

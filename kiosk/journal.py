@@ -1,0 +1,419 @@
+"""The offline journal: every transaction and every money-moving request, durable before it
+is sent (SQLite, WAL, synchronous=FULL), so a restart can resume what was in flight.
+
+A journal file that is not sound stops the kiosk with a clear message; it is never
+overwritten or recreated. The buyer's payment code is kept only while its transaction is
+open (a retried pay must be identical) and erased when it becomes final (`secure_delete`
+zeroes the freed bytes; a clean close checkpoints and truncates the WAL).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from kiosk.errors import JournalCorrupt, JournalError
+
+JOURNAL_FILE = "journal.sqlite3"
+SCHEMA_VERSION = 1
+
+
+class TxnState(enum.StrEnum):
+    """A transaction's state as the journal export shows it (SPEC section 5)."""
+
+    PAYING = "paying"  # pay journaled, maybe sent
+    QUERYING = "querying"  # outcome unknown: asking Alipay
+    PAID = "paid"  # Alipay confirmed the charge
+    VENDING = "vending"  # APPROVED sent, waiting for the vending side
+    VENDED = "vended"
+    DECLINED = "declined"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    REFUNDING = "refunding"
+    REFUNDED = "refunded"
+    ATTENTION = "attention"  # needs a person; an alarm was raised
+
+
+FINAL_STATES = frozenset(
+    {TxnState.VENDED, TxnState.DECLINED, TxnState.CANCELLED, TxnState.REFUNDED}
+)
+# States a worker keeps driving; ATTENTION has left the active set on purpose.
+OPEN_STATES = frozenset(set(TxnState) - FINAL_STATES - {TxnState.ATTENTION})
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One scan's payment, as journaled."""
+
+    ref: str  # the partner_trans_id
+    amount: Decimal
+    currency: str
+    item: str
+    state: TxnState
+    code_last4: str
+    trans_create_time: str  # yyyyMMddHHmmss UTC, part of the pay request: resent identically
+    created_at: str
+    updated_at: str
+    buyer_code: str | None = None  # erased once final
+    error_code: str | None = None  # the last Alipay error code (or a kiosk reason)
+    alipay_trans_id: str | None = None
+    attempts: int = 0  # requests sent to the gateway
+    cancel_timestamp_ms: int | None = None  # the cancel's `timestamp`, resent identically
+    refund_id: str | None = None
+    retry_count: int = 0  # background retries so far, for backoff
+    next_retry_at: float | None = None  # wall clock seconds
+    note: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def export(self) -> dict[str, Any]:
+        """The SPEC section 5 view: the code masked while open, null once final."""
+        return {
+            "ref": self.ref,
+            "amount": str(self.amount),
+            "currency": self.currency,
+            "item": self.item,
+            "state": self.state.value,
+            "final": self.final,
+            "code": self.error_code,
+            "alipay_trans_id": self.alipay_trans_id,
+            "buyer_code": None if self.final else "*" * 12 + self.code_last4,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "attempts": self.attempts,
+            "note": self.note,
+            "next_retry_at": _iso(self.next_retry_at) if self.next_retry_at else None,
+        }
+
+
+_COLUMNS = [f.name for f in fields(Transaction)]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS transactions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ref TEXT NOT NULL UNIQUE,
+    amount TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    item TEXT NOT NULL,
+    state TEXT NOT NULL,
+    final INTEGER NOT NULL DEFAULT 0,
+    code_last4 TEXT NOT NULL,
+    trans_create_time TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    buyer_code TEXT,
+    error_code TEXT,
+    alipay_trans_id TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_timestamp_ms INTEGER,
+    refund_id TEXT,
+    retry_count INTEGER NOT NULL DEFAULT 0,
+    next_retry_at REAL,
+    note TEXT
+);
+CREATE INDEX IF NOT EXISTS transactions_open ON transactions (final, seq);
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ref TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    journaled_at TEXT NOT NULL,
+    params TEXT NOT NULL,
+    outcome TEXT,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_ref ON requests (ref);
+"""
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _now_iso() -> str:
+    return _iso(time.time())
+
+
+class Journal:
+    """The durable record of every transaction. Thread-safe (one connection, one lock)."""
+
+    def __init__(self, state_dir: Path, *, read_only: bool = False) -> None:
+        self.path = Path(state_dir) / JOURNAL_FILE
+        self._lock = threading.RLock()
+        self._closed = False
+        self._conn = self._open(read_only)
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _open(self, read_only: bool) -> sqlite3.Connection:
+        exists = self.path.exists()
+        if read_only and not exists:
+            raise JournalError(f"no journal at {self.path}")
+        if not exists:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise JournalError(f"cannot create state directory {self.path.parent}: {exc}") from None
+        elif not self.path.is_file():
+            raise JournalCorrupt(f"journal {self.path} is not a regular file")
+        uri = f"file:{self.path}?mode={'ro' if read_only else 'rwc'}"
+        try:
+            conn = sqlite3.connect(
+                uri, uri=True, check_same_thread=False, isolation_level=None, timeout=5.0
+            )
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {self.path}: {exc}") from None
+        try:
+            if exists:
+                self._check_sound(conn)
+            if not read_only:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA secure_delete=ON")
+                conn.execute("PRAGMA foreign_keys=ON")
+                conn.executescript(_SCHEMA)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            self._check_schema(conn)
+        except JournalError:
+            conn.close()
+            raise
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise self._classify(exc) from None
+        return conn
+
+    def _check_sound(self, conn: sqlite3.Connection) -> None:
+        with open(self.path, "rb") as f:
+            header = f.read(16)
+        if header and header != b"SQLite format 3\x00":
+            raise JournalCorrupt(
+                f"journal {self.path} is not an SQLite database (bad header); "
+                "it was left untouched — move it aside to start a new journal"
+            )
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise self._classify(exc) from None
+        problems = [r[0] for r in rows if r[0] != "ok"]
+        if problems:
+            raise JournalCorrupt(
+                f"journal {self.path} failed its integrity check ({problems[0]}"
+                f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); "
+                "it was left untouched — copy it off for recovery, then move it aside"
+            )
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise JournalCorrupt(f"journal {self.path} has no kiosk schema: {exc}") from None
+        if row is None or row[0] != str(SCHEMA_VERSION):
+            raise JournalCorrupt(
+                f"journal {self.path} has schema {row[0] if row else 'none'}, "
+                f"this firmware reads {SCHEMA_VERSION}"
+            )
+
+    def _classify(self, exc: sqlite3.Error) -> JournalError:
+        text = str(exc)
+        if "disk is full" in text or "disk I/O" in text or "readonly" in text:
+            return JournalError(f"journal {self.path}: {text}")
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            return JournalCorrupt(f"journal {self.path} is unreadable: {text}; left untouched")
+        if "malformed" in text or "not a database" in text:
+            return JournalCorrupt(f"journal {self.path} is unreadable: {text}; left untouched")
+        return JournalError(f"journal {self.path}: {text}")
+
+    # -- writing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One durable write: BEGIN IMMEDIATE ... COMMIT (fsync'd by synchronous=FULL)."""
+        with self._lock:
+            if self._closed:
+                raise JournalError("journal is closed")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._classify(exc) from None
+
+    def open_transaction(
+        self,
+        *,
+        ref: str,
+        amount: Decimal,
+        currency: str,
+        item: str,
+        buyer_code: str,
+        trans_create_time: str,
+    ) -> Transaction:
+        """Record a new scan's payment in state `paying`, before the pay request exists."""
+        now = _now_iso()
+        txn = Transaction(
+            ref=ref,
+            amount=amount,
+            currency=currency,
+            item=item,
+            state=TxnState.PAYING,
+            code_last4=buyer_code[-4:],
+            trans_create_time=trans_create_time,
+            created_at=now,
+            updated_at=now,
+            buyer_code=buyer_code,
+        )
+        row = self._row(txn)
+        with self._write() as conn:
+            conn.execute(
+                f"INSERT INTO transactions ({', '.join(row)}) "
+                f"VALUES ({', '.join('?' for _ in row)})",
+                list(row.values()),
+            )
+        return txn
+
+    def before_request(
+        self, txn: Transaction, kind: str, params: dict[str, str], **changes: Any
+    ) -> Transaction:
+        """Journal a request that is about to be sent (and any state change with it), durably,
+        before it leaves the kiosk. Counts it in `attempts`."""
+        updated = replace(txn, attempts=txn.attempts + 1, updated_at=_now_iso(), **changes)
+        with self._write() as conn:
+            self._update(conn, updated)
+            conn.execute(
+                "INSERT INTO requests (ref, kind, journaled_at, params) VALUES (?, ?, ?, ?)",
+                (txn.ref, kind, updated.updated_at, json.dumps(params, sort_keys=True)),
+            )
+        return updated
+
+    def after_request(self, txn: Transaction, outcome: str, detail: str) -> None:
+        """Note how the latest request of this transaction ended (for the record only)."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE requests SET outcome=?, detail=? WHERE id = "
+                "(SELECT MAX(id) FROM requests WHERE ref=?)",
+                (outcome, detail[:200], txn.ref),
+            )
+
+    def update(self, txn: Transaction, **changes: Any) -> Transaction:
+        """Move a transaction on. A final state erases the buyer's code in the same commit."""
+        updated = replace(txn, updated_at=_now_iso(), **changes)
+        if updated.state in FINAL_STATES:
+            updated = replace(updated, buyer_code=None, next_retry_at=None)
+        with self._write() as conn:
+            self._update(conn, updated)
+        return updated
+
+    def _update(self, conn: sqlite3.Connection, txn: Transaction) -> None:
+        row = self._row(txn)
+        ref = row.pop("ref")
+        conn.execute(
+            f"UPDATE transactions SET {', '.join(f'{k}=?' for k in row)} WHERE ref=?",
+            [*row.values(), ref],
+        )
+
+    @staticmethod
+    def _row(txn: Transaction) -> dict[str, Any]:
+        row: dict[str, Any] = {name: getattr(txn, name) for name in _COLUMNS}
+        row["amount"] = str(txn.amount)
+        row["state"] = txn.state.value
+        row["final"] = int(txn.final)
+        return row
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _select(self, where: str, args: tuple[Any, ...] = (), limit: int | None = None) -> list[Transaction]:
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM transactions {where} ORDER BY seq DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        with self._lock:
+            try:
+                rows = self._conn.execute(sql, args).fetchall()
+            except sqlite3.Error as exc:
+                raise self._classify(exc) from None
+        return [self._from_row(r) for r in rows]
+
+    def _from_row(self, values: tuple[Any, ...]) -> Transaction:
+        data = dict(zip(_COLUMNS, values, strict=True))
+        try:
+            data["amount"] = Decimal(data["amount"])
+            data["state"] = TxnState(data["state"])
+        except (ValueError, ArithmeticError) as exc:
+            raise JournalCorrupt(
+                f"journal {self.path}: transaction {data.get('ref')!r} is unreadable ({exc})"
+            ) from None
+        return Transaction(**data)
+
+    def get(self, ref: str) -> Transaction | None:
+        found = self._select("WHERE ref=?", (ref,))
+        return found[0] if found else None
+
+    def unfinished(self) -> list[Transaction]:
+        """Every transaction a worker must still drive, oldest first."""
+        return list(reversed(self._select("WHERE final=0 AND state != 'attention'")))
+
+    def listing(self, include_all: bool = False, recent: int = 20) -> list[Transaction]:
+        """Newest first: all, or every unfinished one plus the last `recent` finished."""
+        if include_all:
+            return self._select("")
+        open_ = self._select("WHERE final=0")
+        done = self._select("WHERE final=1", limit=recent)
+        return sorted(open_ + done, key=lambda t: (t.created_at, t.ref), reverse=True)
+
+    def requests_for(self, ref: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT kind, journaled_at, params, outcome, detail FROM requests "
+                "WHERE ref=? ORDER BY id",
+                (ref,),
+            ).fetchall()
+        return [
+            {"kind": k, "journaled_at": at, "params": json.loads(p), "outcome": o, "detail": d}
+            for k, at, p, o, d in rows
+        ]
+
+    # -- closing ---------------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the main file and truncate it (old page images gone)."""
+        with self._lock:
+            if not self._closed:
+                try:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as exc:
+                    raise self._classify(exc) from None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass  # read-only or busy: closing still releases the file
+            self._conn.close()
+            self._closed = True
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,483 @@
+"""The payment flow: one scan's money, from the journal to Alipay to the vending side and back.
+
+Read it top to bottom as a state machine (states are `TxnState`, SPEC section 5):
+
+    new scan ─ journal ─► PAYING ──SUCCESS──────────────────────────► PAID ─► VENDING ─► VENDED
+                            │ FAILED (buyer / merchant code) ─────────► DECLINED
+                            │ never sent (no connection) ─────────────► DECLINED (OFFLINE)
+                            └ UNKNOW, SYSTEM_ERROR, timeout, reset, ─► QUERYING
+                              bad answer                                 │ TRADE_SUCCESS ► PAID
+                                                                         │ TRADE_CLOSED ─► DECLINED
+                                                                         └ deadline ────► CANCELLING
+    VENDING ── vend failed / timed out ─► CANCELLING ──SUCCESS──► CANCELLED
+                                            │ retry_flag=Y / unknown: again, with backoff
+                                            └ retry_flag=N or past the cancel window, paid ─►
+                                              REFUNDING ──SUCCESS──► REFUNDED
+                                                        └ refused ─► ATTENTION (alarm)
+
+Every request that can move money is journaled (fsync) before it is sent, with everything
+needed to send it again identically. `sell()` runs a new scan in the foreground; `settle()`
+drives a journaled transaction one step on, for the background worker and after a restart.
+The flow does no I/O of its own beyond the client, the journal and the vend output it is given.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Protocol
+
+from kiosk.alipay.client import (
+    AlipayClient,
+    CancelResult,
+    Outcome,
+    PayOrder,
+    QueryResult,
+    TradeStatus,
+)
+from kiosk.error_codes import Reaction, reaction_for
+from kiosk.errors import GatewayUnreachable
+from kiosk.journal import FINAL_STATES, Journal, Transaction, TxnState
+from kiosk.log import event
+from kiosk.payment_code import PaymentCode
+from kiosk.ports import VendOutput, VendResult
+
+log = logging.getLogger("kiosk.payment")
+
+PAID_STATUSES = (TradeStatus.TRADE_SUCCESS, TradeStatus.TRADE_FINISHED)
+ABSENT = "TRADE_NOT_EXIST"  # a query's answer that no such trade exists (yet)
+BEIJING = timedelta(hours=8)
+CANCEL_GRACE = timedelta(minutes=15)
+
+
+class SaleResult(enum.StrEnum):
+    """What the customer at the machine gets from one scan."""
+
+    VENDED = "vended"  # paid and dispensed
+    DECLINED = "declined"  # refused; the buyer was not charged
+    REVERSED = "reversed"  # paid, not dispensed, money returned (or being returned)
+    UNRESOLVED = "unresolved"  # no answer in time; the worker cancels it in the background
+    OUT_OF_SERVICE = "out_of_service"  # a merchant-configuration code: stop taking scans
+    STOPPED = "stopped"  # the kiosk is stopping; parked at a journaled point
+
+
+@dataclass(frozen=True)
+class Sale:
+    ref: str
+    result: SaleResult
+    reason: str  # for `DENIED <reason>`: an Alipay code or a kiosk reason
+    state: TxnState
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    terminal_id: str
+    currency: str
+    trans_name: str
+    extend_info: Mapping[str, str]
+    query_interval_s: float = 3.0
+    query_deadline_s: float = 60.0
+    vend_timeout_s: float = 30.0
+    cancel_tries_in_foreground: int = 3
+    retry_base_s: float = 2.0
+    retry_max_s: float = 300.0
+
+
+class GatewayWatch(Protocol):
+    """Who the flow tells about the gateway, the merchant's set-up and the sale's progress."""
+
+    def reachable(self) -> None: ...
+
+    def unreachable(self) -> None: ...
+
+    def merchant_problem(self, code: str) -> None: ...
+
+    def vending(self, ref: str) -> None: ...
+
+
+class _NullWatch:
+    def reachable(self) -> None:
+        pass
+
+    def unreachable(self) -> None:
+        pass
+
+    def merchant_problem(self, code: str) -> None:
+        pass
+
+    def vending(self, ref: str) -> None:
+        pass
+
+
+@dataclass
+class _Owned:
+    """Refs the foreground is driving; the worker leaves them alone."""
+
+    refs: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def new_ref(terminal_id: str, now: datetime | None = None) -> str:
+    """A fresh partner_trans_id: unique per scan, ≤64 characters, readable in a log."""
+    now = now or datetime.now(UTC)
+    return f"{terminal_id}-{now:%Y%m%d%H%M%S}-{secrets.token_hex(4)}"
+
+
+def cancel_window_open(trans_create_time: str, now: datetime) -> bool:
+    """Alipay cancels only trades of the same Beijing-time day, with 15 minutes of grace."""
+    created = datetime.strptime(trans_create_time, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    created_day = (created + BEIJING).date()
+    closes = datetime(created_day.year, created_day.month, created_day.day, tzinfo=UTC) + (
+        timedelta(days=1) - BEIJING + CANCEL_GRACE
+    )
+    return now < closes
+
+
+class PaymentFlow:
+    def __init__(
+        self,
+        client: AlipayClient,
+        journal: Journal,
+        vend: VendOutput,
+        settings: FlowSettings,
+        *,
+        watch: GatewayWatch | None = None,
+        stopping: threading.Event | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.client = client
+        self.journal = journal
+        self.vend = vend
+        self.settings = settings
+        self.watch = watch or _NullWatch()
+        self.stopping = stopping or threading.Event()
+        self._clock = clock
+        self._wall = wall_clock
+        self._owned = _Owned()
+
+    # -- the foreground: one new scan ------------------------------------------------------
+
+    def sell(self, code: PaymentCode, amount: Decimal, item: str) -> Sale:
+        """Charge a new scan and, once paid, vend. Blocks until the customer's answer is known."""
+        now = self._wall()
+        txn = self.journal.open_transaction(
+            ref=new_ref(self.settings.terminal_id, now),
+            amount=amount,
+            currency=self.settings.currency,
+            item=item,
+            buyer_code=code.digits,
+            trans_create_time=now.strftime("%Y%m%d%H%M%S"),
+        )
+        event(log, "payment.start", ref=txn.ref, amount=str(amount), item=item, code=code.masked)
+        with self._owned.lock:
+            self._owned.refs.add(txn.ref)
+        try:
+            sale = self._sell(txn)
+        finally:
+            with self._owned.lock:
+                self._owned.refs.discard(txn.ref)
+        event(log, "payment.result", ref=sale.ref, outcome=sale.result.value,
+              reason=sale.reason, state=sale.state.value)
+        return sale
+
+    def _sell(self, txn: Transaction) -> Sale:
+        pay_started = self._clock()
+        txn = self._pay(txn)
+        if txn.state is TxnState.QUERYING:
+            txn = self._query_until_final(txn, pay_started + self.settings.query_deadline_s)
+        if txn.state is TxnState.DECLINED:
+            reaction = reaction_for(txn.error_code) if txn.error_code else None
+            if reaction is not None and reaction.reaction is Reaction.OUT_OF_SERVICE:
+                return self._sale(txn, SaleResult.OUT_OF_SERVICE)
+            return self._sale(txn, SaleResult.DECLINED)
+        if txn.state is TxnState.QUERYING:  # parked: the kiosk is stopping
+            return self._sale(txn, SaleResult.STOPPED, "STOPPING")
+        if txn.state is TxnState.PAID:
+            txn = self._vend(txn)
+            if txn.state is TxnState.VENDED:
+                return self._sale(txn, SaleResult.VENDED, "")
+            txn = self._reverse_in_foreground(txn)
+            return self._sale(txn, SaleResult.REVERSED, "VEND_FAILED")
+        # No answer before the deadline: cancel (closes an unpaid trade, refunds a paid one).
+        txn = self._reverse_in_foreground(txn)
+        if txn.state is TxnState.CANCELLED:
+            return self._sale(txn, SaleResult.DECLINED, "TIMEOUT")
+        return self._sale(txn, SaleResult.UNRESOLVED, "TIMEOUT")
+
+    def _sale(self, txn: Transaction, result: SaleResult, reason: str | None = None) -> Sale:
+        return Sale(txn.ref, result, reason if reason is not None else (txn.error_code or ""),
+                    txn.state)
+
+    # -- PAYING ----------------------------------------------------------------------------
+
+    def _order(self, txn: Transaction) -> PayOrder:
+        assert txn.buyer_code is not None, "an open pay keeps its code until final"
+        return PayOrder(
+            partner_trans_id=txn.ref,
+            amount=txn.amount,
+            currency=txn.currency,
+            buyer_identity_code=txn.buyer_code,
+            trans_name=self.settings.trans_name,
+            trans_create_time=txn.trans_create_time,
+            extend_info=self.settings.extend_info,
+        )
+
+    def _pay(self, txn: Transaction) -> Transaction:
+        """PAYING → PAID | DECLINED | QUERYING."""
+        order = self._order(txn)
+        txn = self.journal.before_request(txn, "pay", _public(order))
+        try:
+            result = self.client.pay(order)
+        except GatewayUnreachable:
+            # No gateway took the connection: the request never left, a known refusal.
+            self.watch.unreachable()
+            self.journal.after_request(txn, "not_sent", "no gateway reachable")
+            return self.journal.update(txn, state=TxnState.DECLINED, error_code="OFFLINE")
+        self.watch.reachable()
+        self.journal.after_request(txn, result.outcome.value, result.detail)
+        if result.outcome is Outcome.SUCCESS:
+            return self.journal.update(
+                txn, state=TxnState.PAID, alipay_trans_id=result.alipay_trans_id
+            )
+        if result.outcome is Outcome.FAILED and result.error:
+            reaction = reaction_for(result.error)
+            if reaction.alarm:
+                event(log, "alarm", level=logging.ERROR, ref=txn.ref, code=result.error,
+                      why=reaction.why)
+            if reaction.reaction is Reaction.DECLINE:
+                return self.journal.update(txn, state=TxnState.DECLINED, error_code=result.error)
+            if reaction.reaction is Reaction.OUT_OF_SERVICE:
+                self.watch.merchant_problem(result.error)
+                return self.journal.update(txn, state=TxnState.DECLINED, error_code=result.error)
+        # UNKNOW, SYSTEM_ERROR, a timeout, a reset, a bad answer: never guessed; ask.
+        return self.journal.update(
+            txn,
+            state=TxnState.QUERYING,
+            error_code=result.error,
+            alipay_trans_id=result.alipay_trans_id or txn.alipay_trans_id,
+        )
+
+    # -- QUERYING --------------------------------------------------------------------------
+
+    def _query_until_final(self, txn: Transaction, deadline: float) -> Transaction:
+        """Query every `query_interval_s` until paid, closed, or the deadline (→ CANCELLING).
+        Returns the transaction still QUERYING if the kiosk is stopping."""
+        while True:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return txn
+            if self.stopping.wait(min(self.settings.query_interval_s, remaining)):
+                return txn
+            txn, status = self._query(txn)
+            if status in PAID_STATUSES:
+                return self.journal.update(txn, state=TxnState.PAID)
+            if status is TradeStatus.TRADE_CLOSED:
+                return self.journal.update(txn, state=TxnState.DECLINED,
+                                           error_code=txn.error_code or "TRADE_CLOSED")
+
+    def _query(self, txn: Transaction) -> tuple[Transaction, TradeStatus | str | None]:
+        """One query: the trade's status, `ABSENT`, or None when nothing certain came back.
+        Not money-moving, so it is counted but not journaled as a request."""
+        txn = self.journal.update(txn, attempts=txn.attempts + 1)
+        try:
+            result: QueryResult = self.client.query(txn.ref, txn.alipay_trans_id)
+        except GatewayUnreachable:
+            self.watch.unreachable()
+            return txn, None
+        self.watch.reachable()
+        event(log, "payment.query", ref=txn.ref, outcome=result.outcome.value,
+              status=result.trade_status, error=result.error, level=logging.DEBUG)
+        if result.outcome is Outcome.SUCCESS:
+            if result.alipay_trans_id and result.alipay_trans_id != txn.alipay_trans_id:
+                txn = self.journal.update(txn, alipay_trans_id=result.alipay_trans_id)
+            return txn, result.trade_status
+        if result.outcome is Outcome.FAILED and result.error == ABSENT:
+            return txn, ABSENT  # the pay may not have arrived yet: not proof of anything alone
+        return txn, None
+
+    # -- VENDING ---------------------------------------------------------------------------
+
+    def _vend(self, txn: Transaction) -> Transaction:
+        """PAID → VENDING → VENDED, or → CANCELLING/REFUNDING when the vend failed."""
+        txn = self.journal.update(txn, state=TxnState.VENDING)
+        self.watch.vending(txn.ref)
+        result = self.vend.dispense(txn.ref, txn.amount, self.settings.vend_timeout_s)
+        event(log, "vend.result", ref=txn.ref, result=result.value)
+        if result is VendResult.VENDED:
+            return self.journal.update(txn, state=TxnState.VENDED)
+        return self._start_reversal(txn, note=f"vend {result.value}")
+
+    def _start_reversal(self, txn: Transaction, note: str) -> Transaction:
+        """Choose cancel (same Beijing day) or refund (after the cancel window)."""
+        if cancel_window_open(txn.trans_create_time, self._wall()):
+            stamp = txn.cancel_timestamp_ms or int(self._wall().timestamp() * 1000)
+            return self.journal.update(txn, state=TxnState.CANCELLING,
+                                       cancel_timestamp_ms=stamp, note=note)
+        return self.journal.update(txn, state=TxnState.REFUNDING,
+                                   refund_id=txn.refund_id or f"{txn.ref}-R", note=note)
+
+    # -- CANCELLING and REFUNDING ----------------------------------------------------------
+
+    def _reverse_in_foreground(self, txn: Transaction) -> Transaction:
+        """A few quick tries while the customer waits; the worker carries on after that."""
+        if txn.state not in (TxnState.CANCELLING, TxnState.REFUNDING):
+            txn = self._start_reversal(txn, note=txn.note or "no answer before the deadline")
+        for attempt in range(self.settings.cancel_tries_in_foreground):
+            if attempt and self.stopping.wait(self.settings.query_interval_s):
+                break
+            txn, done = self._reverse_once(txn)
+            if done or txn.state in FINAL_STATES or txn.state is TxnState.ATTENTION:
+                return txn
+        return self._schedule_retry(txn)
+
+    def _reverse_once(self, txn: Transaction) -> tuple[Transaction, bool]:
+        if txn.state is TxnState.CANCELLING:
+            if not cancel_window_open(txn.trans_create_time, self._wall()):
+                return self._after_cancel_refused(txn, "cancel window closed"), False
+            return self._cancel(txn)
+        return self._refund(txn)
+
+    def _cancel(self, txn: Transaction) -> tuple[Transaction, bool]:
+        stamp = txn.cancel_timestamp_ms or int(self._wall().timestamp() * 1000)
+        params = {"out_trade_no": txn.ref, "timestamp": str(stamp),
+                  "trade_no": txn.alipay_trans_id or ""}
+        txn = self.journal.before_request(txn, "cancel", params, cancel_timestamp_ms=stamp)
+        try:
+            result: CancelResult = self.client.cancel(txn.ref, stamp, txn.alipay_trans_id)
+        except GatewayUnreachable:
+            self.watch.unreachable()
+            self.journal.after_request(txn, "not_sent", "no gateway reachable")
+            return txn, False
+        self.watch.reachable()
+        self.journal.after_request(txn, result.outcome.value, result.detail)
+        event(log, "payment.cancel", ref=txn.ref, outcome=result.outcome.value,
+              retry_flag=result.retry_flag, error=result.error)
+        if result.outcome is Outcome.SUCCESS:
+            return self.journal.update(txn, state=TxnState.CANCELLED), True
+        if result.outcome is Outcome.FAILED and result.retry_flag is False:
+            return self._after_cancel_refused(txn, result.error or "cancel refused"), False
+        return txn, False  # retry_flag=Y or unknown: the same cancel again, later
+
+    def _after_cancel_refused(self, txn: Transaction, why: str) -> Transaction:
+        """Cancel will never work: find out whether money was taken, and refund it if so."""
+        txn, status = self._query(txn)
+        if status in PAID_STATUSES:
+            return self.journal.update(txn, state=TxnState.REFUNDING,
+                                       refund_id=txn.refund_id or f"{txn.ref}-R", note=why)
+        if status is TradeStatus.TRADE_CLOSED:
+            return self.journal.update(txn, state=TxnState.CANCELLED, note=why)
+        if status == ABSENT:
+            # Cancel said never, and no trade exists: nothing was taken, nothing to return.
+            return self.journal.update(txn, state=TxnState.CANCELLED, note="trade never created")
+        return txn  # waiting for the buyer, or unknown: ask again later
+
+    def _refund(self, txn: Transaction) -> tuple[Transaction, bool]:
+        refund_id = txn.refund_id or f"{txn.ref}-R"
+        params = {"partner_trans_id": txn.ref, "partner_refund_id": refund_id,
+                  "refund_amount": str(txn.amount), "currency": txn.currency}
+        txn = self.journal.before_request(txn, "refund", params, refund_id=refund_id)
+        try:
+            result = self.client.refund(txn.ref, refund_id, txn.amount, txn.currency,
+                                        reason="vend failed")
+        except GatewayUnreachable:
+            self.watch.unreachable()
+            self.journal.after_request(txn, "not_sent", "no gateway reachable")
+            return txn, False
+        self.watch.reachable()
+        self.journal.after_request(txn, result.outcome.value, result.detail)
+        event(log, "payment.refund", ref=txn.ref, outcome=result.outcome.value,
+              error=result.error)
+        if result.outcome is Outcome.SUCCESS:
+            return self.journal.update(txn, state=TxnState.REFUNDED), True
+        if result.outcome is Outcome.FAILED:
+            txn, status = self._query(txn)
+            if status is TradeStatus.TRADE_CLOSED:  # an earlier refund went through
+                return self.journal.update(txn, state=TxnState.REFUNDED), True
+            if status is not None:
+                event(log, "alarm", level=logging.ERROR, ref=txn.ref, code=result.error,
+                      why="refund refused; a person must return the money")
+                return self.journal.update(txn, state=TxnState.ATTENTION,
+                                           error_code=result.error,
+                                           note="refund refused: needs a person"), True
+        return txn, False
+
+    # -- the background: resuming and retrying ---------------------------------------------
+
+    def owns(self, ref: str) -> bool:
+        with self._owned.lock:
+            return ref in self._owned.refs
+
+    def settle(self, txn: Transaction) -> Transaction:
+        """Drive a journaled, unfinished transaction one step on. Used by the journal worker
+        and on start. A transaction whose pay was in flight when the kiosk stopped, or whose
+        vend was never confirmed, is reversed: the customer has long gone."""
+        if txn.state in FINAL_STATES or txn.state is TxnState.ATTENTION or self.owns(txn.ref):
+            return txn
+        with self._owned.lock:
+            self._owned.refs.add(txn.ref)
+        try:
+            txn = self._settle(txn)
+        finally:
+            with self._owned.lock:
+                self._owned.refs.discard(txn.ref)
+        if txn.state in FINAL_STATES or txn.state is TxnState.ATTENTION:
+            event(log, "payment.settled", ref=txn.ref, state=txn.state.value)
+            return txn
+        return self._schedule_retry(txn)
+
+    def _settle(self, txn: Transaction) -> Transaction:
+        match txn.state:
+            case TxnState.PAYING | TxnState.QUERYING:
+                txn, status = self._query(txn)
+                if status is TradeStatus.TRADE_CLOSED:
+                    return self.journal.update(txn, state=TxnState.CANCELLED,
+                                               note="closed unpaid")
+                if status in PAID_STATUSES:
+                    return self._start_reversal(txn, note="paid, but the sale was interrupted")
+                return self._start_reversal(txn, note="outcome unknown after a restart")
+            case TxnState.PAID:
+                return self._start_reversal(txn, note="paid, vend never started")
+            case TxnState.VENDING:
+                result = self.vend.await_report(txn.ref, self.settings.vend_timeout_s)
+                event(log, "vend.result", ref=txn.ref, result=result.value, after="restart")
+                if result is VendResult.VENDED:
+                    return self.journal.update(txn, state=TxnState.VENDED)
+                return self._start_reversal(txn, note=f"vend unconfirmed after restart ({result})")
+            case TxnState.CANCELLING | TxnState.REFUNDING:
+                txn, _ = self._reverse_once(txn)
+                return txn
+        return txn
+
+    def _schedule_retry(self, txn: Transaction) -> Transaction:
+        """Exponential backoff with jitter, so a fleet coming back online doesn't stampede."""
+        delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** txn.retry_count)
+        delay *= random.uniform(0.5, 1.0)
+        return self.journal.update(txn, retry_count=txn.retry_count + 1,
+                                   next_retry_at=time.time() + delay)
+
+    def retry_now(self) -> None:
+        """The gateway is back: make every waiting transaction due at once."""
+        for txn in self.journal.unfinished():
+            if txn.next_retry_at and not self.owns(txn.ref):
+                self.journal.update(txn, next_retry_at=None, retry_count=0)
+
+
+def _public(order: PayOrder) -> dict[str, str]:
+    """The pay request as journaled next to the transaction: everything but the code, which
+    lives in the transaction row until it is final."""
+    return {
+        "partner_trans_id": order.partner_trans_id,
+        "trans_amount": str(order.amount),
+        "currency": order.currency,
+        "trans_create_time": order.trans_create_time,
+        "trans_name": order.trans_name,
+    }

@@ -1,0 +1,94 @@
+"""What a scan must look like to be charged, and the memory of codes already used."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kiosk.errors import PaymentCodeError
+from kiosk.log import mask_code
+
+# Alipay payment codes: 16-24 digits starting 25-30.
+_CODE_RE = re.compile(r"^(2[5-9]|30)\d{14,22}$")
+CODE_REUSE_WINDOW_S = 180.0
+
+
+@dataclass(frozen=True)
+class PaymentCode:
+    """A scanned Alipay payment code. Its repr never shows the whole code."""
+
+    digits: str
+
+    @classmethod
+    def parse(cls, text: str) -> PaymentCode:
+        """Accept a scanned line if it is a payment code, else raise PaymentCodeError saying why
+        (without repeating the scan in full: it may be a code with one digit misread)."""
+        cleaned = text.strip()
+        if not cleaned:
+            raise PaymentCodeError("empty scan")
+        if not cleaned.isascii() or not cleaned.isdigit():
+            raise PaymentCodeError(
+                f"not a payment code: {len(cleaned)} characters, not all digits"
+            )
+        if not 16 <= len(cleaned) <= 24:
+            raise PaymentCodeError(
+                f"not a payment code: {len(cleaned)} digits (an Alipay code has 16-24)"
+            )
+        if not _CODE_RE.match(cleaned):
+            raise PaymentCodeError(
+                f"not a payment code: starts {cleaned[:2]} (an Alipay code starts 25-30)"
+            )
+        return cls(cleaned)
+
+    @property
+    def masked(self) -> str:
+        return mask_code(self.digits) or ""
+
+    @property
+    def last4(self) -> str:
+        return self.digits[-4:]
+
+    def __repr__(self) -> str:
+        return f"PaymentCode({self.masked})"
+
+    __str__ = __repr__
+
+
+class RecentCodes:
+    """Codes seen in the last few minutes, remembered as keyed hashes (never the code itself).
+
+    Alipay codes are single-use; a second scan of the same screen must not start a second
+    payment. The key lives in memory only, so the hashes are useless outside this process.
+    """
+
+    def __init__(
+        self,
+        window_s: float = CODE_REUSE_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._key = os.urandom(32)
+        self._window_s = window_s
+        self._clock = clock
+        self._seen: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+
+    def _digest(self, code: PaymentCode) -> bytes:
+        return hmac.new(self._key, code.digits.encode("ascii"), hashlib.sha256).digest()
+
+    def seen_recently(self, code: PaymentCode) -> bool:
+        """True if this code was remembered within the window; remembers it either way."""
+        now = self._clock()
+        digest = self._digest(code)
+        with self._lock:
+            for key in [k for k, t in self._seen.items() if now - t > self._window_s]:
+                del self._seen[key]
+            if digest in self._seen:
+                return True
+            self._seen[digest] = now
+            return False

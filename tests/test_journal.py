@@ -1,0 +1,154 @@
+"""The offline journal: durable records, resumable state, erased codes, corrupt files refused."""
+
+from __future__ import annotations
+
+import sqlite3
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from kiosk.errors import JournalCorrupt, JournalError
+from kiosk.journal import JOURNAL_FILE, Journal, TxnState
+
+CODE = "286512345678901234"
+
+
+def _open(journal: Journal, ref: str = "VM-1-20261126000000-aa") -> object:
+    return journal.open_transaction(
+        ref=ref, amount=Decimal("1.50"), currency="USD", item="coffee",
+        buyer_code=CODE, trans_create_time="20261126000000",
+    )
+
+
+def test_journal_uses_wal_with_full_sync_and_secure_delete(tmp_path: Path) -> None:
+    with Journal(tmp_path) as journal:
+        conn = journal._conn
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
+
+
+def test_open_transaction_is_readable_by_a_second_connection_at_once(tmp_path: Path) -> None:
+    with Journal(tmp_path) as journal:
+        txn = _open(journal)
+        other = sqlite3.connect(tmp_path / JOURNAL_FILE)
+        state = other.execute("SELECT state FROM transactions WHERE ref=?",
+                              (txn.ref,)).fetchone()
+        other.close()
+        assert state == ("paying",)
+
+
+def test_request_is_journaled_with_its_params_before_it_is_sent(tmp_path: Path) -> None:
+    with Journal(tmp_path) as journal:
+        txn = _open(journal)
+        txn = journal.before_request(txn, "pay", {"partner_trans_id": txn.ref})
+        assert txn.attempts == 1
+        reopened = Journal(tmp_path, read_only=True)
+        try:
+            requests = reopened.requests_for(txn.ref)
+        finally:
+            reopened.close()
+        assert [r["kind"] for r in requests] == ["pay"]
+        assert requests[0]["params"] == {"partner_trans_id": txn.ref}
+
+
+def test_unfinished_transactions_survive_a_reopen(tmp_path: Path) -> None:
+    with Journal(tmp_path) as journal:
+        txn = _open(journal)
+        journal.update(txn, state=TxnState.VENDING, alipay_trans_id="2026112600001")
+    with Journal(tmp_path) as journal:
+        [resumed] = journal.unfinished()
+        assert resumed.state is TxnState.VENDING
+        assert resumed.buyer_code == CODE
+        assert resumed.amount == Decimal("1.50")
+
+
+def test_final_state_erases_the_code_from_every_file(tmp_path: Path) -> None:
+    with Journal(tmp_path) as journal:
+        txn = _open(journal)
+        done = journal.update(txn, state=TxnState.VENDED)
+        assert done.buyer_code is None
+        assert journal.unfinished() == []
+    leftovers = [p for p in tmp_path.iterdir() if CODE.encode() in p.read_bytes()]
+    assert leftovers == []
+
+
+def test_export_masks_the_code_while_open_and_drops_it_when_final(tmp_path: Path) -> None:
+    with Journal(tmp_path) as journal:
+        txn = _open(journal)
+        row = txn.export()
+        assert row["buyer_code"].endswith(CODE[-4:]) and CODE not in row["buyer_code"]
+        assert row["final"] is False
+        row = journal.update(txn, state=TxnState.DECLINED, error_code="PAYMENT_FAIL").export()
+        assert row["buyer_code"] is None and row["final"] is True
+        assert row["code"] == "PAYMENT_FAIL"
+
+
+def test_attention_leaves_the_active_set_but_is_listed(tmp_path: Path) -> None:
+    with Journal(tmp_path) as journal:
+        txn = _open(journal)
+        journal.update(txn, state=TxnState.ATTENTION, note="refund refused")
+        assert journal.unfinished() == []
+        assert [t.state for t in journal.listing()] == [TxnState.ATTENTION]
+
+
+def test_listing_shows_unfinished_plus_the_last_finished(tmp_path: Path) -> None:
+    with Journal(tmp_path) as journal:
+        for i in range(25):
+            txn = _open(journal, f"VM-1-2026112600{i:04d}-aa")
+            if i:
+                journal.update(txn, state=TxnState.VENDED)
+        listed = journal.listing()
+        assert len(listed) == 21
+        assert sum(1 for t in listed if not t.final) == 1
+        assert len(journal.listing(include_all=True)) == 25
+
+
+def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / JOURNAL_FILE
+    path.write_bytes(b"this is not a journal" * 100)
+    before = path.read_bytes()
+    with pytest.raises(JournalCorrupt, match="not an SQLite database"):
+        Journal(tmp_path)
+    assert path.read_bytes() == before
+
+
+def test_a_corrupted_page_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    with Journal(tmp_path) as journal:
+        for i in range(200):
+            txn = _open(journal, f"VM-1-2026112600{i:04d}-aa")
+            journal.update(txn, state=TxnState.VENDED, note="x" * 200)
+    path = tmp_path / JOURNAL_FILE
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 4 * page
+    data[2 * page : 2 * page + 400] = b"\xa5" * 400  # header and cell pointers of page 3
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalCorrupt) as caught:
+        Journal(tmp_path)
+    assert str(path) in str(caught.value)
+    assert path.read_bytes() == bytes(data)
+
+
+def test_a_truncated_journal_is_refused(tmp_path: Path) -> None:
+    with Journal(tmp_path) as journal:
+        for i in range(100):
+            _open(journal, f"VM-1-2026112600{i:04d}-aa")
+    path = tmp_path / JOURNAL_FILE
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(JournalCorrupt):
+        Journal(tmp_path)
+
+
+def test_read_only_open_of_a_missing_journal_says_so(tmp_path: Path) -> None:
+    with pytest.raises(JournalError, match="no journal"):
+        Journal(tmp_path / "nowhere", read_only=True)
+
+
+def test_a_state_dir_that_cannot_be_created_is_a_journal_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(JournalError, match="cannot create state directory"):
+        Journal(blocker / "state")
