@@ -199,7 +199,8 @@ class PaymentFlow:
             if reaction is not None and reaction.reaction is Reaction.OUT_OF_SERVICE:
                 return self._sale(txn, SaleResult.OUT_OF_SERVICE)
             return self._sale(txn, SaleResult.DECLINED)
-        if txn.state is TxnState.QUERYING:  # parked: the kiosk is stopping
+        if txn.state is TxnState.QUERYING and self.stopping.is_set():
+            # Parked at a journaled point; the restart queries, then cancels.
             return self._sale(txn, SaleResult.STOPPED, "STOPPING")
         if txn.state is TxnState.PAID:
             txn = self._vend(txn)

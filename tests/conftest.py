@@ -1,0 +1,75 @@
+"""Shared fixtures: keys, the gateway simulator on loopback, clients, journals, fake devices."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from kiosk.alipay.client import AlipayClient, GatewaySettings
+from kiosk.alipay.signing import Md5Signature, RsaSignature, SignType
+from kiosk.journal import Journal
+from kiosk.simulator import GatewaySimulator, MerchantAccount
+
+PARTNER = "2088101122334455"
+MD5_KEY = b"8f0b3c7e2a9d4f6b1c5e7a9d3f2b4c6e"
+
+
+@functools.cache
+def test_key(name: str) -> rsa.RSAPrivateKey:
+    """One 2048-bit key per name, made once per test run."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture
+def simulator() -> Iterator[GatewaySimulator]:
+    sim = GatewaySimulator(
+        [MerchantAccount(PARTNER, md5_key=MD5_KEY,
+                         merchant_public_key=test_key("merchant").public_key())],
+        alipay_private_key=test_key("alipay"),
+    )
+    sim.start()
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+def signature_for(sign_type: SignType, sim: GatewaySimulator) -> Md5Signature | RsaSignature:
+    if sign_type is SignType.MD5:
+        return Md5Signature(MD5_KEY)
+    return RsaSignature(sign_type, private_key=test_key("merchant"),
+                        public_key=sim.alipay_public_key)
+
+
+@pytest.fixture
+def make_client(simulator: GatewaySimulator) -> Iterator[Callable[..., AlipayClient]]:
+    made: list[AlipayClient] = []
+
+    def make(sign_type: SignType = SignType.RSA2, pay_timeout_s: float = 0.5,
+             gateway: str | None = None, backup: str | None = None) -> AlipayClient:
+        client = AlipayClient(GatewaySettings(
+            gateway=gateway or simulator.url, backup_gateway=backup, partner=PARTNER,
+            seller_id=PARTNER, signature=signature_for(sign_type, simulator),
+            connect_timeout_s=1.0, pay_timeout_s=pay_timeout_s, read_timeout_s=pay_timeout_s,
+        ))
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[Journal]:
+    with Journal(tmp_path / "state") as j:
+        yield j
+
+
+def payment_code(suffix: str, n: int = 1) -> str:
+    """A well-formed Alipay payment code whose last 4 digits pick the simulator's behaviour."""
+    return f"28{n:012d}{suffix}"

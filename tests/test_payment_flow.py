@@ -1,0 +1,387 @@
+"""The payment flow against the gateway simulator on loopback: every unknown outcome is
+resolved by query then cancel, every failed vend is reversed, and the ledger agrees."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from drivers.vend_fake import FakeVendOutput
+from kiosk.alipay.client import AlipayClient, PayOrder, PayResult
+from kiosk.alipay.signing import SignType
+from kiosk.journal import Journal, TxnState
+from kiosk.payment import (
+    FlowSettings,
+    PaymentFlow,
+    SaleResult,
+    cancel_window_open,
+)
+from kiosk.payment_code import PaymentCode
+from kiosk.ports import VendResult
+from kiosk.simulator import Fault, FaultPlan, GatewaySimulator
+from tests.conftest import PARTNER, payment_code
+
+PRICE = Decimal("1.50")
+SETTINGS = FlowSettings(
+    terminal_id="VM-TEST",
+    currency="USD",
+    trans_name="Vending purchase",
+    extend_info={"secondary_merchant_id": "M-1", "store_id": "S-1", "terminal_id": "VM-TEST"},
+    query_interval_s=0.05,
+    query_deadline_s=1.0,
+    vend_timeout_s=0.5,
+    cancel_tries_in_foreground=2,
+    retry_base_s=0.01,
+    retry_max_s=0.05,
+)
+
+
+class Watch:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def reachable(self) -> None:
+        self.events.append("reachable")
+
+    def unreachable(self) -> None:
+        self.events.append("unreachable")
+
+    def merchant_problem(self, code: str) -> None:
+        self.events.append(f"merchant:{code}")
+
+    def vending(self, ref: str) -> None:
+        self.events.append("vending")
+
+
+@pytest.fixture
+def vend() -> FakeVendOutput:
+    return FakeVendOutput()
+
+
+@pytest.fixture
+def watch() -> Watch:
+    return Watch()
+
+
+@pytest.fixture
+def make_flow(
+    make_client: Callable[..., AlipayClient], journal: Journal, vend: FakeVendOutput,
+    watch: Watch,
+) -> Iterator[Callable[..., PaymentFlow]]:
+    def make(sign_type: SignType = SignType.RSA2, **overrides: object) -> PaymentFlow:
+        settings = FlowSettings(**{**SETTINGS.__dict__, **overrides})  # type: ignore[arg-type]
+        return PaymentFlow(make_client(sign_type), journal, vend, settings, watch=watch)
+
+    yield make
+
+
+def sell(flow: PaymentFlow, suffix: str, n: int = 1) -> object:
+    return flow.sell(PaymentCode.parse(payment_code(suffix, n)), PRICE, "coffee")
+
+
+def settle_all(flow: PaymentFlow, journal: Journal, rounds: int = 50) -> None:
+    """What the journal worker does, in the test's thread: settle until nothing is open."""
+    for _ in range(rounds):
+        open_ = journal.unfinished()
+        if not open_:
+            return
+        for txn in open_:
+            flow.settle(txn)
+    raise AssertionError(f"still unfinished: {[t.state for t in journal.unfinished()]}")
+
+
+def held(sim: GatewaySimulator, ref: str) -> bool:
+    trade = sim.ledger.trade(PARTNER, ref)
+    return trade is not None and trade.holds_money
+
+
+# -- paid ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sign_type", list(SignType))
+def test_paid_scan_vends_and_the_ledger_holds_the_money(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    vend: FakeVendOutput, sign_type: SignType,
+) -> None:
+    sale = sell(make_flow(sign_type), "0001")
+    assert sale.result is SaleResult.VENDED
+    assert vend.approvals == [(sale.ref, PRICE)]
+    assert held(simulator, sale.ref)
+    txn = journal.get(sale.ref)
+    assert txn is not None and txn.state is TxnState.VENDED and txn.buyer_code is None
+
+
+def test_pay_is_journaled_before_it_is_sent(
+    make_flow: Callable[..., PaymentFlow], journal: Journal,
+) -> None:
+    flow = make_flow()
+    seen: list[list[str]] = []
+    real_pay = flow.client.pay
+
+    def pay(order: PayOrder) -> PayResult:
+        seen.append([r["kind"] for r in journal.requests_for(order.partner_trans_id)])
+        return real_pay(order)
+
+    flow.client.pay = pay  # type: ignore[method-assign]
+    sell(flow, "0001")
+    assert seen == [["pay"]]
+
+
+def test_a_retried_pay_request_is_identical(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator,
+) -> None:
+    flow = make_flow()
+    txn = flow.journal.open_transaction(
+        ref="VM-TEST-1", amount=PRICE, currency="USD", item="coffee",
+        buyer_code=payment_code("0001"), trans_create_time="20261126000000")
+    first = flow.client.pay_params(flow._order(txn))
+    again = flow.client.pay_params(flow._order(flow.journal.get("VM-TEST-1")))
+    assert first == again
+
+
+# -- declined -----------------------------------------------------------------------------
+
+
+def test_buyer_problem_declines_without_charge_or_query(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+) -> None:
+    sale = sell(make_flow(), "2022")  # BUYER_BALANCE_NOT_ENOUGH
+    assert (sale.result, sale.reason) == (SaleResult.DECLINED, "BUYER_BALANCE_NOT_ENOUGH")
+    assert [r.service for r in simulator.requests_seen] == ["pay"]
+    assert journal.get(sale.ref).state is TxnState.DECLINED
+
+
+def test_merchant_configuration_code_takes_the_kiosk_out_of_service(
+    make_flow: Callable[..., PaymentFlow], watch: Watch,
+) -> None:
+    sale = sell(make_flow(), "2049")  # SECONDARY_MERCHANT_ID_INVALID
+    assert sale.result is SaleResult.OUT_OF_SERVICE
+    assert "merchant:SECONDARY_MERCHANT_ID_INVALID" in watch.events
+
+
+def test_unreachable_gateway_is_a_known_refusal_not_an_unknown(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    watch: Watch,
+) -> None:
+    simulator.go_offline()
+    sale = sell(make_flow(), "0001")
+    assert (sale.result, sale.reason) == (SaleResult.DECLINED, "OFFLINE")
+    assert journal.get(sale.ref).final
+    assert "unreachable" in watch.events
+    assert simulator.ledger.trades() == []
+
+
+def test_backup_gateway_takes_the_identical_pay_when_the_primary_refuses(
+    make_client: Callable[..., AlipayClient], simulator: GatewaySimulator, journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    client = make_client(gateway="http://127.0.0.1:9/gateway.do", backup=simulator.url)
+    flow = PaymentFlow(client, journal, vend, SETTINGS)
+    sale = sell(flow, "0001")
+    assert sale.result is SaleResult.VENDED and held(simulator, sale.ref)
+
+
+# -- unknown outcomes: query, then cancel ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("suffix", "why"),
+    [
+        ("1001", "buyer confirms on the phone"),
+        ("3001", "slow answer after charging"),
+        ("3002", "connection dropped after charging"),
+        ("3003", "SYSTEM_ERROR after charging"),
+        ("3005", "HTTP 500 after charging"),
+        ("3006", "forged signature on a real charge"),
+        ("3008", "truncated answer after charging"),
+    ],
+)
+def test_unknown_outcome_is_resolved_by_query_and_vends(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    suffix: str, why: str,
+) -> None:
+    flow = make_flow(query_deadline_s=4.0)
+    sale = sell(flow, suffix)
+    assert sale.result is SaleResult.VENDED, why
+    services = [r.service for r in simulator.requests_seen]
+    assert services[0] == "pay" and "query" in services, why
+    assert journal.get(sale.ref).state is TxnState.VENDED
+
+
+@pytest.mark.parametrize(("suffix", "why"), [("3004", "SYSTEM_ERROR, not charged"),
+                                             ("3009", "HTTP 500, not charged"),
+                                             ("1002", "buyer never confirms")])
+def test_unknown_outcome_never_paid_is_cancelled_after_the_deadline(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    vend: FakeVendOutput, suffix: str, why: str,
+) -> None:
+    sale = sell(make_flow(query_deadline_s=0.3), suffix)
+    assert (sale.result, sale.reason) == (SaleResult.DECLINED, "TIMEOUT"), why
+    assert vend.approvals == []
+    assert not held(simulator, sale.ref)
+    assert journal.get(sale.ref).state is TxnState.CANCELLED
+    assert "cancel" in [r.service for r in simulator.requests_seen]
+
+
+def test_gbk_answer_is_decoded_and_verified(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator,
+) -> None:
+    sale = sell(make_flow(), "3007")
+    assert sale.result is SaleResult.VENDED
+    assert [r.service for r in simulator.requests_seen] == ["pay"]
+
+
+def test_forged_answers_everywhere_never_approve_a_vend(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    for service in ("pay", "query", "cancel"):
+        simulator.inject(FaultPlan(Fault.FORGED_SIGNATURE, service=service, times=0))
+    flow = make_flow(query_deadline_s=0.3)
+    sale = sell(flow, "0001")
+    assert sale.result is SaleResult.UNRESOLVED
+    assert vend.approvals == []
+    simulator.clear_faults()
+    settle_all(flow, journal)
+    assert not held(simulator, sale.ref)
+    assert journal.get(sale.ref).state is TxnState.CANCELLED
+
+
+# -- after payment: the vend ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vend_result", [VendResult.FAILED, VendResult.TIMED_OUT])
+def test_failed_vend_is_reversed_by_cancel(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    vend: FakeVendOutput, vend_result: VendResult,
+) -> None:
+    vend.script(vend_result)
+    sale = sell(make_flow(), "0001")
+    assert sale.result is SaleResult.REVERSED
+    assert not held(simulator, sale.ref)
+    assert simulator.ledger.trade(PARTNER, sale.ref).charged
+    assert journal.get(sale.ref).state is TxnState.CANCELLED
+
+
+def test_failed_vend_past_the_cancel_window_is_refunded(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    vend.script(VendResult.FAILED)
+    sale = sell(make_flow(), "4001")  # pays; its cancels fail with retry_flag=N
+    assert sale.result is SaleResult.REVERSED
+    trade = simulator.ledger.trade(PARTNER, sale.ref)
+    assert trade.refunded == PRICE and not trade.holds_money
+    assert journal.get(sale.ref).state is TxnState.REFUNDED
+
+
+# -- the background: network loss and restarts --------------------------------------------------
+
+
+def test_charge_then_network_loss_is_reversed_when_the_gateway_returns(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    vend: FakeVendOutput, watch: Watch,
+) -> None:
+    simulator.inject(FaultPlan(Fault.DROP_AFTER_CHARGE))
+    flow = make_flow(query_deadline_s=0.3)
+    real_pay = flow.client.pay
+
+    def pay_then_lose_network(order: PayOrder) -> PayResult:
+        result = real_pay(order)
+        simulator.go_offline()
+        return result
+
+    flow.client.pay = pay_then_lose_network  # type: ignore[method-assign]
+    sale = sell(flow, "0001")
+    assert sale.result is SaleResult.UNRESOLVED
+    assert held(simulator, sale.ref) and vend.approvals == []
+    assert journal.get(sale.ref).state is TxnState.CANCELLING
+    assert "unreachable" in watch.events
+    simulator.go_online()
+    settle_all(flow, journal)
+    assert not held(simulator, sale.ref)
+
+
+@pytest.mark.parametrize("state", [TxnState.PAYING, TxnState.QUERYING, TxnState.PAID])
+def test_restart_with_a_charge_in_flight_reverses_it(
+    make_flow: Callable[..., PaymentFlow], make_client: Callable[..., AlipayClient],
+    simulator: GatewaySimulator, journal: Journal, state: TxnState,
+) -> None:
+    flow = make_flow()
+    txn = journal.open_transaction(
+        ref="VM-TEST-crash", amount=PRICE, currency="USD", item="coffee",
+        buyer_code=payment_code("0001"), trans_create_time=_now_stamp())
+    flow.client.pay(flow._order(txn))  # the pay went out, then the kiosk died
+    journal.update(txn, state=state)
+    settle_all(make_flow(), journal)
+    assert not held(simulator, "VM-TEST-crash")
+    assert journal.get("VM-TEST-crash").state is TxnState.CANCELLED
+
+
+def test_restart_with_a_pay_journaled_but_never_sent_burns_the_id(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+) -> None:
+    journal.open_transaction(
+        ref="VM-TEST-unsent", amount=PRICE, currency="USD", item="coffee",
+        buyer_code=payment_code("0001"), trans_create_time=_now_stamp())
+    settle_all(make_flow(), journal)
+    assert journal.get("VM-TEST-unsent").state is TxnState.CANCELLED
+    assert simulator.ledger.trade(PARTNER, "VM-TEST-unsent") is None
+
+
+@pytest.mark.parametrize(("report", "final"), [(VendResult.VENDED, TxnState.VENDED),
+                                               (VendResult.TIMED_OUT, TxnState.CANCELLED)])
+def test_restart_mid_vend_waits_for_the_controller_then_reverses(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    vend: FakeVendOutput, report: VendResult, final: TxnState,
+) -> None:
+    flow = make_flow()
+    txn = journal.open_transaction(
+        ref="VM-TEST-vending", amount=PRICE, currency="USD", item="coffee",
+        buyer_code=payment_code("0001"), trans_create_time=_now_stamp())
+    flow.client.pay(flow._order(txn))
+    journal.update(txn, state=TxnState.VENDING)
+    vend.script_report(report)
+    settle_all(make_flow(), journal)
+    assert vend.awaited == ["VM-TEST-vending"]
+    assert journal.get("VM-TEST-vending").state is final
+    assert held(simulator, "VM-TEST-vending") == (final is TxnState.VENDED)
+
+
+def test_stopping_parks_a_query_at_a_journaled_point(
+    make_flow: Callable[..., PaymentFlow], journal: Journal,
+) -> None:
+    flow = make_flow(query_deadline_s=30.0, query_interval_s=0.2)
+    result: list[object] = []
+    worker = threading.Thread(target=lambda: result.append(sell(flow, "1002")))
+    worker.start()
+    flow.stopping.set()
+    worker.join(10)
+    assert not worker.is_alive()
+    assert result[0].result is SaleResult.STOPPED
+    assert journal.get(result[0].ref).state in (TxnState.QUERYING, TxnState.PAYING)
+
+
+# -- the cancel window ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("created", "now", "open_"),
+    [
+        ("20261126010000", datetime(2026, 11, 26, 15, 59, tzinfo=UTC), True),  # 23:59 Beijing
+        ("20261126010000", datetime(2026, 11, 26, 16, 14, tzinfo=UTC), True),  # grace
+        ("20261126010000", datetime(2026, 11, 26, 16, 16, tzinfo=UTC), False),
+        ("20261125170000", datetime(2026, 11, 26, 15, 0, tzinfo=UTC), True),  # 01:00 Beijing
+        ("20261125150000", datetime(2026, 11, 25, 16, 20, tzinfo=UTC), False),  # 23:00 → 00:20
+    ],
+)
+def test_cancel_window_follows_the_beijing_day(created: str, now: datetime, open_: bool) -> None:
+    assert cancel_window_open(created, now) is open_
+
+
+def _now_stamp() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d%H%M%S")
