@@ -290,7 +290,9 @@ class PaymentFlow:
         Not money-moving, so it is counted but not journaled as a request."""
         txn = self.journal.update(txn, attempts=txn.attempts + 1)
         try:
-            result: QueryResult = self.client.query(txn.ref, txn.alipay_trans_id)
+            result: QueryResult = self.client.query(
+                txn.ref, txn.alipay_trans_id, amount=txn.amount, currency=txn.currency
+            )
         except GatewayUnreachable:
             self.watch.unreachable()
             return txn, None

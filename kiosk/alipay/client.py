@@ -1,0 +1,620 @@
+"""The MAPI client: build, sign, send and verify pay, query, cancel and refund calls.
+
+Every call ends in a typed result whose `outcome` is SUCCESS, FAILED or UNKNOWN; anything the
+client cannot prove is UNKNOWN, never success. Only a request that provably never reached a
+gateway raises `GatewayUnreachable`. It knows nothing of kiosks.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import ssl
+import time
+import types
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from http.client import RemoteDisconnected
+from urllib.parse import urlencode
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NameResolutionError, NewConnectionError, ReadTimeoutError
+
+from kiosk.alipay.signing import Signature, SignType, presign_string
+from kiosk.alipay.xml import MAX_ANSWER_BYTES, Answer, AnswerUnreadable, parse_answer, verify_answer
+from kiosk.errors import GatewayUnreachable
+from kiosk.log import event
+from kiosk.money import format_amount
+
+log = logging.getLogger("kiosk.alipay")
+
+INPUT_CHARSET = "UTF-8"
+SERVICE_PAY = "alipay.acquire.overseas.spot.pay"
+SERVICE_QUERY = "alipay.acquire.overseas.query"
+SERVICE_CANCEL = "alipay.acquire.cancel"
+SERVICE_REFUND = "alipay.acquire.overseas.spot.refund"
+
+
+class Outcome(enum.StrEnum):
+    SUCCESS = "success"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+class TradeStatus(enum.StrEnum):
+    WAIT_BUYER_PAY = "WAIT_BUYER_PAY"
+    TRADE_SUCCESS = "TRADE_SUCCESS"
+    TRADE_CLOSED = "TRADE_CLOSED"
+    TRADE_FINISHED = "TRADE_FINISHED"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    gateway: str
+    partner: str
+    seller_id: str
+    # Signs requests and verifies answers: an Md5Signature, or an RsaSignature holding the
+    # merchant private key and Alipay's public key.
+    signature: Signature
+    backup_gateway: str | None = None
+    verify_tls: bool | str = True  # requests' `verify`: True, or a CA bundle path
+    connect_timeout_s: float = 3.0
+    pay_timeout_s: float = 10.0  # read timeout of pay
+    read_timeout_s: float = 10.0  # read timeout of query, cancel and refund
+
+
+@dataclass(frozen=True)
+class PayOrder:
+    partner_trans_id: str
+    amount: Decimal
+    currency: str
+    buyer_identity_code: str
+    trans_name: str
+    trans_create_time: str  # yyyyMMddHHmmss, UTC
+    extend_info: Mapping[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # the buyer's code stays out of tracebacks and logs
+        return (
+            f"PayOrder(partner_trans_id={self.partner_trans_id!r}, amount={self.amount}, "
+            f"currency={self.currency!r}, buyer_identity_code=<hidden>)"
+        )
+
+
+@dataclass(frozen=True)
+class PayResult:
+    outcome: Outcome
+    error: str | None
+    alipay_trans_id: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    outcome: Outcome
+    trade_status: TradeStatus | None
+    error: str | None
+    alipay_trans_id: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    outcome: Outcome
+    retry_flag: bool | None
+    error: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class RefundResult:
+    outcome: Outcome
+    error: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """What came back for one call: a verified answer, or why the outcome is unknown."""
+
+    answer: Answer | None
+    unknown: str | None  # set when the outcome cannot be known
+    gateway: str
+
+
+class AlipayClient:
+    """One merchant's MAPI client. `close()` releases its connections; safe to call twice."""
+
+    def __init__(self, settings: GatewaySettings, session: requests.Session | None = None) -> None:
+        self.settings = settings
+        self._own_session = session is None
+        if session is None:
+            session = requests.Session()
+            # No silent retries below us: a resent pay must be a decision, not a side effect.
+            adapter = HTTPAdapter(max_retries=0)
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
+        self._session = session
+
+    # -- request builders -------------------------------------------------------------------
+
+    def _signed(self, params: dict[str, str]) -> dict[str, str]:
+        params = {key: value for key, value in params.items() if value}
+        params["sign"] = self.settings.signature.sign(presign_string(params))
+        params["sign_type"] = self.settings.signature.sign_type.value
+        return params
+
+    def _base(self, service: str) -> dict[str, str]:
+        return {
+            "service": service,
+            "partner": self.settings.partner,
+            "_input_charset": INPUT_CHARSET,
+        }
+
+    def pay_params(self, order: PayOrder) -> dict[str, str]:
+        """The signed parameters of a pay request, `sign` and `sign_type` included."""
+        params = self._base(SERVICE_PAY)
+        params.update(
+            alipay_seller_id=self.settings.seller_id,
+            trans_name=order.trans_name,
+            partner_trans_id=order.partner_trans_id,
+            currency=order.currency,
+            trans_amount=format_amount(order.amount, order.currency),
+            buyer_identity_code=order.buyer_identity_code,
+            identity_code_type="barcode",
+            trans_create_time=order.trans_create_time,
+            biz_product="OVERSEAS_MBARCODE_PAY",
+        )
+        if order.extend_info:
+            params["extend_info"] = json.dumps(
+                dict(order.extend_info), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+            )
+        return self._signed(params)
+
+    def query_params(
+        self, partner_trans_id: str, alipay_trans_id: str | None = None
+    ) -> dict[str, str]:
+        params = self._base(SERVICE_QUERY)
+        params["partner_trans_id"] = partner_trans_id
+        if alipay_trans_id:
+            params["alipay_trans_id"] = alipay_trans_id
+        return self._signed(params)
+
+    def cancel_params(
+        self, partner_trans_id: str, timestamp_ms: int, alipay_trans_id: str | None = None
+    ) -> dict[str, str]:
+        params = self._base(SERVICE_CANCEL)
+        params["out_trade_no"] = partner_trans_id
+        params["timestamp"] = str(int(timestamp_ms))
+        if alipay_trans_id:
+            params["trade_no"] = alipay_trans_id
+        return self._signed(params)
+
+    def refund_params(
+        self,
+        partner_trans_id: str,
+        partner_refund_id: str,
+        amount: Decimal,
+        currency: str,
+        reason: str | None = None,
+    ) -> dict[str, str]:
+        params = self._base(SERVICE_REFUND)
+        params.update(
+            partner_trans_id=partner_trans_id,
+            partner_refund_id=partner_refund_id,
+            refund_amount=format_amount(amount, currency),
+            currency=currency,
+            is_sync="Y",
+        )
+        if reason:
+            params["refund_reason"] = reason
+        return self._signed(params)
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def pay(self, order: PayOrder) -> PayResult:
+        """Charge the buyer's code. UNKNOW, timeouts and doubtful answers give UNKNOWN."""
+        params = self.pay_params(order)
+        started = time.monotonic()
+        reply = self._call(params, self.settings.pay_timeout_s)
+        result = self._pay_result(reply, params)
+        self._log(SERVICE_PAY, order.partner_trans_id, result.outcome, result.detail, started)
+        return result
+
+    def query(
+        self,
+        partner_trans_id: str,
+        alipay_trans_id: str | None = None,
+        *,
+        amount: Decimal | None = None,
+        currency: str | None = None,
+    ) -> QueryResult:
+        """The trade's state. Give `amount` and `currency` to have an answer that names another
+        amount or currency treated as UNKNOWN (a query request carries neither)."""
+        params = self.query_params(partner_trans_id, alipay_trans_id)
+        expect = dict(params)
+        if amount is not None and currency is not None:
+            expect["trans_amount"] = format_amount(amount, currency)
+        if currency is not None:
+            expect["currency"] = currency
+        started = time.monotonic()
+        reply = self._call(params, self.settings.read_timeout_s)
+        result = self._query_result(reply, expect)
+        self._log(SERVICE_QUERY, partner_trans_id, result.outcome, result.detail, started)
+        return result
+
+    def cancel(
+        self, partner_trans_id: str, timestamp_ms: int, alipay_trans_id: str | None = None
+    ) -> CancelResult:
+        """Close or reverse the trade. `timestamp_ms` is epoch milliseconds; a retry of the same
+        cancel should send the same value."""
+        params = self.cancel_params(partner_trans_id, timestamp_ms, alipay_trans_id)
+        started = time.monotonic()
+        reply = self._call(params, self.settings.read_timeout_s)
+        result = self._cancel_result(reply, params)
+        self._log(SERVICE_CANCEL, partner_trans_id, result.outcome, result.detail, started)
+        return result
+
+    def refund(
+        self,
+        partner_trans_id: str,
+        partner_refund_id: str,
+        amount: Decimal,
+        currency: str,
+        reason: str | None = None,
+    ) -> RefundResult:
+        """Refund part or all of a paid trade, synchronously. `partner_refund_id` is the
+        idempotency key: retry with the same one."""
+        params = self.refund_params(partner_trans_id, partner_refund_id, amount, currency, reason)
+        started = time.monotonic()
+        reply = self._call(params, self.settings.read_timeout_s)
+        result = self._refund_result(reply, params)
+        self._log(SERVICE_REFUND, partner_trans_id, result.outcome, result.detail, started)
+        return result
+
+    def close(self) -> None:
+        if self._own_session:
+            self._session.close()
+
+    def __enter__(self) -> AlipayClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport --------------------------------------------------------------------------
+
+    def _call(self, params: Mapping[str, str], read_timeout_s: float) -> _Reply:
+        """Send to the primary gateway, or to the backup when the primary was never reached.
+        Raises GatewayUnreachable only when neither gateway took the connection."""
+        body = urlencode(params).encode("ascii")
+        gateways = [self.settings.gateway]
+        if self.settings.backup_gateway:
+            gateways.append(self.settings.backup_gateway)
+        reasons: list[str] = []
+        for gateway in gateways:
+            try:
+                return self._send(gateway, body, read_timeout_s)
+            except _NotSent as exc:
+                reasons.append(f"{_host(gateway)}: {exc}")
+                event(
+                    log,
+                    "alipay.not_sent",
+                    logging.WARNING,
+                    service=params.get("service"),
+                    gateway=_host(gateway),
+                    detail=str(exc),
+                )
+        raise GatewayUnreachable("no gateway took the connection (" + "; ".join(reasons) + ")")
+
+    def _send(self, gateway: str, body: bytes, read_timeout_s: float) -> _Reply:
+        url = gateway + ("&" if "?" in gateway else "?") + f"_input_charset={INPUT_CHARSET}"
+        timeout = (self.settings.connect_timeout_s, read_timeout_s)
+        try:
+            response = self._session.post(
+                url,
+                data=body,
+                headers={
+                    "Content-Type": f"application/x-www-form-urlencoded; charset={INPUT_CHARSET}"
+                },
+                timeout=timeout,
+                verify=self.settings.verify_tls,
+                allow_redirects=False,
+                stream=True,
+            )
+        except requests.RequestException as exc:
+            not_sent = _never_sent(exc)
+            if not_sent is not None:
+                raise _NotSent(not_sent) from None
+            return _Reply(None, _after_connect(exc), gateway)
+        with response:
+            if response.status_code != 200:
+                return _Reply(None, f"HTTP {response.status_code}", gateway)
+            try:
+                raw = _read_capped(response)
+            except _TooLong:
+                return _Reply(None, f"answer over {MAX_ANSWER_BYTES // 1024} KiB", gateway)
+            except requests.RequestException as exc:
+                return _Reply(None, _after_connect(exc), gateway)
+        try:
+            answer = parse_answer(raw)
+        except AnswerUnreadable as exc:
+            return _Reply(None, str(exc), gateway)
+        return _Reply(answer, None, gateway)
+
+    # -- judging answers --------------------------------------------------------------------
+
+    def _trusted(self, reply: _Reply, expect: Mapping[str, str]) -> tuple[Answer | None, str]:
+        """The answer if it can be believed, else None and why not.
+
+        A gateway rejection (`is_success=F`) is unsigned by design and is returned as is.
+        """
+        answer = reply.answer
+        if answer is None:
+            return None, reply.unknown or "no answer"
+        if not answer.is_success:
+            return answer, f"rejected {answer.error or 'without a code'}"
+        if not answer.has_response:
+            return None, "answer has no response"
+        ours = self.settings.signature.sign_type
+        if answer.sign_type is not None and answer.sign_type != ours.value:
+            return None, f"answer sign_type {answer.sign_type[:10]}, expected {ours.value}"
+        if answer.sign is None:
+            return None, "answer is not signed"
+        if not verify_answer(answer, self.settings.signature):
+            return None, "bad signature"
+        mismatch = _mismatch(answer.fields, expect)
+        if mismatch is not None:
+            return None, f"{mismatch} differs"
+        return answer, ""
+
+    def _pay_result(self, reply: _Reply, params: Mapping[str, str]) -> PayResult:
+        answer, why = self._trusted(reply, params)
+        if answer is None:
+            return PayResult(Outcome.UNKNOWN, None, None, why)
+        if not answer.is_success:
+            return PayResult(_rejected(answer), answer.error, None, why)
+        fields = answer.fields
+        code = fields.get("result_code", "")
+        error = fields.get("error") or None
+        trans_id = fields.get("alipay_trans_id") or None
+        if error == "SYSTEM_ERROR":
+            return PayResult(Outcome.UNKNOWN, error, trans_id, f"{code} SYSTEM_ERROR")
+        if code == "SUCCESS":
+            return PayResult(Outcome.SUCCESS, None, trans_id, "SUCCESS")
+        if code == "FAILED":
+            return PayResult(Outcome.FAILED, error, trans_id, f"FAILED {error or ''}".strip())
+        if code == "UNKNOW":
+            return PayResult(Outcome.UNKNOWN, error, trans_id, "UNKNOW")
+        return PayResult(Outcome.UNKNOWN, error, trans_id, _odd_code(code))
+
+    def _query_result(self, reply: _Reply, expect: Mapping[str, str]) -> QueryResult:
+        answer, why = self._trusted(reply, expect)
+        if answer is None:
+            return QueryResult(Outcome.UNKNOWN, None, None, None, why)
+        if not answer.is_success:
+            return QueryResult(_rejected(answer), None, answer.error, None, why)
+        fields = answer.fields
+        code = fields.get("result_code", "")
+        error = fields.get("error") or None
+        trans_id = fields.get("alipay_trans_id") or None
+        if error == "SYSTEM_ERROR":
+            return QueryResult(Outcome.UNKNOWN, None, error, trans_id, f"{code} SYSTEM_ERROR")
+        if code == "SUCCESS":
+            status_text = fields.get("alipay_trans_status", "")
+            try:
+                status = TradeStatus(status_text)
+            except ValueError:
+                detail = f"trade status {status_text[:30] or 'missing'}"
+                return QueryResult(Outcome.UNKNOWN, None, error, trans_id, detail)
+            return QueryResult(Outcome.SUCCESS, status, None, trans_id, status.value)
+        if code == "FAIL":
+            detail = f"FAIL {error or ''}".strip()
+            return QueryResult(Outcome.FAILED, None, error, trans_id, detail)
+        return QueryResult(Outcome.UNKNOWN, None, error, trans_id, _odd_code(code))
+
+    def _cancel_result(self, reply: _Reply, params: Mapping[str, str]) -> CancelResult:
+        # A cancel answer names the trade as out_trade_no, or sometimes partner_trans_id.
+        expect = dict(params, partner_trans_id=params["out_trade_no"])
+        answer, why = self._trusted(reply, expect)
+        if answer is None:
+            return CancelResult(Outcome.UNKNOWN, None, None, why)
+        if not answer.is_success:
+            return CancelResult(_rejected(answer), None, answer.error, why)
+        fields = answer.fields
+        code = fields.get("result_code", "")
+        error = fields.get("detail_error_code") or fields.get("error") or None
+        retry = {"Y": True, "N": False}.get(fields.get("retry_flag", ""))
+        if code == "SUCCESS":
+            return CancelResult(Outcome.SUCCESS, retry, None, "SUCCESS")
+        if code == "FAIL" and error != "SYSTEM_ERROR":
+            return CancelResult(Outcome.FAILED, retry, error, f"FAIL {error or ''}".strip())
+        if code in ("FAIL", "UNKNOWN"):
+            return CancelResult(Outcome.UNKNOWN, retry, error, f"{code} {error or ''}".strip())
+        return CancelResult(Outcome.UNKNOWN, retry, error, _odd_code(code))
+
+    def _refund_result(self, reply: _Reply, params: Mapping[str, str]) -> RefundResult:
+        answer, why = self._trusted(reply, params)
+        if answer is None:
+            return RefundResult(Outcome.UNKNOWN, None, why)
+        if not answer.is_success:
+            return RefundResult(_rejected(answer), answer.error, why)
+        fields = answer.fields
+        code = fields.get("result_code", "")
+        error = fields.get("error") or None
+        if error == "SYSTEM_ERROR":
+            return RefundResult(Outcome.UNKNOWN, error, f"{code} SYSTEM_ERROR")
+        if code == "SUCCESS":
+            return RefundResult(Outcome.SUCCESS, None, "SUCCESS")
+        if code == "FAILED":
+            return RefundResult(Outcome.FAILED, error, f"FAILED {error or ''}".strip())
+        if code == "UNKNOW":
+            return RefundResult(Outcome.UNKNOWN, error, "UNKNOW")
+        return RefundResult(Outcome.UNKNOWN, error, _odd_code(code))
+
+    def _log(
+        self, service: str, partner_trans_id: str, outcome: Outcome, detail: str, started: float
+    ) -> None:
+        event(
+            log,
+            "alipay.call",
+            logging.WARNING if outcome is Outcome.UNKNOWN else logging.INFO,
+            service=service,
+            partner_trans_id=partner_trans_id,
+            outcome=outcome.value,
+            detail=detail,
+            elapsed_ms=round((time.monotonic() - started) * 1000),
+        )
+
+
+# Fields an answer may echo, and the request parameter each must equal when present.
+_ECHOED = {
+    "partner_trans_id": "partner_trans_id",
+    "out_trade_no": "out_trade_no",
+    "partner_refund_id": "partner_refund_id",
+    "currency": "currency",
+    "alipay_trans_id": "alipay_trans_id",
+    "trade_no": "trade_no",
+}
+_AMOUNTS = {"trans_amount": "trans_amount", "refund_amount": "refund_amount"}
+
+
+def _mismatch(fields: Mapping[str, str], expect: Mapping[str, str]) -> str | None:
+    """The first echoed field that differs from what was asked, or None."""
+    for name, param in _ECHOED.items():
+        if name in fields and param in expect and fields[name] != expect[param]:
+            return name
+    for name, param in _AMOUNTS.items():
+        if name in fields and param in expect and not _same_amount(fields[name], expect[param]):
+            return name
+    return None
+
+
+def _same_amount(answered: str, asked: str) -> bool:
+    try:
+        return Decimal(answered) == Decimal(asked)
+    except InvalidOperation:
+        return False
+
+
+def _rejected(answer: Answer) -> Outcome:
+    # Rejected at the gateway: nothing was created, except that SYSTEM_ERROR proves nothing.
+    return Outcome.UNKNOWN if answer.error == "SYSTEM_ERROR" else Outcome.FAILED
+
+
+def _odd_code(code: str) -> str:
+    return f"result_code {code[:20]!r} not known" if code else "answer has no result_code"
+
+
+def _host(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0]
+
+
+class _NotSent(Exception):
+    """The request never reached this gateway."""
+
+
+class _TooLong(Exception):
+    pass
+
+
+def _read_capped(response: requests.Response) -> bytes:
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
+        raise _TooLong
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(chunk_size=8192):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            raise _TooLong
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and everything it wraps (args, urllib3's `reason`, cause, context)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        linked = [*current.args, getattr(current, "reason", None)]
+        linked += [current.__cause__, current.__context__]
+        todo.extend(item for item in linked if isinstance(item, BaseException))
+
+
+def _never_sent(exc: requests.RequestException) -> str | None:
+    """Why the request provably never left for the gateway, or None if it may have."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "connect timeout"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS handshake failed" if _in_handshake(exc) else None
+    if isinstance(exc, requests.ConnectionError):
+        causes = list(_causes(exc))
+        if any(isinstance(c, NameResolutionError) for c in causes):
+            return "DNS failure"
+        if any(isinstance(c, NewConnectionError) for c in causes):
+            if any(isinstance(c, ConnectionRefusedError) for c in causes):
+                return "connection refused"
+            return "cannot connect"
+    return None
+
+
+def _in_handshake(exc: BaseException) -> bool:
+    """True when a TLS error came from the handshake, before any request byte was sent."""
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError | ssl.CertificateError):
+            return True
+        if isinstance(cause, ssl.SSLError) and _raised_in(cause.__traceback__, "do_handshake"):
+            return True
+    return False
+
+
+def _raised_in(tb: types.TracebackType | None, function: str) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == function:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _after_connect(exc: requests.RequestException) -> str:
+    """A short reason for a failure after the connection was made (the outcome is unknown)."""
+    causes = list(_causes(exc))
+    if isinstance(exc, requests.exceptions.ReadTimeout) or any(
+        isinstance(c, ReadTimeoutError | TimeoutError) for c in causes
+    ):
+        return "read timeout"
+    if any(isinstance(c, RemoteDisconnected) for c in causes):
+        return "connection closed without an answer"
+    if any(isinstance(c, ConnectionResetError) for c in causes):
+        return "connection reset"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "answer cut off"
+    if isinstance(exc, requests.exceptions.ContentDecodingError):
+        return "answer does not decode"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS error after connecting"
+    if isinstance(exc, requests.ConnectionError):
+        return "connection aborted"
+    return f"request failed ({type(exc).__name__})"
+
+
+__all__ = [
+    "AlipayClient",
+    "CancelResult",
+    "GatewaySettings",
+    "Outcome",
+    "PayOrder",
+    "PayResult",
+    "QueryResult",
+    "RefundResult",
+    "SignType",
+    "TradeStatus",
+]

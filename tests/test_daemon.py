@@ -1,0 +1,179 @@
+"""The whole daemon as a subprocess: serial scanner and vending controller on ptys, the
+gateway simulator on loopback, fake lights. Money rules are checked on the ledger after."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kiosk.simulator import GatewaySimulator
+from tests.conftest import PARTNER, payment_code
+from tests.daemon_rig import DaemonRig
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def rig(tmp_path: Path, simulator: GatewaySimulator) -> Iterator[DaemonRig]:
+    rig = DaemonRig(tmp_path, simulator)
+    rig.start()
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
+def held(sim: GatewaySimulator, ref: str) -> bool:
+    trade = sim.ledger.trade(PARTNER, ref)
+    return trade is not None and trade.holds_money
+
+
+def assert_money_rules(rig: DaemonRig) -> None:
+    """Every transaction final; Alipay holds money exactly for what was vended."""
+    rows = rig.journal()
+    assert all(r["final"] for r in rows), rows
+    vended = {r["ref"] for r in rows if r["state"] == "vended"}
+    holding = {t.partner_trans_id for t in rig.sim.ledger.trades() if t.holds_money}
+    assert holding == vended
+    assert all(r["buyer_code"] is None for r in rows)
+
+
+def test_paid_scan_is_approved_vended_and_acknowledged(rig: DaemonRig) -> None:
+    rig.scanner.write_line(payment_code("0001"))
+    approved = rig.vmc.expect("APPROVED ")
+    _, ref, amount = approved.split(" ")
+    assert amount == "1.50"
+    rig.vmc.write_line(f"SUCCESS {ref}", end="\n")
+    assert rig.vmc.expect("ACK ") == f"ACK {ref}"
+    rig.wait_log(lambda e: e.get("event") == "payment.result" and e.get("ref") == ref, 10)
+    assert held(rig.sim, ref)
+    assert rig.stop() == 0
+    assert_money_rules(rig)
+
+
+def test_declined_scan_tells_the_controller_why(rig: DaemonRig) -> None:
+    rig.scanner.write_line(payment_code("2022"))
+    assert rig.vmc.expect("DENIED ") == "DENIED BUYER_BALANCE_NOT_ENOUGH"
+    rig.wait_log(lambda e: e.get("event") == "indicator" and e.get("state") == "declined", 5)
+    assert rig.stop() == 0
+    assert_money_rules(rig)
+
+
+def test_vend_failure_is_reversed(rig: DaemonRig) -> None:
+    rig.scanner.write_line(payment_code("0001"))
+    _, ref, _ = rig.vmc.expect("APPROVED ").split(" ")
+    rig.vmc.write_line(f"FAILURE {ref}")
+    assert rig.vmc.expect("ACK ") == f"ACK {ref}"
+    rig.wait_log(lambda e: e.get("event") == "payment.result" and e.get("ref") == ref, 10)
+    assert not held(rig.sim, ref)
+    assert rig.sim.ledger.trade(PARTNER, ref).charged
+    assert rig.stop() == 0
+    assert_money_rules(rig)
+
+
+def test_vend_silence_counts_as_failure_and_is_reversed(rig: DaemonRig) -> None:
+    rig.scanner.write_line(payment_code("0001"))
+    _, ref, _ = rig.vmc.expect("APPROVED ").split(" ")
+    rig.wait_log(lambda e: e.get("event") == "payment.result" and e.get("ref") == ref, 15)
+    assert not held(rig.sim, ref)
+    assert rig.stop() == 0
+    assert_money_rules(rig)
+
+
+def test_garbage_scan_is_rejected_without_a_request(rig: DaemonRig) -> None:
+    rig.scanner.write_line("hello-world")
+    rig.wait_log(lambda e: e.get("event") == "scan.rejected", 5)
+    assert rig.sim.requests_seen == []
+    assert rig.stop() == 0
+
+
+def test_gateway_offline_then_back(rig: DaemonRig) -> None:
+    rig.sim.go_offline()
+    rig.scanner.write_line(payment_code("0001", 1))
+    assert rig.vmc.expect("DENIED ") == "DENIED OFFLINE"
+    rig.wait_log(lambda e: e.get("event") == "indicator" and e.get("state") == "offline", 10)
+    rig.sim.go_online()
+    rig.wait_log(lambda e: e.get("event") == "gateway.online", 10)
+    rig.scanner.write_line(payment_code("0001", 2))
+    _, ref, _ = rig.vmc.expect("APPROVED ").split(" ")
+    rig.vmc.write_line(f"SUCCESS {ref}")
+    rig.vmc.expect("ACK ")
+    assert rig.stop() == 0
+    assert_money_rules(rig)
+
+
+def test_sigterm_mid_payment_parks_it_and_the_restart_cancels(rig: DaemonRig) -> None:
+    rig.stop()
+    rig.close()
+    slow = DaemonRig(rig.tmp, rig.sim, query_deadline_s=60, query_interval_s=0.5)
+    try:
+        slow.start()
+        slow.scanner.write_line(payment_code("1002"))  # the buyer never confirms
+        slow.wait_log(lambda e: e.get("event") == "payment.start", 10)
+        slow.wait_log(lambda e: e.get("event") == "alipay.call" or "service" in e, 10)
+        slow.signal(signal.SIGTERM)
+        assert slow.wait_exit(20) == 0
+        [row] = slow.journal()
+        assert row["state"] in ("paying", "querying") and not row["final"]
+        slow.start()
+        slow.wait_log(lambda e: e.get("event") == "payment.settled", 20)
+        assert slow.stop() == 0
+        assert_money_rules(slow)
+    finally:
+        slow.close()
+
+
+def test_sigkill_mid_vend_is_reversed_after_restart(rig: DaemonRig) -> None:
+    rig.scanner.write_line(payment_code("0001"))
+    _, ref, _ = rig.vmc.expect("APPROVED ").split(" ")
+    assert held(rig.sim, ref)
+    rig.kill()
+    rig.start()
+    # The controller never reports: after vend.timeout_s the charge is reversed.
+    rig.wait_log(lambda e: e.get("event") == "payment.settled" and e.get("ref") == ref, 20)
+    assert not held(rig.sim, ref)
+    assert rig.stop() == 0
+    assert_money_rules(rig)
+
+
+def test_sigkill_mid_vend_then_controller_confirms_keeps_the_sale(rig: DaemonRig) -> None:
+    rig.scanner.write_line(payment_code("0001"))
+    _, ref, _ = rig.vmc.expect("APPROVED ").split(" ")
+    rig.kill()
+    rig.start()
+    rig.vmc.write_line(f"SUCCESS {ref}")
+    rig.wait_log(lambda e: e.get("event") == "payment.settled" and e.get("ref") == ref, 20)
+    assert held(rig.sim, ref)
+    assert rig.stop() == 0
+    assert_money_rules(rig)
+
+
+def test_logs_never_carry_a_whole_payment_code(rig: DaemonRig) -> None:
+    code = payment_code("0001", 77)
+    rig.scanner.write_line(code)
+    _, ref, _ = rig.vmc.expect("APPROVED ").split(" ")
+    rig.vmc.write_line(f"SUCCESS {ref}")
+    rig.vmc.expect("ACK ")
+    rig.stop()
+    assert not any(code in line for line in rig.raw_log)
+    states = [e["state"] for e in rig.logs if e.get("event") == "indicator"]
+    assert states[:2] == ["starting", "ready"]
+    assert "paying" in states and "vending" in states
+
+
+def test_a_second_scan_of_the_same_code_is_refused_locally(rig: DaemonRig) -> None:
+    code = payment_code("0001", 5)
+    rig.scanner.write_line(code)
+    _, ref, _ = rig.vmc.expect("APPROVED ").split(" ")
+    rig.vmc.write_line(f"SUCCESS {ref}")
+    rig.vmc.expect("ACK ")
+    rig.wait_log(lambda e: e.get("event") == "indicator" and e.get("state") == "ready"
+                 and rig.logs.index(e) > 3, 10)
+    pays_before = sum(1 for r in rig.sim.requests_seen if r.service == "pay")
+    rig.scanner.write_line(code)
+    assert rig.vmc.expect("DENIED ") == "DENIED CODE_REUSED"
+    assert sum(1 for r in rig.sim.requests_seen if r.service == "pay") == pays_before
+    assert rig.stop() == 0
