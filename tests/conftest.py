@@ -19,7 +19,7 @@ MD5_KEY = b"8f0b3c7e2a9d4f6b1c5e7a9d3f2b4c6e"
 
 
 @functools.cache
-def test_key(name: str) -> rsa.RSAPrivateKey:
+def named_key(name: str) -> rsa.RSAPrivateKey:
     """One 2048-bit key per name, made once per test run."""
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
@@ -28,8 +28,8 @@ def test_key(name: str) -> rsa.RSAPrivateKey:
 def simulator() -> Iterator[GatewaySimulator]:
     sim = GatewaySimulator(
         [MerchantAccount(PARTNER, md5_key=MD5_KEY,
-                         merchant_public_key=test_key("merchant").public_key())],
-        alipay_private_key=test_key("alipay"),
+                         merchant_public_key=named_key("merchant").public_key())],
+        alipay_private_key=named_key("alipay"),
     )
     sim.start()
     try:
@@ -41,7 +41,7 @@ def simulator() -> Iterator[GatewaySimulator]:
 def signature_for(sign_type: SignType, sim: GatewaySimulator) -> Md5Signature | RsaSignature:
     if sign_type is SignType.MD5:
         return Md5Signature(MD5_KEY)
-    return RsaSignature(sign_type, private_key=test_key("merchant"),
+    return RsaSignature(sign_type, private_key=named_key("merchant"),
                         public_key=sim.alipay_public_key)
 
 

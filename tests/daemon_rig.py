@@ -22,7 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from kiosk.simulator import GatewaySimulator
-from tests.conftest import PARTNER, test_key
+from tests.conftest import PARTNER, named_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ class DaemonRig:
         keys = self.tmp / "keys"
         keys.mkdir(exist_ok=True)
         private = keys / "merchant_private_key.pem"
-        private.write_bytes(test_key("merchant").private_bytes(
+        private.write_bytes(named_key("merchant").private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()))
         private.chmod(0o600)
