@@ -46,8 +46,12 @@ def build_indicator(config: Config) -> Indicator:
         from drivers.indicator_gpio import GpioIndicator
 
         return GpioIndicator(
-            green=i.green, red=i.red, amber=i.amber, buzzer=i.buzzer,
-            buzzer_type=i.buzzer_type, active_high=i.active_high,
+            green=i.green,
+            red=i.red,
+            amber=i.amber,
+            buzzer=i.buzzer,
+            buzzer_type=i.buzzer_type,
+            active_high=i.active_high,
         )
     if i.driver == "fake":
         from drivers.indicator_fake import FakeIndicator
@@ -68,7 +72,9 @@ def build_vend_output(config: Config) -> VendOutput:
 
         assert v.relay_pin is not None
         return RelayVendOutput(
-            relay_pin=v.relay_pin, pulse_ms=v.pulse_ms, sense_pin=v.sense_pin,
+            relay_pin=v.relay_pin,
+            pulse_ms=v.pulse_ms,
+            sense_pin=v.sense_pin,
             sense_timeout_s=v.sense_timeout_s,
         )
     from drivers.vend_fake import FakeVendOutput

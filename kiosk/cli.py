@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kiosk {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--config", metavar="PATH",
+        "--config",
+        metavar="PATH",
         help="config file (default: $KIOSK_CONFIG, else /etc/kiosk/kiosk.toml)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -42,44 +43,69 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="the daemon, in the foreground")
     run.add_argument("--log-format", choices=("text", "json"), default="text")
 
-    demo = sub.add_parser("demo", parents=[common],
-                          help="play the scenarios with fake devices and a gateway simulator")
-    demo.add_argument("--interactive", action="store_true",
-                      help="type payment codes yourself instead of the script")
-    demo.add_argument("--log-format", choices=("text", "json", "none"), default="none",
-                      help="show the daemon's log lines too (default: only the summary)")
+    demo = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="play the scenarios with fake devices and a gateway simulator",
+    )
+    demo.add_argument(
+        "--interactive",
+        action="store_true",
+        help="type payment codes yourself instead of the script",
+    )
+    demo.add_argument(
+        "--log-format",
+        choices=("text", "json", "none"),
+        default="none",
+        help="show the daemon's log lines too (default: only the summary)",
+    )
 
     sub.add_parser("check", parents=[common], help="validate the config file")
 
-    journal = sub.add_parser("journal", parents=[common],
-                             help="list transactions and pending retries")
+    journal = sub.add_parser(
+        "journal", parents=[common], help="list transactions and pending retries"
+    )
     journal.add_argument("--json", action="store_true", help="a JSON array (SPEC section 5)")
     journal.add_argument("--all", action="store_true", help="include every finished one")
     journal.add_argument("--state-dir", metavar="DIR", help="read the journal from here")
 
-    sim = sub.add_parser("simulator", parents=[common],
-                         help="run the Alipay MAPI gateway simulator")
+    sim = sub.add_parser(
+        "simulator", parents=[common], help="run the Alipay MAPI gateway simulator"
+    )
     sim.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
     sim.add_argument("--partner", help="merchant partner id (default: from --config)")
-    sim.add_argument("--merchant-key", metavar="PEM",
-                     help="the merchant's public (or private) key, to verify RSA/RSA2 requests "
-                          "(default: the config's private_key_file)")
-    sim.add_argument("--md5-key", metavar="FILE",
-                     help="the MD5 key (default: the config's md5_key_file)")
-    sim.add_argument("--alipay-private-key", metavar="PEM",
-                     help="the key the simulator signs answers with; generated when absent")
-    sim.add_argument("--write-alipay-public-key", metavar="PEM",
-                     help="write the simulator's public key here, for the kiosk's config")
+    sim.add_argument(
+        "--merchant-key",
+        metavar="PEM",
+        help="the merchant's public (or private) key, to verify RSA/RSA2 requests "
+        "(default: the config's private_key_file)",
+    )
+    sim.add_argument(
+        "--md5-key", metavar="FILE", help="the MD5 key (default: the config's md5_key_file)"
+    )
+    sim.add_argument(
+        "--alipay-private-key",
+        metavar="PEM",
+        help="the key the simulator signs answers with; generated when absent",
+    )
+    sim.add_argument(
+        "--write-alipay-public-key",
+        metavar="PEM",
+        help="write the simulator's public key here, for the kiosk's config",
+    )
     sim.add_argument("--log-format", choices=("text", "json"), default="text")
 
-    selftest = sub.add_parser("selftest", parents=[common],
-                              help="check each light, the buzzer, a scan and a vend")
+    selftest = sub.add_parser(
+        "selftest", parents=[common], help="check each light, the buzzer, a scan and a vend"
+    )
     selftest.add_argument("--scan-timeout", type=float, default=30.0, metavar="S")
-    selftest.add_argument("--vend", action="store_true",
-                          help="also approve one test vend on a serial controller")
+    selftest.add_argument(
+        "--vend", action="store_true", help="also approve one test vend on a serial controller"
+    )
 
-    provision = sub.add_parser("provision", parents=[common],
-                               help="install a config dropped on the boot partition")
+    provision = sub.add_parser(
+        "provision", parents=[common], help="install a config dropped on the boot partition"
+    )
     provision.add_argument("--from", dest="source", required=True, metavar="PATH")
     provision.add_argument("--etc-dir", default="/etc/kiosk", metavar="DIR")
     return parser
@@ -153,9 +179,15 @@ def cmd_journal(args: argparse.Namespace) -> int:
         return EXIT_OK
     header = ("created_at", "ref", "amount", "state", "code", "attempts", "buyer_code")
     table = [header] + [
-        (r["created_at"][:19], r["ref"], f"{r['amount']} {r['currency']}",
-         r["state"] + ("" if r["final"] else " *"), r["code"] or "-", str(r["attempts"]),
-         r["buyer_code"] or "-")
+        (
+            r["created_at"][:19],
+            r["ref"],
+            f"{r['amount']} {r['currency']}",
+            r["state"] + ("" if r["final"] else " *"),
+            r["code"] or "-",
+            str(r["attempts"]),
+            r["buyer_code"] or "-",
+        )
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -240,8 +272,15 @@ def _run_kiosk(config: object, journal: object, path: Path, notifier: object) ->
         if _wait_out_of_service(notifier, f"driver: {exc}"):
             return cmd_run(argparse.Namespace(config=str(path), log_format=_log_format()))
         return EXIT_OK
-    kiosk = Kiosk(config, scanner=scanner, indicator=indicator, vend=vend, journal=journal,
-                  notifier=notifier, reload_config=lambda: load_config(path))
+    kiosk = Kiosk(
+        config,
+        scanner=scanner,
+        indicator=indicator,
+        vend=vend,
+        journal=journal,
+        notifier=notifier,
+        reload_config=lambda: load_config(path),
+    )
     signal.signal(signal.SIGTERM, lambda s, f: kiosk.stop())
     signal.signal(signal.SIGINT, lambda s, f: kiosk.stop())
     signal.signal(signal.SIGHUP, lambda s, f: kiosk.reload())
@@ -256,4 +295,3 @@ def _log_format() -> str:
     from kiosk.log import JsonFormatter
 
     return "json" if handlers and isinstance(handlers[0].formatter, JsonFormatter) else "text"
-

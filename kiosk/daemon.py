@@ -54,15 +54,18 @@ def gateway_settings(config: Config) -> GatewaySettings:
         signature: Any = Md5Signature(read_secret_file(a.md5_key_file, "MD5 key file"))
     else:
         if a.private_key_file is None or a.alipay_public_key_file is None:
-            raise KeyFileError(f"sign_type {a.sign_type} needs private_key_file and "
-                               "alipay_public_key_file")
-        private = load_private_key(read_secret_file(a.private_key_file, "private key file"),
-                                   str(a.private_key_file))
+            raise KeyFileError(
+                f"sign_type {a.sign_type} needs private_key_file and alipay_public_key_file"
+            )
+        private = load_private_key(
+            read_secret_file(a.private_key_file, "private key file"), str(a.private_key_file)
+        )
         try:
             public_pem = a.alipay_public_key_file.read_bytes()
         except OSError as exc:
-            raise KeyFileError(f"Alipay public key {a.alipay_public_key_file}: "
-                               f"{exc.strerror}") from None
+            raise KeyFileError(
+                f"Alipay public key {a.alipay_public_key_file}: {exc.strerror}"
+            ) from None
         public = load_public_key(public_pem, str(a.alipay_public_key_file))
         signature = RsaSignature(a.sign_type, private_key=private, public_key=public)
     return GatewaySettings(
@@ -206,16 +209,31 @@ class Kiosk:
         if client is None or worker_client is None:
             return
         settings = flow_settings(self.config)
-        self.flow = PaymentFlow(client, self.journal, self.vend, settings, watch=self,
-                                stopping=self.stopping, wall_clock=self._wall)
+        self.flow = PaymentFlow(
+            client,
+            self.journal,
+            self.vend,
+            settings,
+            watch=self,
+            stopping=self.stopping,
+            wall_clock=self._wall,
+        )
         # The worker has its own client (a requests.Session is not for two threads at once).
-        worker_flow = PaymentFlow(worker_client, self.journal, self.vend, settings, watch=self,
-                                  stopping=self.stopping, wall_clock=self._wall)
+        worker_flow = PaymentFlow(
+            worker_client,
+            self.journal,
+            self.vend,
+            settings,
+            watch=self,
+            stopping=self.stopping,
+            wall_clock=self._wall,
+        )
         worker_flow._owned = self.flow._owned  # one set of refs in hand, seen by both
         if self.worker is not None:
             self.worker.stop(timeout=5)
         self.worker = JournalWorker(
-            worker_flow, self.journal,
+            worker_flow,
+            self.journal,
             on_backlog=lambda n: self.events.put(("backlog", n)),
             on_journal_error=lambda e: self.events.put(("journal_error", str(e))),
         )
@@ -230,8 +248,13 @@ class Kiosk:
         self.vend.start(self)
         self.notifier.ready(self._status_text())
         self.ready.set()
-        event(log, "kiosk.ready", terminal_id=self.config.kiosk.terminal_id,
-              mode=self.config.sale.mode, out_of_service=self.status.out_of_service)
+        event(
+            log,
+            "kiosk.ready",
+            terminal_id=self.config.kiosk.terminal_id,
+            mode=self.config.sale.mode,
+            out_of_service=self.status.out_of_service,
+        )
         self._refresh_lights()
         try:
             self._loop()
@@ -264,8 +287,10 @@ class Kiosk:
             self._sale_thread.join()
         if self.worker is not None:
             self.worker.stop(timeout=self.config.vend.timeout_s + 30)
-        for client in (self.flow.client if self.flow else None,
-                       self.worker.flow.client if self.worker else None):
+        for client in (
+            self.flow.client if self.flow else None,
+            self.worker.flow.client if self.worker else None,
+        ):
             if client is not None:
                 client.close()
         self.vend.close()
@@ -325,8 +350,11 @@ class Kiosk:
                 event(log, "watchdog.withheld", part="sale")
                 return False
         if not self.scanner.healthy() or not self.vend.healthy():
-            event(log, "watchdog.withheld", part="scanner" if not self.scanner.healthy()
-                  else "vend output")
+            event(
+                log,
+                "watchdog.withheld",
+                part="scanner" if not self.scanner.healthy() else "vend output",
+            )
             return False
         return True
 
@@ -377,8 +405,7 @@ class Kiosk:
         if self.config.sale.mode == "vmc":
             if self._selection is None:
                 self.indicator.sound(Sound.ERROR)
-                event(log, "scan.ignored", reason="no selection on the machine",
-                      code=code.masked)
+                event(log, "scan.ignored", reason="no selection on the machine", code=code.masked)
                 return
             amount, item = self._selection.request.amount, self._selection.request.item
         else:
@@ -474,7 +501,8 @@ class Kiosk:
                 event(log, "gateway.offline")
             if self._next_probe is None:
                 self._next_probe = time.monotonic() + min(
-                    OFFLINE_PROBE_S, self.config.alipay.probe_interval_s)
+                    OFFLINE_PROBE_S, self.config.alipay.probe_interval_s
+                )
         elif what.startswith("merchant:"):
             self._enter_out_of_service(f"Alipay refused the merchant set-up ({what[9:]})")
         self._refresh_lights()
@@ -525,8 +553,12 @@ class Kiosk:
         accepted = result.error == "TRADE_NOT_EXIST" or result.outcome.value == "success"
         event(log, "gateway.probe", accepted=accepted, error=result.error, detail=result.detail)
         self.reachable()
-        if accepted and self.status.out_of_service and self._wall() >= CLOCK_SANE_AFTER \
-                and not self.status.out_of_service.startswith("journal"):
+        if (
+            accepted
+            and self.status.out_of_service
+            and self._wall() >= CLOCK_SANE_AFTER
+            and not self.status.out_of_service.startswith("journal")
+        ):
             self.status.out_of_service = None
             event(log, "kiosk.back_in_service")
             self._refresh_lights()

@@ -31,7 +31,7 @@ from kiosk.config import (
     ScannerSection,
     VendSection,
 )
-from kiosk.journal import Journal, TxnState
+from kiosk.journal import Journal
 from kiosk.log import setup_logging
 from kiosk.ports import VendResult
 from kiosk.simulator import Fault, FaultPlan, GatewaySimulator, MerchantAccount
@@ -44,12 +44,21 @@ def demo_config(state_dir: Path, gateway: str) -> Config:
     return Config(
         kiosk=KioskSection(terminal_id="DEMO-01", state_dir=state_dir),
         alipay=AlipaySection(
-            gateway=gateway, partner=PARTNER, allow_http=True, currency="USD",
-            pay_timeout_s=1.0, query_interval_s=0.3, query_deadline_s=3.0,
+            gateway=gateway,
+            partner=PARTNER,
+            allow_http=True,
+            currency="USD",
+            pay_timeout_s=1.0,
+            query_interval_s=0.3,
+            query_deadline_s=3.0,
             probe_interval_s=1.0,
         ),
-        merchant=MerchantSection(secondary_merchant_id="M-DEMO", store_id="S-DEMO",
-                                 secondary_merchant_name="Demo Vending", store_name="Demo"),
+        merchant=MerchantSection(
+            secondary_merchant_id="M-DEMO",
+            store_id="S-DEMO",
+            secondary_merchant_name="Demo Vending",
+            store_name="Demo",
+        ),
         sale=SaleSection(mode="fixed", price=PRICE, item="coffee"),
         scanner=ScannerSection(driver="fake"),
         indicators=IndicatorsSection(driver="fake"),
@@ -83,8 +92,9 @@ class DemoRig:
         )
         self.sim.start()
         self.config = demo_config(state_dir, self.sim.url)
-        self.signature = RsaSignature(SignType.RSA2, private_key=self.merchant_key,
-                                      public_key=self.sim.alipay_public_key)
+        self.signature = RsaSignature(
+            SignType.RSA2, private_key=self.merchant_key, public_key=self.sim.alipay_public_key
+        )
         self.scanner = FakeScanner()
         self.indicator = FakeIndicator()
         self.vend = FakeVendOutput()
@@ -94,11 +104,17 @@ class DemoRig:
 
     def client(self) -> AlipayClient:
         a = self.config.alipay
-        return AlipayClient(GatewaySettings(
-            gateway=a.gateway, partner=a.partner, seller_id=a.partner,
-            signature=self.signature, pay_timeout_s=a.pay_timeout_s,
-            read_timeout_s=a.pay_timeout_s, connect_timeout_s=1.0,
-        ))
+        return AlipayClient(
+            GatewaySettings(
+                gateway=a.gateway,
+                partner=a.partner,
+                seller_id=a.partner,
+                signature=self.signature,
+                pay_timeout_s=a.pay_timeout_s,
+                read_timeout_s=a.pay_timeout_s,
+                connect_timeout_s=1.0,
+            )
+        )
 
     def start_kiosk(self) -> None:
         from kiosk.daemon import Kiosk
@@ -108,8 +124,14 @@ class DemoRig:
         vend = vend_cls()
         self.vend = vend
         self.journal = Journal(self.config.kiosk.state_dir)
-        kiosk = Kiosk(self.config, scanner=self.scanner, indicator=self.indicator, vend=vend,
-                      journal=self.journal, client_factory=self.client)
+        kiosk = Kiosk(
+            self.config,
+            scanner=self.scanner,
+            indicator=self.indicator,
+            vend=vend,
+            journal=self.journal,
+            client_factory=self.client,
+        )
         self.kiosk = kiosk
         self.thread = threading.Thread(target=kiosk.run, name="kiosk", daemon=True)
         self.thread.start()
@@ -166,8 +188,9 @@ def _code(suffix: str, n: int) -> str:
 def play(rig: DemoRig, out: Callable[[str], None]) -> list[Row]:
     rows: list[Row] = []
 
-    def record(name: str, code: str, sale: object, journal_state: str, expect_state: str,
-               expect_money: str) -> None:
+    def record(
+        name: str, code: str, sale: object, journal_state: str, expect_state: str, expect_money: str
+    ) -> None:
         from kiosk.payment import Sale
 
         assert isinstance(sale, Sale)
@@ -206,8 +229,9 @@ def play(rig: DemoRig, out: Callable[[str], None]) -> list[Row]:
     rig.vend.script(VendResult.FAILED)
     code = _code("0005", 5)
     sale = rig.sell(code)
-    record("vend failure reversed", code, sale, final_state(sale.ref), "cancelled",
-           "charged, returned")
+    record(
+        "vend failure reversed", code, sale, final_state(sale.ref), "cancelled", "charged, returned"
+    )
 
     out("network lost: charged, then the line drops; the kiosk restarts while offline,")
     out("  and the journal returns the money once the network is back")
@@ -219,14 +243,22 @@ def play(rig: DemoRig, out: Callable[[str], None]) -> list[Row]:
     sale = rig.sell(code)
     cut.join(10)
     pending = rig.journal.get(sale.ref)
-    out(f"  while offline: journal {pending.state.value if pending else 'missing'}, "
-        f"Alipay: {rig.trade(sale.ref)}")
+    out(
+        f"  while offline: journal {pending.state.value if pending else 'missing'}, "
+        f"Alipay: {rig.trade(sale.ref)}"
+    )
     rig.stop_kiosk()
     rig.sim.go_online()
     rig.start_kiosk()
     rig.wait_until(lambda: (t := rig.journal.get(sale.ref)) is not None and t.final, 20)
-    record("network lost, recovered from the journal", code, sale, final_state(sale.ref),
-           "cancelled", "charged, returned")
+    record(
+        "network lost, recovered from the journal",
+        code,
+        sale,
+        final_state(sale.ref),
+        "cancelled",
+        "charged, returned",
+    )
     rig.stop_kiosk()
     return rows
 
@@ -236,8 +268,7 @@ def _cut_after_charge(rig: DemoRig, known: set[str]) -> None:
     deadline = time.monotonic() + 10
     pause = threading.Event()
     while time.monotonic() < deadline:
-        if any(t.holds_money and t.partner_trans_id not in known
-               for t in rig.sim.ledger.trades()):
+        if any(t.holds_money and t.partner_trans_id not in known for t in rig.sim.ledger.trades()):
             rig.sim.go_offline()
             return
         pause.wait(0.005)  # a demo's stopwatch: the kiosk's first query comes 0.3 s later
@@ -245,8 +276,10 @@ def _cut_after_charge(rig: DemoRig, known: set[str]) -> None:
 
 def print_table(rows: list[Row], out: Callable[[str], None]) -> None:
     header = Row("scenario", "code", "the kiosk said", "journal", "Alipay's ledger", True)
-    cols = [(r.scenario, r.code, r.kiosk_said, r.journal, r.alipay, "ok" if r.ok else "FAIL")
-            for r in [header, *rows]]
+    cols = [
+        (r.scenario, r.code, r.kiosk_said, r.journal, r.alipay, "ok" if r.ok else "FAIL")
+        for r in [header, *rows]
+    ]
     cols[0] = (*cols[0][:5], "check")
     widths = [max(len(c[i]) for c in cols) for i in range(6)]
     out("")
@@ -277,8 +310,10 @@ def run_demo(interactive: bool = False, log_format: str = "none") -> int:
         held = rig.sim.ledger.charged_total()
         vended = sum((PRICE for r in rows if r.journal == "vended"), Decimal(0))
         money_ok = held == vended
-        out(f"\nmoney held by Alipay: {held} USD; goods vended: {vended} USD "
-            f"({'balanced' if money_ok else 'NOT BALANCED'})")
+        out(
+            f"\nmoney held by Alipay: {held} USD; goods vended: {vended} USD "
+            f"({'balanced' if money_ok else 'NOT BALANCED'})"
+        )
         out(f"{len(rows)} scenarios in {time.monotonic() - started:.1f} s")
         return 0 if money_ok and all(r.ok for r in rows) else 1
 
@@ -286,8 +321,10 @@ def run_demo(interactive: bool = False, log_format: str = "none") -> int:
 def _interactive(rig: DemoRig, out: Callable[[str], None]) -> int:
     rig.start_kiosk()
     out("Type a payment code (16-24 digits starting 25-30) and Enter; an empty line quits.")
-    out("The last 4 digits choose what Alipay does: 0xxx pay, 1001 confirm on phone, "
-        "2NNN decline with seed code NNN, 3001 slow, 3002 dropped (see docs/simulator.md).")
+    out(
+        "The last 4 digits choose what Alipay does: 0xxx pay, 1001 confirm on phone, "
+        "2NNN decline with seed code NNN, 3001 slow, 3002 dropped (see docs/simulator.md)."
+    )
     try:
         for line in sys.stdin:
             code = line.strip()

@@ -9,6 +9,7 @@ zeroes the freed bytes; a clean close checkpoints and truncates the WAL).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import sqlite3
@@ -165,7 +166,9 @@ class Journal:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise JournalError(f"cannot create state directory {self.path.parent}: {exc}") from None
+                raise JournalError(
+                    f"cannot create state directory {self.path.parent}: {exc}"
+                ) from None
         elif not self.path.is_file():
             raise JournalCorrupt(f"journal {self.path} is not a regular file")
         uri = f"file:{self.path}?mode={'ro' if read_only else 'rwc'}"
@@ -340,7 +343,9 @@ class Journal:
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _select(self, where: str, args: tuple[Any, ...] = (), limit: int | None = None) -> list[Transaction]:
+    def _select(
+        self, where: str, args: tuple[Any, ...] = (), limit: int | None = None
+    ) -> list[Transaction]:
         sql = f"SELECT {', '.join(_COLUMNS)} FROM transactions {where} ORDER BY seq DESC"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
@@ -405,10 +410,9 @@ class Journal:
         with self._lock:
             if self._closed:
                 return
-            try:
+            # Read-only or busy: closing still releases the file.
+            with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
-                pass  # read-only or busy: closing still releases the file
             self._conn.close()
             self._closed = True
 

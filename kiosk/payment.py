@@ -185,8 +185,14 @@ class PaymentFlow:
         finally:
             with self._owned.lock:
                 self._owned.refs.discard(txn.ref)
-        event(log, "payment.result", ref=sale.ref, outcome=sale.result.value,
-              reason=sale.reason, state=sale.state.value)
+        event(
+            log,
+            "payment.result",
+            ref=sale.ref,
+            outcome=sale.result.value,
+            reason=sale.reason,
+            state=sale.state.value,
+        )
         return sale
 
     def _sell(self, txn: Transaction) -> Sale:
@@ -215,8 +221,9 @@ class PaymentFlow:
         return self._sale(txn, SaleResult.UNRESOLVED, "TIMEOUT")
 
     def _sale(self, txn: Transaction, result: SaleResult, reason: str | None = None) -> Sale:
-        return Sale(txn.ref, result, reason if reason is not None else (txn.error_code or ""),
-                    txn.state)
+        return Sale(
+            txn.ref, result, reason if reason is not None else (txn.error_code or ""), txn.state
+        )
 
     # -- PAYING ----------------------------------------------------------------------------
 
@@ -252,8 +259,14 @@ class PaymentFlow:
         if result.outcome is Outcome.FAILED and result.error:
             reaction = reaction_for(result.error)
             if reaction.alarm:
-                event(log, "alarm", level=logging.ERROR, ref=txn.ref, code=result.error,
-                      why=reaction.why)
+                event(
+                    log,
+                    "alarm",
+                    level=logging.ERROR,
+                    ref=txn.ref,
+                    code=result.error,
+                    why=reaction.why,
+                )
             if reaction.reaction is Reaction.DECLINE:
                 return self.journal.update(txn, state=TxnState.DECLINED, error_code=result.error)
             if reaction.reaction is Reaction.OUT_OF_SERVICE:
@@ -282,8 +295,9 @@ class PaymentFlow:
             if status in PAID_STATUSES:
                 return self.journal.update(txn, state=TxnState.PAID)
             if status is TradeStatus.TRADE_CLOSED:
-                return self.journal.update(txn, state=TxnState.DECLINED,
-                                           error_code=txn.error_code or "TRADE_CLOSED")
+                return self.journal.update(
+                    txn, state=TxnState.DECLINED, error_code=txn.error_code or "TRADE_CLOSED"
+                )
 
     def _query(self, txn: Transaction) -> tuple[Transaction, TradeStatus | str | None]:
         """One query: the trade's status, `ABSENT`, or None when nothing certain came back.
@@ -297,8 +311,15 @@ class PaymentFlow:
             self.watch.unreachable()
             return txn, None
         self.watch.reachable()
-        event(log, "payment.query", ref=txn.ref, outcome=result.outcome.value,
-              status=result.trade_status, error=result.error, level=logging.DEBUG)
+        event(
+            log,
+            "payment.query",
+            ref=txn.ref,
+            outcome=result.outcome.value,
+            status=result.trade_status,
+            error=result.error,
+            level=logging.DEBUG,
+        )
         if result.outcome is Outcome.SUCCESS:
             if result.alipay_trans_id and result.alipay_trans_id != txn.alipay_trans_id:
                 txn = self.journal.update(txn, alipay_trans_id=result.alipay_trans_id)
@@ -323,10 +344,12 @@ class PaymentFlow:
         """Choose cancel (same Beijing day) or refund (after the cancel window)."""
         if cancel_window_open(txn.trans_create_time, self._wall()):
             stamp = txn.cancel_timestamp_ms or int(self._wall().timestamp() * 1000)
-            return self.journal.update(txn, state=TxnState.CANCELLING,
-                                       cancel_timestamp_ms=stamp, note=note)
-        return self.journal.update(txn, state=TxnState.REFUNDING,
-                                   refund_id=txn.refund_id or f"{txn.ref}-R", note=note)
+            return self.journal.update(
+                txn, state=TxnState.CANCELLING, cancel_timestamp_ms=stamp, note=note
+            )
+        return self.journal.update(
+            txn, state=TxnState.REFUNDING, refund_id=txn.refund_id or f"{txn.ref}-R", note=note
+        )
 
     # -- CANCELLING and REFUNDING ----------------------------------------------------------
 
@@ -351,8 +374,11 @@ class PaymentFlow:
 
     def _cancel(self, txn: Transaction) -> tuple[Transaction, bool]:
         stamp = txn.cancel_timestamp_ms or int(self._wall().timestamp() * 1000)
-        params = {"out_trade_no": txn.ref, "timestamp": str(stamp),
-                  "trade_no": txn.alipay_trans_id or ""}
+        params = {
+            "out_trade_no": txn.ref,
+            "timestamp": str(stamp),
+            "trade_no": txn.alipay_trans_id or "",
+        }
         txn = self.journal.before_request(txn, "cancel", params, cancel_timestamp_ms=stamp)
         try:
             result: CancelResult = self.client.cancel(txn.ref, stamp, txn.alipay_trans_id)
@@ -362,8 +388,14 @@ class PaymentFlow:
             return txn, False
         self.watch.reachable()
         self.journal.after_request(txn, result.outcome.value, result.detail)
-        event(log, "payment.cancel", ref=txn.ref, outcome=result.outcome.value,
-              retry_flag=result.retry_flag, error=result.error)
+        event(
+            log,
+            "payment.cancel",
+            ref=txn.ref,
+            outcome=result.outcome.value,
+            retry_flag=result.retry_flag,
+            error=result.error,
+        )
         if result.outcome is Outcome.SUCCESS:
             return self.journal.update(txn, state=TxnState.CANCELLED), True
         if result.outcome is Outcome.FAILED and result.retry_flag is False:
@@ -374,8 +406,9 @@ class PaymentFlow:
         """Cancel will never work: find out whether money was taken, and refund it if so."""
         txn, status = self._query(txn)
         if status in PAID_STATUSES:
-            return self.journal.update(txn, state=TxnState.REFUNDING,
-                                       refund_id=txn.refund_id or f"{txn.ref}-R", note=why)
+            return self.journal.update(
+                txn, state=TxnState.REFUNDING, refund_id=txn.refund_id or f"{txn.ref}-R", note=why
+            )
         if status is TradeStatus.TRADE_CLOSED:
             return self.journal.update(txn, state=TxnState.CANCELLED, note=why)
         if status == ABSENT:
@@ -385,20 +418,24 @@ class PaymentFlow:
 
     def _refund(self, txn: Transaction) -> tuple[Transaction, bool]:
         refund_id = txn.refund_id or f"{txn.ref}-R"
-        params = {"partner_trans_id": txn.ref, "partner_refund_id": refund_id,
-                  "refund_amount": str(txn.amount), "currency": txn.currency}
+        params = {
+            "partner_trans_id": txn.ref,
+            "partner_refund_id": refund_id,
+            "refund_amount": str(txn.amount),
+            "currency": txn.currency,
+        }
         txn = self.journal.before_request(txn, "refund", params, refund_id=refund_id)
         try:
-            result = self.client.refund(txn.ref, refund_id, txn.amount, txn.currency,
-                                        reason="vend failed")
+            result = self.client.refund(
+                txn.ref, refund_id, txn.amount, txn.currency, reason="vend failed"
+            )
         except GatewayUnreachable:
             self.watch.unreachable()
             self.journal.after_request(txn, "not_sent", "no gateway reachable")
             return txn, False
         self.watch.reachable()
         self.journal.after_request(txn, result.outcome.value, result.detail)
-        event(log, "payment.refund", ref=txn.ref, outcome=result.outcome.value,
-              error=result.error)
+        event(log, "payment.refund", ref=txn.ref, outcome=result.outcome.value, error=result.error)
         if result.outcome is Outcome.SUCCESS:
             return self.journal.update(txn, state=TxnState.REFUNDED), True
         if result.outcome is Outcome.FAILED:
@@ -406,11 +443,20 @@ class PaymentFlow:
             if status is TradeStatus.TRADE_CLOSED:  # an earlier refund went through
                 return self.journal.update(txn, state=TxnState.REFUNDED), True
             if status is not None:
-                event(log, "alarm", level=logging.ERROR, ref=txn.ref, code=result.error,
-                      why="refund refused; a person must return the money")
-                return self.journal.update(txn, state=TxnState.ATTENTION,
-                                           error_code=result.error,
-                                           note="refund refused: needs a person"), True
+                event(
+                    log,
+                    "alarm",
+                    level=logging.ERROR,
+                    ref=txn.ref,
+                    code=result.error,
+                    why="refund refused; a person must return the money",
+                )
+                return self.journal.update(
+                    txn,
+                    state=TxnState.ATTENTION,
+                    error_code=result.error,
+                    note="refund refused: needs a person",
+                ), True
         return txn, False
 
     # -- the background: resuming and retrying ---------------------------------------------
@@ -442,8 +488,7 @@ class PaymentFlow:
             case TxnState.PAYING | TxnState.QUERYING:
                 txn, status = self._query(txn)
                 if status is TradeStatus.TRADE_CLOSED:
-                    return self.journal.update(txn, state=TxnState.CANCELLED,
-                                               note="closed unpaid")
+                    return self.journal.update(txn, state=TxnState.CANCELLED, note="closed unpaid")
                 if status in PAID_STATUSES:
                     return self._start_reversal(txn, note="paid, but the sale was interrupted")
                 return self._start_reversal(txn, note="outcome unknown after a restart")
@@ -462,10 +507,11 @@ class PaymentFlow:
 
     def _schedule_retry(self, txn: Transaction) -> Transaction:
         """Exponential backoff with jitter, so a fleet coming back online doesn't stampede."""
-        delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2 ** txn.retry_count)
+        delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2**txn.retry_count)
         delay *= random.uniform(0.5, 1.0)
-        return self.journal.update(txn, retry_count=txn.retry_count + 1,
-                                   next_retry_at=time.time() + delay)
+        return self.journal.update(
+            txn, retry_count=txn.retry_count + 1, next_retry_at=time.time() + delay
+        )
 
     def retry_now(self) -> None:
         """The gateway is back: make every waiting transaction due at once."""

@@ -33,9 +33,7 @@ class PaymentCode:
         if not cleaned:
             raise PaymentCodeError("empty scan")
         if not cleaned.isascii() or not cleaned.isdigit():
-            raise PaymentCodeError(
-                f"not a payment code: {len(cleaned)} characters, not all digits"
-            )
+            raise PaymentCodeError(f"not a payment code: {len(cleaned)} characters, not all digits")
         if not 16 <= len(cleaned) <= 24:
             raise PaymentCodeError(
                 f"not a payment code: {len(cleaned)} digits (an Alipay code has 16-24)"

@@ -27,8 +27,11 @@ def named_key(name: str) -> rsa.RSAPrivateKey:
 @pytest.fixture
 def simulator() -> Iterator[GatewaySimulator]:
     sim = GatewaySimulator(
-        [MerchantAccount(PARTNER, md5_key=MD5_KEY,
-                         merchant_public_key=named_key("merchant").public_key())],
+        [
+            MerchantAccount(
+                PARTNER, md5_key=MD5_KEY, merchant_public_key=named_key("merchant").public_key()
+            )
+        ],
         alipay_private_key=named_key("alipay"),
     )
     sim.start()
@@ -41,21 +44,33 @@ def simulator() -> Iterator[GatewaySimulator]:
 def signature_for(sign_type: SignType, sim: GatewaySimulator) -> Md5Signature | RsaSignature:
     if sign_type is SignType.MD5:
         return Md5Signature(MD5_KEY)
-    return RsaSignature(sign_type, private_key=named_key("merchant"),
-                        public_key=sim.alipay_public_key)
+    return RsaSignature(
+        sign_type, private_key=named_key("merchant"), public_key=sim.alipay_public_key
+    )
 
 
 @pytest.fixture
 def make_client(simulator: GatewaySimulator) -> Iterator[Callable[..., AlipayClient]]:
     made: list[AlipayClient] = []
 
-    def make(sign_type: SignType = SignType.RSA2, pay_timeout_s: float = 0.5,
-             gateway: str | None = None, backup: str | None = None) -> AlipayClient:
-        client = AlipayClient(GatewaySettings(
-            gateway=gateway or simulator.url, backup_gateway=backup, partner=PARTNER,
-            seller_id=PARTNER, signature=signature_for(sign_type, simulator),
-            connect_timeout_s=1.0, pay_timeout_s=pay_timeout_s, read_timeout_s=pay_timeout_s,
-        ))
+    def make(
+        sign_type: SignType = SignType.RSA2,
+        pay_timeout_s: float = 0.5,
+        gateway: str | None = None,
+        backup: str | None = None,
+    ) -> AlipayClient:
+        client = AlipayClient(
+            GatewaySettings(
+                gateway=gateway or simulator.url,
+                backup_gateway=backup,
+                partner=PARTNER,
+                seller_id=PARTNER,
+                signature=signature_for(sign_type, simulator),
+                connect_timeout_s=1.0,
+                pay_timeout_s=pay_timeout_s,
+                read_timeout_s=pay_timeout_s,
+            )
+        )
         made.append(client)
         return client
 

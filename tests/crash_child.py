@@ -45,8 +45,9 @@ class CrashingJournal(Journal):
             die()
         return txn
 
-    def before_request(self, txn: Transaction, kind: str, params: dict[str, str],
-                       **changes: Any) -> Transaction:
+    def before_request(
+        self, txn: Transaction, kind: str, params: dict[str, str], **changes: Any
+    ) -> Transaction:
         updated = super().before_request(txn, kind, params, **changes)
         if self.point == f"after_{kind}_journaled":
             die()
@@ -59,19 +60,43 @@ class CrashingJournal(Journal):
         return updated
 
 
-def flow(state_dir: Path, gateway: str, alipay_pub: Path, merchant_key: Path,
-         journal: Journal, vend: FakeVendOutput) -> PaymentFlow:
+def flow(
+    state_dir: Path,
+    gateway: str,
+    alipay_pub: Path,
+    merchant_key: Path,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> PaymentFlow:
     private = serialization.load_pem_private_key(merchant_key.read_bytes(), password=None)
-    signature = RsaSignature(SignType.RSA2, private_key=private,  # type: ignore[arg-type]
-                             public_key=load_public_key(alipay_pub.read_bytes()))
-    client = AlipayClient(GatewaySettings(
-        gateway=gateway, partner=PARTNER, seller_id=PARTNER, signature=signature,
-        connect_timeout_s=1.0, pay_timeout_s=1.0, read_timeout_s=1.0))
+    signature = RsaSignature(
+        SignType.RSA2,
+        private_key=private,  # type: ignore[arg-type]
+        public_key=load_public_key(alipay_pub.read_bytes()),
+    )
+    client = AlipayClient(
+        GatewaySettings(
+            gateway=gateway,
+            partner=PARTNER,
+            seller_id=PARTNER,
+            signature=signature,
+            connect_timeout_s=1.0,
+            pay_timeout_s=1.0,
+            read_timeout_s=1.0,
+        )
+    )
     settings = FlowSettings(
-        terminal_id="VM-CRASH", currency="USD", trans_name="Vending purchase",
+        terminal_id="VM-CRASH",
+        currency="USD",
+        trans_name="Vending purchase",
         extend_info={"secondary_merchant_id": "M-1", "store_id": "S-1"},
-        query_interval_s=0.05, query_deadline_s=1.0, vend_timeout_s=0.3,
-        cancel_tries_in_foreground=2, retry_base_s=0.01, retry_max_s=0.05)
+        query_interval_s=0.05,
+        query_deadline_s=1.0,
+        vend_timeout_s=0.3,
+        cancel_tries_in_foreground=2,
+        retry_base_s=0.01,
+        retry_max_s=0.05,
+    )
     return PaymentFlow(client, journal, vend, settings)
 
 
@@ -82,14 +107,17 @@ def main(argv: list[str]) -> int:
         point, code, vend_result = argv[5:8]
         journal: Journal = CrashingJournal(Path(state_dir), point)
         vend.script(VendResult(vend_result))
-        the_flow = flow(Path(state_dir), gateway, Path(alipay_pub), Path(merchant_key),
-                        journal, vend)
+        the_flow = flow(
+            Path(state_dir), gateway, Path(alipay_pub), Path(merchant_key), journal, vend
+        )
         for kind in ("pay", "cancel", "refund"):
             real = getattr(the_flow.client, kind)
             if point == f"after_{kind}_sent":
+
                 def sent_then_die(*a: Any, _real: Any = real, **k: Any) -> Any:
                     _real(*a, **k)
                     die()
+
                 setattr(the_flow.client, kind, sent_then_die)
         if point == "after_dispense":
             real_dispense = vend.dispense
@@ -98,6 +126,7 @@ def main(argv: list[str]) -> int:
                 real_dispense(*a, **k)
                 die()
                 raise AssertionError("unreachable")
+
             vend.dispense = dispensed_then_die  # type: ignore[method-assign]
         the_flow.sell(PaymentCode.parse(code), Decimal("1.50"), "coffee")
         journal.close()
@@ -106,8 +135,7 @@ def main(argv: list[str]) -> int:
     (vend_report,) = argv[5:6]
     vend.script_report(VendResult(vend_report))
     journal = Journal(Path(state_dir))
-    the_flow = flow(Path(state_dir), gateway, Path(alipay_pub), Path(merchant_key), journal,
-                    vend)
+    the_flow = flow(Path(state_dir), gateway, Path(alipay_pub), Path(merchant_key), journal, vend)
     deadline = time.monotonic() + 30
     while journal.unfinished():
         if time.monotonic() > deadline:
@@ -118,8 +146,11 @@ def main(argv: list[str]) -> int:
     states = {t.state for t in journal.listing(include_all=True)}
     journal.close()
     print(",".join(sorted(s.value for s in states)))
-    return 0 if states <= {TxnState.VENDED, TxnState.DECLINED, TxnState.CANCELLED,
-                           TxnState.REFUNDED} else 1
+    return (
+        0
+        if states <= {TxnState.VENDED, TxnState.DECLINED, TxnState.CANCELLED, TxnState.REFUNDED}
+        else 1
+    )
 
 
 if __name__ == "__main__":

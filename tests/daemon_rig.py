@@ -7,6 +7,7 @@ The test plays the customer (writes codes to the scanner's pty) and the vending 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -76,10 +77,8 @@ class Pty:
 
     def close(self) -> None:
         for fd in (self.master, self._slave):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 class DaemonRig:
@@ -100,15 +99,27 @@ class DaemonRig:
         keys = self.tmp / "keys"
         keys.mkdir(exist_ok=True)
         private = keys / "merchant_private_key.pem"
-        private.write_bytes(named_key("merchant").private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
+        private.write_bytes(
+            named_key("merchant").private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         private.chmod(0o600)
         public = keys / "alipay_public_key.pem"
-        public.write_bytes(self.sim.alipay_public_key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-        settings = {"pay_timeout_s": 1.0, "query_interval_s": 0.2, "query_deadline_s": 2.0,
-                    "probe_interval_s": 1.0, **alipay}
+        public.write_bytes(
+            self.sim.alipay_public_key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        settings = {
+            "pay_timeout_s": 1.0,
+            "query_interval_s": 0.2,
+            "query_deadline_s": 2.0,
+            "probe_interval_s": 1.0,
+            **alipay,
+        }
         extra = "\n".join(f"{k} = {v}" for k, v in settings.items())
         self.config_path.write_text(f"""
 [kiosk]
@@ -154,9 +165,20 @@ timeout_s = 2
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("NOTIFY_SOCKET", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kiosk", "run", "--config", str(self.config_path),
-             "--log-format", "json"],
-            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "kiosk",
+                "run",
+                "--config",
+                str(self.config_path),
+                "--log-format",
+                "json",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
@@ -177,8 +199,9 @@ timeout_s = 2
                     self.logs.append({"event": "unparsed", "line": line})
                 self._changed.notify_all()
 
-    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], timeout: float,
-                 what: str = "") -> dict[str, Any]:
+    def wait_log(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str = ""
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
@@ -186,15 +209,18 @@ timeout_s = 2
                     if predicate(entry):
                         return entry
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.proc is not None and self.proc.poll() is not None
-                                      and not any(predicate(e) for e in self.logs)):
+                if remaining <= 0 or (
+                    self.proc is not None
+                    and self.proc.poll() is not None
+                    and not any(predicate(e) for e in self.logs)
+                ):
                     if remaining > 0:
                         self._changed.wait(0.2)  # let the reader drain the last lines
                         if any(predicate(e) for e in self.logs):
                             continue
                     raise AssertionError(
-                        f"log event {what} not seen in {timeout}s; last lines: "
-                        f"{self.raw_log[-15:]}")
+                        f"log event {what} not seen in {timeout}s; last lines: {self.raw_log[-15:]}"
+                    )
                 self._changed.wait(remaining)
 
     def signal(self, sig: int) -> None:
@@ -217,9 +243,20 @@ timeout_s = 2
 
     def journal(self) -> list[dict[str, Any]]:
         out = subprocess.run(
-            [sys.executable, "-m", "kiosk", "journal", "--json", "--all",
-             "--config", str(self.config_path)],
-            cwd=ROOT, capture_output=True, check=True, timeout=30,
+            [
+                sys.executable,
+                "-m",
+                "kiosk",
+                "journal",
+                "--json",
+                "--all",
+                "--config",
+                str(self.config_path),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+            timeout=30,
         )
         return json.loads(out.stdout)
 

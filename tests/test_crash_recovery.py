@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from kiosk.simulator import GatewaySimulator
-from tests.conftest import PARTNER, payment_code, named_key
+from tests.conftest import PARTNER, named_key, payment_code
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = ROOT / "tests" / "crash_child.py"
@@ -39,32 +39,52 @@ STEPS = [
 
 def _keys(tmp: Path, sim: GatewaySimulator) -> tuple[Path, Path]:
     pub = tmp / "alipay_public_key.pem"
-    pub.write_bytes(sim.alipay_public_key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        sim.alipay_public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     key = tmp / "merchant_private_key.pem"
-    key.write_bytes(named_key("merchant").private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    key.write_bytes(
+        named_key("merchant").private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     key.chmod(0o600)
     return pub, key
 
 
-@pytest.mark.parametrize(("point", "suffix", "vend_result", "report"), STEPS,
-                         ids=[f"{p}-{v}" for p, _, v, _ in STEPS])
+@pytest.mark.parametrize(
+    ("point", "suffix", "vend_result", "report"), STEPS, ids=[f"{p}-{v}" for p, _, v, _ in STEPS]
+)
 def test_crash_at_each_journal_step_keeps_the_money_rules(
-    tmp_path: Path, simulator: GatewaySimulator, point: str, suffix: str, vend_result: str,
+    tmp_path: Path,
+    simulator: GatewaySimulator,
+    point: str,
+    suffix: str,
+    vend_result: str,
     report: str,
 ) -> None:
     pub, key = _keys(tmp_path, simulator)
     state = tmp_path / "state"
     code = payment_code(suffix)
     common = [str(state), simulator.url, str(pub), str(key)]
-    crashed = subprocess.run([sys.executable, str(CHILD), "sell", *common, point, code,
-                              vend_result], cwd=ROOT, capture_output=True, timeout=60)
+    crashed = subprocess.run(
+        [sys.executable, str(CHILD), "sell", *common, point, code, vend_result],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
 
-    recovered = subprocess.run([sys.executable, str(CHILD), "recover", *common, report],
-                               cwd=ROOT, capture_output=True, timeout=60)
+    recovered = subprocess.run(
+        [sys.executable, str(CHILD), "recover", *common, report],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
     assert recovered.returncode == 0, recovered.stderr.decode()[-2000:]
     final_states = set(recovered.stdout.decode().strip().split(","))
 

@@ -171,8 +171,14 @@ def test_a_second_scan_of_the_same_code_is_refused_locally(rig: DaemonRig) -> No
     rig.vmc.write_line(f"SUCCESS {ref}")
     rig.vmc.expect("ACK ")
     done = rig.wait_log(lambda e: e.get("event") == "payment.result" and e.get("ref") == ref, 10)
-    rig.wait_log(lambda e: e.get("event") == "indicator" and e.get("state") == "ready"
-                 and rig.logs.index(e) > rig.logs.index(done), 10)
+    rig.wait_log(
+        lambda e: (
+            e.get("event") == "indicator"
+            and e.get("state") == "ready"
+            and rig.logs.index(e) > rig.logs.index(done)
+        ),
+        10,
+    )
     pays_before = sum(1 for r in rig.sim.requests_seen if r.service == "pay")
     rig.scanner.write_line(code)
     assert rig.vmc.expect("DENIED ") == "DENIED CODE_REUSED"

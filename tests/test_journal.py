@@ -16,8 +16,12 @@ CODE = "286512345678901234"
 
 def _open(journal: Journal, ref: str = "VM-1-20261126000000-aa") -> object:
     return journal.open_transaction(
-        ref=ref, amount=Decimal("1.50"), currency="USD", item="coffee",
-        buyer_code=CODE, trans_create_time="20261126000000",
+        ref=ref,
+        amount=Decimal("1.50"),
+        currency="USD",
+        item="coffee",
+        buyer_code=CODE,
+        trans_create_time="20261126000000",
     )
 
 
@@ -33,8 +37,7 @@ def test_open_transaction_is_readable_by_a_second_connection_at_once(tmp_path: P
     with Journal(tmp_path) as journal:
         txn = _open(journal)
         other = sqlite3.connect(tmp_path / JOURNAL_FILE)
-        state = other.execute("SELECT state FROM transactions WHERE ref=?",
-                              (txn.ref,)).fetchone()
+        state = other.execute("SELECT state FROM transactions WHERE ref=?", (txn.ref,)).fetchone()
         other.close()
         assert state == ("paying",)
 

@@ -69,7 +69,9 @@ def watch() -> Watch:
 
 @pytest.fixture
 def make_flow(
-    make_client: Callable[..., AlipayClient], journal: Journal, vend: FakeVendOutput,
+    make_client: Callable[..., AlipayClient],
+    journal: Journal,
+    vend: FakeVendOutput,
     watch: Watch,
 ) -> Iterator[Callable[..., PaymentFlow]]:
     def make(sign_type: SignType = SignType.RSA2, **overrides: object) -> PaymentFlow:
@@ -104,8 +106,11 @@ def held(sim: GatewaySimulator, ref: str) -> bool:
 
 @pytest.mark.parametrize("sign_type", list(SignType))
 def test_paid_scan_vends_and_the_ledger_holds_the_money(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
-    vend: FakeVendOutput, sign_type: SignType,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+    sign_type: SignType,
 ) -> None:
     sale = sell(make_flow(sign_type), "0001")
     assert sale.result is SaleResult.VENDED
@@ -116,7 +121,8 @@ def test_paid_scan_vends_and_the_ledger_holds_the_money(
 
 
 def test_pay_is_journaled_before_it_is_sent(
-    make_flow: Callable[..., PaymentFlow], journal: Journal,
+    make_flow: Callable[..., PaymentFlow],
+    journal: Journal,
 ) -> None:
     flow = make_flow()
     seen: list[list[str]] = []
@@ -132,12 +138,18 @@ def test_pay_is_journaled_before_it_is_sent(
 
 
 def test_a_retried_pay_request_is_identical(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
 ) -> None:
     flow = make_flow()
     txn = flow.journal.open_transaction(
-        ref="VM-TEST-1", amount=PRICE, currency="USD", item="coffee",
-        buyer_code=payment_code("0001"), trans_create_time="20261126000000")
+        ref="VM-TEST-1",
+        amount=PRICE,
+        currency="USD",
+        item="coffee",
+        buyer_code=payment_code("0001"),
+        trans_create_time="20261126000000",
+    )
     first = flow.client.pay_params(flow._order(txn))
     again = flow.client.pay_params(flow._order(flow.journal.get("VM-TEST-1")))
     assert first == again
@@ -147,7 +159,9 @@ def test_a_retried_pay_request_is_identical(
 
 
 def test_buyer_problem_declines_without_charge_or_query(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
 ) -> None:
     sale = sell(make_flow(), "2022")  # BUYER_BALANCE_NOT_ENOUGH
     assert (sale.result, sale.reason) == (SaleResult.DECLINED, "BUYER_BALANCE_NOT_ENOUGH")
@@ -156,7 +170,8 @@ def test_buyer_problem_declines_without_charge_or_query(
 
 
 def test_merchant_configuration_code_takes_the_kiosk_out_of_service(
-    make_flow: Callable[..., PaymentFlow], watch: Watch,
+    make_flow: Callable[..., PaymentFlow],
+    watch: Watch,
 ) -> None:
     sale = sell(make_flow(), "2049")  # SECONDARY_MERCHANT_ID_INVALID
     assert sale.result is SaleResult.OUT_OF_SERVICE
@@ -164,7 +179,9 @@ def test_merchant_configuration_code_takes_the_kiosk_out_of_service(
 
 
 def test_unreachable_gateway_is_a_known_refusal_not_an_unknown(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
     watch: Watch,
 ) -> None:
     simulator.go_offline()
@@ -176,7 +193,9 @@ def test_unreachable_gateway_is_a_known_refusal_not_an_unknown(
 
 
 def test_backup_gateway_takes_the_identical_pay_when_the_primary_refuses(
-    make_client: Callable[..., AlipayClient], simulator: GatewaySimulator, journal: Journal,
+    make_client: Callable[..., AlipayClient],
+    simulator: GatewaySimulator,
+    journal: Journal,
     vend: FakeVendOutput,
 ) -> None:
     client = make_client(gateway="http://127.0.0.1:9/gateway.do", backup=simulator.url)
@@ -201,8 +220,11 @@ def test_backup_gateway_takes_the_identical_pay_when_the_primary_refuses(
     ],
 )
 def test_unknown_outcome_is_resolved_by_query_and_vends(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
-    suffix: str, why: str,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    suffix: str,
+    why: str,
 ) -> None:
     flow = make_flow(query_deadline_s=4.0)
     sale = sell(flow, suffix)
@@ -212,12 +234,21 @@ def test_unknown_outcome_is_resolved_by_query_and_vends(
     assert journal.get(sale.ref).state is TxnState.VENDED
 
 
-@pytest.mark.parametrize(("suffix", "why"), [("3004", "SYSTEM_ERROR, not charged"),
-                                             ("3009", "HTTP 500, not charged"),
-                                             ("1002", "buyer never confirms")])
+@pytest.mark.parametrize(
+    ("suffix", "why"),
+    [
+        ("3004", "SYSTEM_ERROR, not charged"),
+        ("3009", "HTTP 500, not charged"),
+        ("1002", "buyer never confirms"),
+    ],
+)
 def test_unknown_outcome_never_paid_is_cancelled_after_the_deadline(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
-    vend: FakeVendOutput, suffix: str, why: str,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+    suffix: str,
+    why: str,
 ) -> None:
     sale = sell(make_flow(query_deadline_s=0.3), suffix)
     assert (sale.result, sale.reason) == (SaleResult.DECLINED, "TIMEOUT"), why
@@ -228,7 +259,8 @@ def test_unknown_outcome_never_paid_is_cancelled_after_the_deadline(
 
 
 def test_gbk_answer_is_decoded_and_verified(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
 ) -> None:
     sale = sell(make_flow(), "3007")
     assert sale.result is SaleResult.VENDED
@@ -236,7 +268,9 @@ def test_gbk_answer_is_decoded_and_verified(
 
 
 def test_forged_answers_everywhere_never_approve_a_vend(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
     vend: FakeVendOutput,
 ) -> None:
     for service in ("pay", "query", "cancel"):
@@ -256,8 +290,11 @@ def test_forged_answers_everywhere_never_approve_a_vend(
 
 @pytest.mark.parametrize("vend_result", [VendResult.FAILED, VendResult.TIMED_OUT])
 def test_failed_vend_is_reversed_by_cancel(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
-    vend: FakeVendOutput, vend_result: VendResult,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+    vend_result: VendResult,
 ) -> None:
     vend.script(vend_result)
     sale = sell(make_flow(), "0001")
@@ -268,7 +305,9 @@ def test_failed_vend_is_reversed_by_cancel(
 
 
 def test_failed_vend_past_the_cancel_window_is_refunded(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
     vend: FakeVendOutput,
 ) -> None:
     vend.script(VendResult.FAILED)
@@ -283,8 +322,11 @@ def test_failed_vend_past_the_cancel_window_is_refunded(
 
 
 def test_charge_then_network_loss_is_reversed_when_the_gateway_returns(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
-    vend: FakeVendOutput, watch: Watch,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+    watch: Watch,
 ) -> None:
     simulator.inject(FaultPlan(Fault.DROP_AFTER_CHARGE))
     flow = make_flow(query_deadline_s=0.3)
@@ -308,13 +350,21 @@ def test_charge_then_network_loss_is_reversed_when_the_gateway_returns(
 
 @pytest.mark.parametrize("state", [TxnState.PAYING, TxnState.QUERYING, TxnState.PAID])
 def test_restart_with_a_charge_in_flight_reverses_it(
-    make_flow: Callable[..., PaymentFlow], make_client: Callable[..., AlipayClient],
-    simulator: GatewaySimulator, journal: Journal, state: TxnState,
+    make_flow: Callable[..., PaymentFlow],
+    make_client: Callable[..., AlipayClient],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    state: TxnState,
 ) -> None:
     flow = make_flow()
     txn = journal.open_transaction(
-        ref="VM-TEST-crash", amount=PRICE, currency="USD", item="coffee",
-        buyer_code=payment_code("0001"), trans_create_time=_now_stamp())
+        ref="VM-TEST-crash",
+        amount=PRICE,
+        currency="USD",
+        item="coffee",
+        buyer_code=payment_code("0001"),
+        trans_create_time=_now_stamp(),
+    )
     flow.client.pay(flow._order(txn))  # the pay went out, then the kiosk died
     journal.update(txn, state=state)
     settle_all(make_flow(), journal)
@@ -323,26 +373,44 @@ def test_restart_with_a_charge_in_flight_reverses_it(
 
 
 def test_restart_with_a_pay_journaled_but_never_sent_burns_the_id(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
 ) -> None:
     journal.open_transaction(
-        ref="VM-TEST-unsent", amount=PRICE, currency="USD", item="coffee",
-        buyer_code=payment_code("0001"), trans_create_time=_now_stamp())
+        ref="VM-TEST-unsent",
+        amount=PRICE,
+        currency="USD",
+        item="coffee",
+        buyer_code=payment_code("0001"),
+        trans_create_time=_now_stamp(),
+    )
     settle_all(make_flow(), journal)
     assert journal.get("VM-TEST-unsent").state is TxnState.CANCELLED
     assert simulator.ledger.trade(PARTNER, "VM-TEST-unsent") is None
 
 
-@pytest.mark.parametrize(("report", "final"), [(VendResult.VENDED, TxnState.VENDED),
-                                               (VendResult.TIMED_OUT, TxnState.CANCELLED)])
+@pytest.mark.parametrize(
+    ("report", "final"),
+    [(VendResult.VENDED, TxnState.VENDED), (VendResult.TIMED_OUT, TxnState.CANCELLED)],
+)
 def test_restart_mid_vend_waits_for_the_controller_then_reverses(
-    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal,
-    vend: FakeVendOutput, report: VendResult, final: TxnState,
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+    report: VendResult,
+    final: TxnState,
 ) -> None:
     flow = make_flow()
     txn = journal.open_transaction(
-        ref="VM-TEST-vending", amount=PRICE, currency="USD", item="coffee",
-        buyer_code=payment_code("0001"), trans_create_time=_now_stamp())
+        ref="VM-TEST-vending",
+        amount=PRICE,
+        currency="USD",
+        item="coffee",
+        buyer_code=payment_code("0001"),
+        trans_create_time=_now_stamp(),
+    )
     flow.client.pay(flow._order(txn))
     journal.update(txn, state=TxnState.VENDING)
     vend.script_report(report)
@@ -353,7 +421,8 @@ def test_restart_mid_vend_waits_for_the_controller_then_reverses(
 
 
 def test_stopping_parks_a_query_at_a_journaled_point(
-    make_flow: Callable[..., PaymentFlow], journal: Journal,
+    make_flow: Callable[..., PaymentFlow],
+    journal: Journal,
 ) -> None:
     flow = make_flow(query_deadline_s=30.0, query_interval_s=0.2)
     result: list[object] = []

@@ -60,14 +60,18 @@ def build_simulator(args: argparse.Namespace) -> GatewaySimulator:
     )
     if args.alipay_private_key and Path(args.alipay_private_key).exists():
         loaded = serialization.load_pem_private_key(
-            Path(args.alipay_private_key).read_bytes(), password=None)
+            Path(args.alipay_private_key).read_bytes(), password=None
+        )
         assert isinstance(loaded, rsa.RSAPrivateKey)
         alipay_key = loaded
     else:
         alipay_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     if args.write_alipay_public_key:
-        Path(args.write_alipay_public_key).write_bytes(alipay_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        Path(args.write_alipay_public_key).write_bytes(
+            alipay_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--listen wants HOST:PORT, not {args.listen!r}")
