@@ -1,0 +1,118 @@
+"""Benchmark: what `kiosk run` costs while nobody buys anything: CPU over an idle window (from
+/proc/PID/stat utime+stime, as % of one core), peak resident memory (VmHWM) and current RSS.
+
+The window is 60 s by default; `--quick` (10 s), `--seconds S` or env KIOSK_BENCH_IDLE_S
+shorten it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib import KioskRig, cpu_seconds, read_proc_status, report, start_simulator
+
+DEFAULT_S = 60.0
+QUICK_S = 10.0
+SETTLE_S = 2.0  # after ready: let start-up work (worker's first pass, port opens) finish
+
+
+def run(window_s: float, why: str) -> dict[str, Any]:
+    sim = start_simulator()
+    try:
+        with tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp:
+            rig = KioskRig(Path(tmp), sim)
+            try:
+                rig.start()
+                assert rig.proc is not None
+                pid = rig.proc.pid
+                pause = threading.Event()  # never set: a plain timed wait, no busy loop here
+                pause.wait(SETTLE_S)
+                cpu0, t0, switches0 = cpu_seconds(pid), time.monotonic(), _switches(pid)
+                requests0 = len(sim.requests_seen)
+                pause.wait(window_s)
+                cpu1, t1, switches1 = cpu_seconds(pid), time.monotonic(), _switches(pid)
+                status = read_proc_status(pid)
+                requests = len(sim.requests_seen) - requests0
+                rig.stop()
+            finally:
+                rig.close()
+    finally:
+        sim.stop()
+    elapsed = t1 - t0
+    cpu_pct = (cpu1 - cpu0) / elapsed * 100
+    hwm_kib = _kib(status["VmHWM"])
+    rss_kib = _kib(status["VmRSS"])
+    print(
+        f"idle `kiosk run` (serial scanner and VMC on ptys, fake lights), window "
+        f"{elapsed:.1f} s ({why})"
+    )
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    print(
+        f"  CPU      {cpu1 - cpu0:.3f} s over the window = {cpu_pct:.3f} % of one core "
+        f"(resolution: one {tick * 1000:.0f} ms tick = {tick / elapsed * 100:.3f} %)"
+    )
+    print(
+        f"  memory   VmHWM (peak RSS) {hwm_kib / 1024:.1f} MiB, VmRSS now "
+        f"{rss_kib / 1024:.1f} MiB, threads {status['Threads']}"
+    )
+    print(f"  gateway  {requests} requests to the simulator during the window")
+    print(
+        f"  wake-ups {(switches1 - switches0) / elapsed:.1f} per second (voluntary context "
+        f"switches, all threads; threads that ended in the window are not counted)"
+    )
+    return {
+        "window_s": round(elapsed, 1),
+        "cpu_pct": cpu_pct,
+        "vmhwm_mib": hwm_kib / 1024,
+        "rss_mib": rss_kib / 1024,
+        "why": why,
+    }
+
+
+def _kib(value: str) -> int:
+    return int(value.split()[0])
+
+
+def _switches(pid: int) -> int:
+    """Voluntary context switches summed over the kiosk's live threads: how often it wakes."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass  # the thread ended meanwhile
+    return total
+
+
+def window_from(args: argparse.Namespace) -> tuple[float, str]:
+    if args.seconds is not None:
+        return args.seconds, "--seconds"
+    if args.quick:
+        return QUICK_S, "--quick"
+    env = os.environ.get("KIOSK_BENCH_IDLE_S")
+    if env:
+        return float(env), "KIOSK_BENCH_IDLE_S"
+    return DEFAULT_S, "default"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help=f"a {QUICK_S:.0f} s window")
+    parser.add_argument("--seconds", type=float, help="the window, in seconds")
+    args = parser.parse_args(argv)
+    window_s, why = window_from(args)
+    report("idle", run(window_s, why))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
