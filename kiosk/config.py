@@ -96,6 +96,7 @@ class IndicatorsSection:
     buzzer: int | None = None
     buzzer_type: str = "active"  # active | passive
     active_high: bool = True
+    declined_hold_s: float = 3.0  # how long red stays on after a refusal (SPEC: 3 s)
 
 
 @dataclass(frozen=True)
@@ -786,6 +787,7 @@ class _Checker:
             driver=driver,
             buzzer_type=self.choice(s, "buzzer_type", "active", ("active", "passive")),
             active_high=self.boolean(s, "active_high", True),
+            declined_hold_s=self.duration(s, "declined_hold_s", 3.0),
             green=pins["green"],
             red=pins["red"],
             amber=pins["amber"],

@@ -39,7 +39,6 @@ from kiosk.worker import JournalWorker
 
 log = logging.getLogger("kiosk.daemon")
 
-DECLINED_HOLD_S = 3.0
 OFFLINE_PROBE_S = 30.0
 # A Pi without an RTC boots in 1970 (or at the image's build date) until NTP syncs.
 CLOCK_SANE_AFTER = datetime(2025, 1, 1, tzinfo=UTC)
@@ -568,7 +567,7 @@ class Kiosk:
     # -- lights -----------------------------------------------------------------------------
 
     def _hold_declined(self) -> None:
-        self._declined_until = time.monotonic() + DECLINED_HOLD_S
+        self._declined_until = time.monotonic() + self.config.indicators.declined_hold_s
         self._refresh_lights()
 
     def _refresh_lights(self) -> None:

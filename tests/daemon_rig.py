@@ -82,7 +82,10 @@ class Pty:
 
 
 class DaemonRig:
-    def __init__(self, tmp: Path, simulator: GatewaySimulator, **alipay: Any) -> None:
+    def __init__(
+        self, tmp: Path, simulator: GatewaySimulator, declined_hold_s: float = 3.0, **alipay: Any
+    ) -> None:
+        self.declined_hold_s = declined_hold_s
         self.tmp = tmp
         self.sim = simulator
         self.scanner = Pty()
@@ -151,6 +154,7 @@ port = "{self.scanner.port}"
 
 [indicators]
 driver = "fake"
+declined_hold_s = {self.declined_hold_s}
 
 [vend]
 driver = "serial"
@@ -218,6 +222,23 @@ timeout_s = 2
                         self._changed.wait(0.2)  # let the reader drain the last lines
                         if any(predicate(e) for e in self.logs):
                             continue
+                    raise AssertionError(
+                        f"log event {what} not seen in {timeout}s; last lines: {self.raw_log[-15:]}"
+                    )
+                self._changed.wait(remaining)
+
+    def wait_log_after(
+        self, start: int, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> int:
+        """Like wait_log, for entries at index >= start; returns the matching entry's index."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for index in range(start, len(self.logs)):
+                    if predicate(self.logs[index]):
+                        return index
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
                     raise AssertionError(
                         f"log event {what} not seen in {timeout}s; last lines: {self.raw_log[-15:]}"
                     )

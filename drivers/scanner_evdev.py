@@ -1,0 +1,421 @@
+"""Keyboard-wedge barcode scanner read through Linux evdev, with exclusive grab and hotplug.
+
+Scope: finds the scanner (by path, vendor:product or name), reads every event node it has,
+decodes keys with the kiosk's own keymap and hands each Enter-ended line to `on_scan`. It does
+not validate codes (the core does) and never types into the console while it holds the grab.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import select
+import struct
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from evdev import ecodes
+
+from drivers.keymap import IDLE_RESET_S, ScanDecoder, get_layout
+from kiosk.log import event
+from kiosk.ports import ScanCallback
+
+log = logging.getLogger(__name__)
+
+RESCAN_MIN_S = 0.5
+RESCAN_MAX_S = 5.0
+GRAB_RETRY_S = 0.05  # how often to look again for a moment with no key down
+OPEN_RETRIES = 5  # EACCES/EPERM right after hotplug: udev has not fixed the node yet
+OPEN_RETRY_S = 0.2
+JOIN_TIMEOUT_S = 2.0
+
+_VENDOR_PRODUCT = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{4})$")
+
+
+class InputNode(Protocol):
+    """One open `/dev/input/event*` node: what `evdev.InputDevice` offers and we use."""
+
+    path: str
+    name: str
+    phys: str
+    info: Any  # has .vendor and .product (evdev.DeviceInfo)
+    # True when event timestamps are CLOCK_MONOTONIC (same clock as time.monotonic()); the
+    # decoder then measures silences between keys as typed, not as read by a busy thread.
+    monotonic_timestamps: bool
+
+    def fileno(self) -> int: ...
+
+    def read(self) -> Iterable[Any]:
+        """Pending events (objects with type, code, value). BlockingIOError when none;
+        OSError(ENODEV) once the device is gone."""
+
+    def grab(self) -> None: ...
+
+    def ungrab(self) -> None: ...
+
+    def active_keys(self) -> list[int]: ...
+
+    def close(self) -> None: ...
+
+
+class InputBackend(Protocol):
+    """Where input nodes come from: the kernel in production, `FakeInputBackend` in tests."""
+
+    def list_devices(self) -> list[str]: ...
+
+    def open(self, path: str) -> InputNode: ...
+
+
+class EvdevBackend:
+    """The real kernel, through python-evdev."""
+
+    def list_devices(self) -> list[str]:
+        import evdev
+
+        return sorted(evdev.list_devices())
+
+    def open(self, path: str) -> InputNode:
+        import evdev
+
+        return _EvdevNode(evdev.InputDevice(path))
+
+
+_EVIOCSCLOCKID = 0x400445A0  # _IOW('E', 0xa0, int): python-evdev has no call for it
+
+
+class _EvdevNode:
+    """`evdev.InputDevice` with `read()` made eager, so ENODEV surfaces inside our try, and
+    event timestamps switched from wall-clock time (which NTP moves) to CLOCK_MONOTONIC."""
+
+    def __init__(self, device: Any) -> None:
+        self._device = device
+        self.path: str = device.path
+        self.name: str = device.name
+        self.phys: str = device.phys
+        self.info = device.info
+        try:
+            fcntl.ioctl(device.fileno(), _EVIOCSCLOCKID, struct.pack("i", time.CLOCK_MONOTONIC))
+            self.monotonic_timestamps = True
+        except OSError:
+            self.monotonic_timestamps = False
+
+    def fileno(self) -> int:
+        return int(self._device.fileno())
+
+    def read(self) -> list[Any]:
+        return list(self._device.read())
+
+    def grab(self) -> None:
+        self._device.grab()
+
+    def ungrab(self) -> None:
+        self._device.ungrab()
+
+    def active_keys(self) -> list[int]:
+        return list(self._device.active_keys())
+
+    def close(self) -> None:
+        self._device.close()
+
+
+@dataclass(eq=False)
+class _OpenNode:
+    node: InputNode
+    decoder: ScanDecoder
+    grabbed: bool = False
+    grab_failed: bool = False
+    fd: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fd = self.node.fileno()
+
+
+def physical_device(phys: str) -> str:
+    """The physical device part of an input node's `phys` ("usb-0000:01:00.0-1.2/input0" ->
+    "usb-0000:01:00.0-1.2"): the event nodes of one scanner share it."""
+    return phys.rsplit("/", 1)[0]
+
+
+class EvdevScanner:
+    """A scanner on evdev. `device` is a path (by-id/by-path symlinks are followed); `match` is
+    `vendor:product` in hex or a substring of the device name. One of the two is required."""
+
+    def __init__(
+        self,
+        device: str | None = None,
+        match: str | None = None,
+        grab: bool = True,
+        layout: str = "us",
+        backend: InputBackend | None = None,
+        idle_reset_s: float = IDLE_RESET_S,
+    ) -> None:
+        if not device and not match:
+            raise ValueError("an evdev scanner needs a device path or a match")
+        get_layout(layout)  # fail now, not in the reader thread
+        self.device = device
+        self.match = match
+        self.grab = grab
+        self.layout = layout
+        self.idle_reset_s = idle_reset_s
+        self.backend: InputBackend = backend if backend is not None else EvdevBackend()
+        self._nodes: list[_OpenNode] = []
+        self._expected_nodes = 0
+        self._backoff = RESCAN_MIN_S
+        self._rescan_at = 0.0
+        self._on_scan: ScanCallback | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._closed = False
+        self._failing = False  # the last reader step raised: degraded until one succeeds
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+
+    # -- public -------------------------------------------------------------------------------
+
+    def start(self, on_scan: ScanCallback) -> None:
+        if self._closed:
+            raise RuntimeError("scanner is closed")
+        if self._thread is not None:
+            raise RuntimeError("scanner already started")
+        self._on_scan = on_scan
+        self._thread = threading.Thread(target=self._run, name="scanner-evdev", daemon=True)
+        self._thread.start()
+
+    def healthy(self) -> bool:
+        """True while reading, and while waiting for an unplugged scanner to come back."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and not self._closed and not self._failing
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(JOIN_TIMEOUT_S)
+            if self._thread.is_alive():
+                event(log, "scanner.close_timeout", logging.ERROR)
+                return  # leave the pipe to the thread rather than close an fd it selects on
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> EvdevScanner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reader thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._rescan_at = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._step()
+                    self._failing = False
+                except Exception as exc:
+                    # Never a thread that dies quietly: log, start over with backoff, and
+                    # report unhealthy until a step succeeds again.
+                    self._failing = True
+                    event(log, "scanner.reader_failed", logging.ERROR, error=repr(exc))
+                    for node in list(self._nodes):
+                        self._drop(node, reason="error")
+                    self._stopping.wait(self._backoff)
+        finally:
+            for node in list(self._nodes):
+                self._drop(node, reason="close")
+
+    def _step(self) -> None:
+        if self._missing_nodes() and time.monotonic() >= self._rescan_at:
+            if self._open_missing():
+                self._backoff = RESCAN_MIN_S
+            self._rescan_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, RESCAN_MAX_S)
+            if self._stopping.is_set():
+                return
+        if self.grab:
+            self._grab_when_idle()
+        self._wait_and_read(self._select_timeout())
+
+    def _missing_nodes(self) -> bool:
+        """Not found yet, unplugged, or one of its nodes went away: keep looking."""
+        return len(self._nodes) < max(self._expected_nodes, 1)
+
+    def _select_timeout(self) -> float | None:
+        timeout: float | None = None
+        if self._missing_nodes():
+            timeout = max(self._rescan_at - time.monotonic(), 0.0)
+        if self.grab and any(not n.grabbed and not n.grab_failed for n in self._nodes):
+            timeout = GRAB_RETRY_S if timeout is None else min(timeout, GRAB_RETRY_S)
+        return timeout
+
+    def _wait_and_read(self, timeout: float | None) -> None:
+        fds = [self._wake_r, *(n.fd for n in self._nodes)]
+        try:
+            readable, _, _ = select.select(fds, [], [], timeout)
+        except (OSError, ValueError) as exc:
+            # An fd went bad under us: check each node by reading it, without spinning.
+            event(log, "scanner.select_failed", logging.WARNING, error=str(exc))
+            self._stopping.wait(GRAB_RETRY_S)
+            readable = [n.fd for n in self._nodes]
+        if self._wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 64)
+        for node in [n for n in self._nodes if n.fd in readable]:
+            self._read(node)
+
+    def _read(self, node: _OpenNode) -> None:
+        try:
+            events = list(node.node.read())
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            # ENODEV (unplugged), even after select said readable; any other error alike:
+            # close now, a dead fd left in the select set would spin a core.
+            self._drop(node, reason=errno.errorcode.get(exc.errno or 0, "error"))
+            return
+        read_at = time.monotonic()
+        stamped = node.node.monotonic_timestamps
+        for ev in events:
+            now = ev.sec + ev.usec / 1_000_000 if stamped else read_at
+            line = node.decoder.feed(ev.type, ev.code, ev.value, now)
+            if line is not None:
+                self._deliver(line)
+            elif ev.type == ecodes.EV_SYN and ev.code == ecodes.SYN_DROPPED:
+                event(log, "scanner.events_lost", logging.WARNING, path=node.node.path)
+                with contextlib.suppress(OSError):
+                    node.decoder.sync_modifiers(node.node.active_keys())
+        if self.grab and not node.grabbed:
+            self._try_grab(node)
+
+    def _deliver(self, line: str) -> None:
+        assert self._on_scan is not None
+        try:
+            self._on_scan(line)
+        except Exception as exc:  # the core's bug must not stop the scanner
+            event(log, "scanner.callback_failed", logging.ERROR, error=repr(exc))
+
+    def _drop(self, node: _OpenNode, reason: str) -> None:
+        node.decoder.reset(reason)
+        if node.grabbed:
+            with contextlib.suppress(OSError):
+                node.node.ungrab()
+            node.grabbed = False
+        with contextlib.suppress(OSError):
+            node.node.close()
+        if node in self._nodes:
+            self._nodes.remove(node)
+        if reason != "close":
+            # It just went away: look again soon, then less and less often.
+            self._backoff = RESCAN_MIN_S
+            self._rescan_at = time.monotonic() + RESCAN_MIN_S
+        level = logging.INFO if reason == "close" else logging.WARNING
+        event(log, "scanner.node_closed", level, path=node.node.path, reason=reason)
+
+    # -- grabbing -----------------------------------------------------------------------------
+
+    def _grab_when_idle(self) -> None:
+        for node in self._nodes:
+            if not node.grabbed and not node.grab_failed:
+                self._try_grab(node)
+
+    def _try_grab(self, node: _OpenNode) -> None:
+        """Grab only with no key down, or that key sticks down system-wide."""
+        if node.grab_failed:
+            return
+        try:
+            if node.node.active_keys():
+                return
+            node.node.grab()
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                return  # the read that follows drops it
+            node.grab_failed = True  # e.g. EBUSY: another process holds it; read anyway
+            event(log, "scanner.grab_failed", logging.WARNING, path=node.node.path, error=str(exc))
+            return
+        node.grabbed = True
+        event(log, "scanner.grabbed", path=node.node.path)
+
+    # -- finding the scanner ------------------------------------------------------------------
+
+    def _open_missing(self) -> bool:
+        """Open every node of the scanner not open yet. True when something was opened."""
+        open_paths = {n.node.path for n in self._nodes}
+        fresh: list[InputNode] = []
+        for path in self._candidate_paths():
+            if path in open_paths or self._stopping.is_set():
+                continue
+            node = self._open(path)
+            if node is not None:
+                fresh.append(node)
+                open_paths.add(path)
+        # Keep the matching nodes and their siblings (same physical device), in one pass over
+        # all of them: a sibling may be listed before the node that matches.
+        anchors = [n.node for n in self._nodes] + [n for n in fresh if self._matches(n)]
+        opened = False
+        for node in fresh:
+            if not any(node is a or self._same_device(node, a) for a in anchors):
+                with contextlib.suppress(OSError):
+                    node.close()
+                continue
+            decoder = ScanDecoder(self.layout, self.idle_reset_s, source=node.path)
+            self._nodes.append(_OpenNode(node, decoder))
+            opened = True
+            event(log, "scanner.node_opened", path=node.path, device_name=node.name, phys=node.phys)
+        if opened:
+            self._expected_nodes = max(self._expected_nodes, len(self._nodes))
+        elif not self._nodes:
+            self._expected_nodes = 0
+        return opened
+
+    def _candidate_paths(self) -> list[str]:
+        try:
+            listed = list(self.backend.list_devices())
+        except OSError as exc:
+            event(log, "scanner.list_failed", logging.WARNING, error=str(exc))
+            listed = []
+        if self.device:
+            # The configured node first: it may be missing from the list while udev has not
+            # yet given us access to it.
+            target = os.path.realpath(self.device)
+            return [target, *(p for p in listed if p != target)]
+        return listed
+
+    def _open(self, path: str) -> InputNode | None:
+        for attempt in range(OPEN_RETRIES):
+            try:
+                return self.backend.open(path)
+            except PermissionError as exc:
+                if attempt == OPEN_RETRIES - 1 or self._stopping.wait(OPEN_RETRY_S):
+                    event(log, "scanner.open_denied", logging.WARNING, path=path, error=str(exc))
+                    return None
+            except OSError:
+                return None  # gone between listing and opening, or not an input node
+        return None
+
+    def _matches(self, node: InputNode) -> bool:
+        if self.device:
+            return node.path == os.path.realpath(self.device)
+        assert self.match is not None
+        vp = _VENDOR_PRODUCT.match(self.match)
+        if vp:
+            return (node.info.vendor, node.info.product) == (int(vp[1], 16), int(vp[2], 16))
+        return self.match.lower() in node.name.lower()
+
+    @staticmethod
+    def _same_device(a: InputNode, b: InputNode) -> bool:
+        if (a.info.vendor, a.info.product) != (b.info.vendor, b.info.product):
+            return False
+        if a.phys or b.phys:
+            return physical_device(a.phys) == physical_device(b.phys)
+        return a.name == b.name  # no phys (some virtual devices): fall back to the name
