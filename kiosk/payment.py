@@ -23,13 +23,14 @@ The flow does no I/O of its own beyond the client, the journal and the vend outp
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -169,22 +170,19 @@ class PaymentFlow:
     def sell(self, code: PaymentCode, amount: Decimal, item: str) -> Sale:
         """Charge a new scan and, once paid, vend. Blocks until the customer's answer is known."""
         now = self._wall()
-        txn = self.journal.open_transaction(
-            ref=new_ref(self.settings.terminal_id, now),
-            amount=amount,
-            currency=self.settings.currency,
-            item=item,
-            buyer_code=code.digits,
-            trans_create_time=now.strftime("%Y%m%d%H%M%S"),
-        )
-        event(log, "payment.start", ref=txn.ref, amount=str(amount), item=item, code=code.masked)
-        with self._owned.lock:
-            self._owned.refs.add(txn.ref)
-        try:
+        ref = new_ref(self.settings.terminal_id, now)
+        # Held before the row exists, so the worker never picks up a sale still in hand.
+        with self._holding(ref):
+            txn = self.journal.open_transaction(
+                ref=ref,
+                amount=amount,
+                currency=self.settings.currency,
+                item=item,
+                buyer_code=code.digits,
+                trans_create_time=now.strftime("%Y%m%d%H%M%S"),
+            )
+            event(log, "payment.start", ref=ref, amount=str(amount), item=item, code=code.masked)
             sale = self._sell(txn)
-        finally:
-            with self._owned.lock:
-                self._owned.refs.discard(txn.ref)
         event(
             log,
             "payment.result",
@@ -461,6 +459,19 @@ class PaymentFlow:
 
     # -- the background: resuming and retrying ---------------------------------------------
 
+    @contextlib.contextmanager
+    def _holding(self, ref: str) -> Iterator[bool]:
+        """Take a ref in hand for the duration; yields False if someone already holds it."""
+        with self._owned.lock:
+            taken = ref not in self._owned.refs
+            self._owned.refs.add(ref)
+        try:
+            yield taken
+        finally:
+            if taken:
+                with self._owned.lock:
+                    self._owned.refs.discard(ref)
+
     def owns(self, ref: str) -> bool:
         with self._owned.lock:
             return ref in self._owned.refs
@@ -469,15 +480,16 @@ class PaymentFlow:
         """Drive a journaled, unfinished transaction one step on. Used by the journal worker
         and on start. A transaction whose pay was in flight when the kiosk stopped, or whose
         vend was never confirmed, is reversed: the customer has long gone."""
-        if txn.state in FINAL_STATES or txn.state is TxnState.ATTENTION or self.owns(txn.ref):
+        if txn.state in FINAL_STATES or txn.state is TxnState.ATTENTION:
             return txn
-        with self._owned.lock:
-            self._owned.refs.add(txn.ref)
-        try:
-            txn = self._settle(txn)
-        finally:
-            with self._owned.lock:
-                self._owned.refs.discard(txn.ref)
+        with self._holding(txn.ref) as held:
+            if not held:
+                return txn  # the foreground (or another worker) has it in hand
+            # The caller's copy may predate the foreground's last write: work from the journal.
+            fresh = self.journal.get(txn.ref)
+            if fresh is None or fresh.final or fresh.state is TxnState.ATTENTION:
+                return fresh or txn
+            txn = self._settle(fresh)
         if txn.state in FINAL_STATES or txn.state is TxnState.ATTENTION:
             event(log, "payment.settled", ref=txn.ref, state=txn.state.value)
             return txn
