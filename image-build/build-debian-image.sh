@@ -1,0 +1,250 @@
+#!/usr/bin/env bash
+# Builds a Debian bookworm arm64 SD card image with the kiosk preinstalled (Pi 3/4/400/CM4/
+# Zero 2 W through Debian's raspi-firmware), on any Linux PC, as root, from Debian's archive only.
+#
+#   build-debian-image.sh [--mirror URL] [--work DIR] [--overlay DIR] OUT.img
+#
+# --work DIR   keep the build folder there (default: a temp folder, removed at the end)
+# --overlay DIR  copy DIR over the root before it is packed (image-test.sh adds its test units)
+# No loop mounts: the boot partition is made by mkfs.vfat -C + mcopy, the root by mkfs.ext4 -d,
+# and both are put into the image with parted + dd conv=notrunc.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+SUITE=bookworm
+MIRROR="http://deb.debian.org/debian"
+WORK=""
+OVERLAY=""
+BOOT_MIB=256
+ROOT_SPARE_MIB=768 # free space on the root for the journal, logs and updates
+BOOT_LABEL=RASPIFIRM
+ROOT_LABEL=RASPIROOT
+PACKAGES=(systemd systemd-sysv systemd-timesyncd systemd-resolved udev kmod dbus
+	e2fsprogs dosfstools iproute2 ca-certificates linux-image-arm64 raspi-firmware)
+
+log() { printf 'build-image: %s\n' "$*" >&2; }
+die() {
+	log "error: $*"
+	exit 1
+}
+
+PHASE_START=0
+PHASE_NAME=""
+phase() { # phase NAME: ends the previous phase (printing its time) and starts the next
+	local now
+	now="$(date +%s)"
+	if [[ -n "${PHASE_NAME}" ]]; then
+		printf 'build-image: phase %-22s %4d s\n' "${PHASE_NAME}" $((now - PHASE_START)) >&2
+	fi
+	PHASE_NAME="$1"
+	PHASE_START="${now}"
+}
+
+in_root() { chroot "${ROOT}" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+	DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 "$@"; }
+
+check_host() {
+	[[ "$(id -u)" -eq 0 ]] || die "run as root (debootstrap, chroot and device nodes need it)"
+	local tool missing=()
+	for tool in debootstrap qemu-aarch64-static update-binfmts mkfs.vfat mcopy mkfs.ext4 parted; do
+		command -v "${tool}" >/dev/null || missing+=("${tool}")
+	done
+	[[ ${#missing[@]} -eq 0 ]] || die "missing ${missing[*]}; apt-get install -y debootstrap \
+qemu-user-static binfmt-support dosfstools mtools parted e2fsprogs"
+}
+
+# Run arm64 binaries in the chroot through qemu-user-static.
+enable_binfmt() {
+	if [[ ! -e /proc/sys/fs/binfmt_misc/register ]]; then
+		mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+	fi
+	update-binfmts --enable qemu-aarch64 2>/dev/null || true
+	[[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]] || die "binfmt_misc has no qemu-aarch64 entry"
+}
+
+bootstrap() {
+	debootstrap --arch=arm64 --foreign --variant=minbase "${SUITE}" "${ROOT}" "${MIRROR}"
+	install -m 0755 "$(command -v qemu-aarch64-static)" "${ROOT}/usr/bin/qemu-aarch64-static"
+	chroot "${ROOT}" /debootstrap/debootstrap --second-stage
+	cat >"${ROOT}/etc/apt/sources.list" <<-EOF
+		deb ${MIRROR} ${SUITE} main non-free-firmware
+		deb ${MIRROR} ${SUITE}-updates main non-free-firmware
+		deb http://security.debian.org/debian-security ${SUITE}-security main non-free-firmware
+	EOF
+	# Daemons must not start inside the build chroot.
+	printf '#!/bin/sh\nexit 101\n' >"${ROOT}/usr/sbin/policy-rc.d"
+	chmod 0755 "${ROOT}/usr/sbin/policy-rc.d"
+	mount_pseudo
+}
+
+mount_pseudo() {
+	mount -t proc proc "${ROOT}/proc"
+	mount -t sysfs sysfs "${ROOT}/sys"
+	mount --bind /dev "${ROOT}/dev"
+	mount --bind /dev/pts "${ROOT}/dev/pts"
+	MOUNTED=1
+}
+
+unmount_pseudo() {
+	[[ "${MOUNTED:-0}" -eq 1 ]] || return 0
+	umount -l "${ROOT}/dev/pts" "${ROOT}/dev" "${ROOT}/sys" "${ROOT}/proc" 2>/dev/null || true
+	MOUNTED=0
+}
+
+# Every package install would rebuild the initramfs (about 15 min under emulation): divert
+# update-initramfs to a no-op while installing, then build it once.
+install_system() {
+	cat >"${ROOT}/etc/fstab" <<-EOF
+		LABEL=${ROOT_LABEL}  /               ext4  rw,noatime,errors=remount-ro                     0 1
+		LABEL=${BOOT_LABEL}  /boot/firmware  vfat  rw,noatime,umask=0077,nodev,nosuid,noexec  0 2
+	EOF
+	mkdir -p "${ROOT}/boot/firmware" "${ROOT}/etc/default"
+	# raspi-firmware writes cmdline.txt from this; keep the console off the Pi's UART pins
+	# (the vend controller may be there): HDMI only.
+	cat >"${ROOT}/etc/default/raspi-firmware" <<-EOF
+		ROOTPART=LABEL=${ROOT_LABEL}
+		CONSOLES="tty0"
+	EOF
+	echo kiosk >"${ROOT}/etc/hostname"
+	in_root dpkg-divert --local --rename --add /usr/sbin/update-initramfs
+	ln -sf /bin/true "${ROOT}/usr/sbin/update-initramfs"
+	in_root apt-get update -qq
+	in_root apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold \
+		"${PACKAGES[@]}"
+	rm -f "${ROOT}/usr/sbin/update-initramfs"
+	in_root dpkg-divert --local --rename --remove /usr/sbin/update-initramfs
+	network_config
+}
+
+network_config() {
+	mkdir -p "${ROOT}/etc/systemd/network"
+	cat >"${ROOT}/etc/systemd/network/20-wired.network" <<-EOF
+		[Match]
+		Name=e*
+
+		[Network]
+		DHCP=yes
+	EOF
+	in_root systemctl enable systemd-networkd.service systemd-resolved.service \
+		systemd-timesyncd.service
+	# Without a cable the kiosk should not wait two minutes for network-online.target.
+	mkdir -p "${ROOT}/etc/systemd/system/systemd-networkd-wait-online.service.d"
+	cat >"${ROOT}/etc/systemd/system/systemd-networkd-wait-online.service.d/kiosk.conf" <<-EOF
+		[Service]
+		ExecStart=
+		ExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=20
+	EOF
+	# systemd-resolved's postinst points resolv.conf at its stub, which resolves nothing in a
+	# chroot: the build uses the host's until finish_root.
+	rm -f "${ROOT}/etc/resolv.conf"
+	cp -L /etc/resolv.conf "${ROOT}/etc/resolv.conf"
+}
+
+build_initramfs() {
+	local kver
+	kver="$(basename "$(ls -d "${ROOT}"/lib/modules/*)")"
+	in_root update-initramfs -c -k "${kver}"
+	# Copies the kernel, initrd and device trees onto the boot partition, writes cmdline.txt.
+	in_root /etc/kernel/postinst.d/z50-raspi-firmware "${kver}"
+	compgen -G "${ROOT}/boot/firmware/initrd.img*" >/dev/null || die "no initrd on the boot partition"
+}
+
+finish_root() {
+	in_root apt-get clean
+	rm -f "${ROOT}/usr/sbin/policy-rc.d" "${ROOT}/usr/bin/qemu-aarch64-static"
+	rm -rf "${ROOT}"/var/lib/apt/lists/* "${ROOT}"/tmp/* "${ROOT}/etc/machine-id"
+	ln -sfn ../run/systemd/resolve/stub-resolv.conf "${ROOT}/etc/resolv.conf"
+	# An empty machine-id: systemd makes one on first boot (each kiosk its own).
+	: >"${ROOT}/etc/machine-id"
+	if [[ -n "${OVERLAY}" ]]; then cp -a "${OVERLAY}/." "${ROOT}/"; fi
+	unmount_pseudo
+}
+
+pack_image() {
+	local boot_img="${WORK}/boot.vfat" root_img="${WORK}/root.ext4" root_mib total_mib
+	rm -f "${boot_img}" "${root_img}" "${OUT}"
+	mkfs.vfat -C -F 32 -n "${BOOT_LABEL}" "${boot_img}" $((BOOT_MIB * 1024)) >/dev/null
+	mcopy -s -i "${boot_img}" "${ROOT}"/boot/firmware/* ::/
+	# The root's copy of /boot/firmware stays an empty mount point.
+	mv "${ROOT}/boot/firmware" "${WORK}/firmware"
+	mkdir -m 0755 "${ROOT}/boot/firmware"
+	root_mib=$(($(du -sm --apparent-size "${ROOT}" | cut -f1) * 12 / 10 + ROOT_SPARE_MIB))
+	mkfs.ext4 -q -L "${ROOT_LABEL}" -d "${ROOT}" "${root_img}" "${root_mib}M"
+	rmdir "${ROOT}/boot/firmware"
+	mv "${WORK}/firmware" "${ROOT}/boot/firmware"
+	total_mib=$((4 + BOOT_MIB + root_mib + 1))
+	truncate -s "${total_mib}M" "${OUT}"
+	parted -s "${OUT}" mklabel msdos \
+		mkpart primary fat32 4MiB "$((4 + BOOT_MIB))MiB" \
+		mkpart primary ext4 "$((4 + BOOT_MIB))MiB" "$((4 + BOOT_MIB + root_mib))MiB" \
+		set 1 lba on
+	dd if="${boot_img}" of="${OUT}" bs=1M seek=4 conv=notrunc,sparse status=none
+	dd if="${root_img}" of="${OUT}" bs=1M seek=$((4 + BOOT_MIB)) conv=notrunc,sparse status=none
+	rm -f "${boot_img}" "${root_img}"
+}
+
+cleanup() {
+	unmount_pseudo
+	if [[ -n "${TEMP_WORK:-}" ]]; then rm -rf "${TEMP_WORK}"; fi
+}
+
+main() {
+	while [[ $# -gt 0 ]]; do
+		case "$1" in
+		--mirror)
+			MIRROR="$2"
+			shift
+			;;
+		--work)
+			WORK="$2"
+			shift
+			;;
+		--overlay)
+			OVERLAY="$(cd "$2" && pwd)"
+			shift
+			;;
+		-h | --help)
+			sed -n '5,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+			exit 0
+			;;
+		-*) die "unknown option $1" ;;
+		*) break ;;
+		esac
+		shift
+	done
+	[[ $# -eq 1 ]] || die "usage: build-debian-image.sh [options] OUT.img"
+	OUT="$(realpath -m "$1")"
+	check_host
+	if [[ -z "${WORK}" ]]; then
+		TEMP_WORK="$(mktemp -d /var/tmp/kiosk-image.XXXXXX)"
+		WORK="${TEMP_WORK}"
+	fi
+	mkdir -p "${WORK}" "$(dirname "${OUT}")"
+	WORK="$(cd "${WORK}" && pwd)"
+	ROOT="${WORK}/rootfs"
+	[[ ! -e "${ROOT}" ]] || die "${ROOT} exists: remove it or pick another --work"
+	trap cleanup EXIT
+	local started
+	started="$(date +%s)"
+
+	phase binfmt
+	enable_binfmt
+	phase debootstrap
+	bootstrap
+	phase "packages+kernel"
+	install_system
+	phase "kiosk layer"
+	# Wheels are fetched on the host (network, no compiler under emulation).
+	bash "${HERE}/kiosk-layer.sh" "${ROOT}"
+	phase initramfs
+	build_initramfs
+	phase finish
+	finish_root
+	phase pack
+	pack_image
+	phase "done"
+	log "image ${OUT}: $(du -h --apparent-size "${OUT}" | cut -f1) ($(du -h "${OUT}" | cut -f1) on disk)"
+	log "total $(($(date +%s) - started)) s"
+}
+
+main "$@"
