@@ -271,7 +271,8 @@ boot_guest() { # N
 		-device virtio-rng-pci \
 		-nic user,model=virtio-net-pci,restrict=on \
 		</dev/null >"${console}" 2>&1 || log "boot $1: qemu ended with status $?"
-	tr -d '\r' <"${console}" | grep -E '^KIOSK-TEST (PASS|FAIL|BOOT|END)|^KIOSK-TEST-INFO' |
+	# journal+console prefixes each line with the time and the unit's process.
+	tr -d '\r' <"${console}" | grep -aoE 'KIOSK-TEST(-INFO)? .*' |
 		tee -a "${OUT}/results.txt" >&2 || true
 	grep -q "KIOSK-TEST END $1" <(tr -d '\r' <"${console}") || {
 		echo "KIOSK-TEST FAIL boot$1-finished the check never ended (see ${console})" |

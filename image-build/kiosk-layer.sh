@@ -19,11 +19,13 @@ STAGE=/var/cache/kiosk-layer # wheels and this script, inside the root, during t
 UNIT_DIR=/usr/lib/systemd/system
 # Debian bookworm ships these; the venv sees them through --system-site-packages. evdev has no
 # aarch64 wheel on PyPI and compiling under emulation is slow, so Debian's build is used.
-DEBIAN_PACKAGES=(python3 python3-venv python3-evdev python3-requests python3-serial
-	python3-defusedxml ca-certificates)
-# Not in bookworm at a usable version (gpiozero 1.6.2, no lgpio, cryptography 38 < 42):
-# aarch64 wheels fetched on the host, so nothing is compiled in the emulated chroot.
-WHEEL_REQUIREMENTS=("cryptography>=42" "gpiozero>=2.0.1.post3" "lgpio>=0.2.2")
+DEBIAN_PACKAGES=(python3 python3-venv python3-evdev python3-serial python3-defusedxml
+	ca-certificates)
+# Not in bookworm at a usable version (gpiozero 1.6.2, no lgpio, cryptography 38 < 42,
+# requests 2.28 on urllib3 1.26 while the kiosk needs urllib3 2): aarch64 wheels fetched on
+# the host, so nothing is compiled in the emulated chroot.
+WHEEL_REQUIREMENTS=("cryptography>=42" "gpiozero>=2.0.1.post3" "lgpio>=0.2.2" "requests>=2.31"
+	"urllib3>=2")
 
 log() { printf 'kiosk-layer: %s\n' "$*" >&2; }
 die() {
@@ -111,11 +113,12 @@ inside() {
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get install -y --no-install-recommends "${DEBIAN_PACKAGES[@]}"
 	python3 -m venv --system-site-packages "${VENV}"
+	# --ignore-installed: the venv's own copies, never Debian's older ones it can also see.
 	"${VENV}/bin/pip" install --quiet --no-cache-dir --no-index --find-links "${wheels}" \
-		"${WHEEL_REQUIREMENTS[@]}"
-	# --no-deps: requests and evdev come from Debian at versions older than pyproject's pins.
+		--ignore-installed "${WHEEL_REQUIREMENTS[@]}"
+	# --no-deps: evdev comes from Debian (1.6.1), older than pyproject's pin.
 	"${VENV}/bin/pip" install --quiet --no-cache-dir --no-index --no-deps "${wheels}"/kiosk-*.whl
-	"${VENV}/bin/python" -c 'import kiosk, evdev, serial, gpiozero, lgpio, cryptography, requests'
+	"${VENV}/bin/python" -c 'import kiosk.daemon, kiosk.alipay.client, evdev, serial, gpiozero, lgpio'
 	# Nothing probes serial ports, nothing compiles on the kiosk.
 	if dpkg-query -W -f='${Status}' modemmanager 2>/dev/null | grep -q 'ok installed'; then
 		apt-get purge -y modemmanager
