@@ -64,7 +64,9 @@ class Md5Signature:
         return hashlib.md5(text.encode(encoding) + self._key).hexdigest()
 
     def verify(self, text: str, signature: str, encoding: str = "utf-8") -> bool:
-        return hmac.compare_digest(self.sign(text, encoding), signature.strip().lower())
+        # Compare bytes: compare_digest refuses non-ASCII str, and a forged sign may hold some.
+        expected = self.sign(text, encoding).encode("ascii")
+        return hmac.compare_digest(expected, signature.strip().lower().encode("utf-8"))
 
     def __repr__(self) -> str:  # never show the key
         return "Md5Signature(key=<hidden>)"

@@ -23,7 +23,10 @@ MAX_ANSWER_BYTES = 64 * 1024
 
 # Encodings expat decodes itself; anything else (GBK) is transcoded to UTF-8 first, because
 # expat refuses multi-byte encodings it does not know.
-_EXPAT_ENCODINGS = {"utf-8", "utf-16", "iso8859-1", "ascii"}
+_EXPAT_ENCODINGS = {"utf-8", "ascii"}
+# The declaration is not signed, so only the encodings Alipay actually uses are believed:
+# any other could make a signed answer read as different text.
+_ALLOWED_ENCODINGS = {"utf-8", "ascii", "gbk", "gb2312", "gb18030"}
 _DECLARATION = re.compile(rb"^\s*<\?xml\b[^>]*?\bencoding\s*=\s*[\"']([A-Za-z0-9._-]+)[\"']")
 
 
@@ -51,9 +54,12 @@ def declared_encoding(body: bytes) -> str:
         return "utf-8"
     name = match.group(1).decode("ascii")
     try:
-        return codecs.lookup(name).name
+        codec = codecs.lookup(name).name
     except LookupError:
         raise AnswerUnreadable(f"answer declares an unknown encoding {name[:20]!r}") from None
+    if codec not in _ALLOWED_ENCODINGS:
+        raise AnswerUnreadable(f"answer declares encoding {name[:20]!r}, not UTF-8 or GBK")
+    return codec
 
 
 def _to_utf8(body: bytes, encoding: str) -> bytes:
@@ -61,7 +67,7 @@ def _to_utf8(body: bytes, encoding: str) -> bytes:
         return body
     try:
         text = body.decode(encoding)
-    except UnicodeDecodeError:
+    except (UnicodeError, LookupError):
         raise AnswerUnreadable(f"answer is not valid {encoding}") from None
     # The declaration must now say UTF-8, or expat would try the old encoding again.
     text = re.sub(
@@ -127,7 +133,7 @@ def verify_answer(answer: Answer, signature: Signature) -> bool:
     if answer.encoding not in ("utf-8", "ascii"):
         try:
             return signature.verify(text, answer.sign, answer.encoding)
-        except UnicodeEncodeError:
+        except UnicodeError:
             return False
     return False
 
