@@ -82,7 +82,7 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroo
 mount -t tmpfs -o size=512m tmpfs /rw && mkdir -p /rw/upper /rw/work &&
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work /newroot &&
 mount -t proc proc /newroot/proc && mount -t sysfs sysfs /newroot/sys &&
-mount -t devtmpfs devtmpfs /newroot/dev && mount -t tmpfs tmpfs /newroot/tmp &&
+mount -t devtmpfs devtmpfs /newroot/dev &&
 mkdir -p /newroot/dev/pts /newroot/dev/shm && mount -t devpts devpts /newroot/dev/pts &&
 mount -t tmpfs tmpfs /newroot/dev/shm
 if [ $? -eq 0 ]; then
