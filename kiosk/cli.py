@@ -208,6 +208,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kiosk.systemd import Notifier
 
     setup_logging(args.log_format)
+    # A file size limit must fail a journal write (and stop payments), not kill the kiosk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     path = _config_path(args)
     notifier = Notifier()
     while True:
@@ -231,8 +233,6 @@ def _wait_out_of_service(notifier: object, reason: str) -> bool:
     from kiosk.systemd import Notifier
 
     assert isinstance(notifier, Notifier)
-    event(log, "indicator", state="out_of_service")
-    event(log, "kiosk.out_of_service", level=logging.ERROR, reason=reason)
     woke = threading.Event()
     why: list[str] = []
 
@@ -242,6 +242,8 @@ def _wait_out_of_service(notifier: object, reason: str) -> bool:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    event(log, "indicator", state="out_of_service")
+    event(log, "kiosk.out_of_service", level=logging.ERROR, reason=reason)
     notifier.ready(f"out of service: {reason}")
     interval = notifier.watchdog_interval_s or 3600.0
     while not woke.wait(interval):

@@ -445,7 +445,12 @@ class Kiosk:
             self._sale_thread.join()
         self._sale_vending = False
         if sale is None:
-            self._hold_declined()
+            # The sale could not be journaled (or a bug stopped it): nothing was charged
+            # that the journal does not know of; the controller hears a refusal.
+            self.vend.deny("OUT_OF_SERVICE" if self.status.out_of_service else "ERROR")
+            if self.status.out_of_service is None:
+                self._hold_declined()
+            self._refresh_lights()
             return
         self.status.sales.append(sale)
         match sale.result:

@@ -164,12 +164,14 @@ timeout_s = 2
 
     # -- the daemon -------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, wait_ready: bool = True, wrap: list[str] | None = None) -> None:
+        """Start `kiosk run`; `wrap` prefixes the command (e.g. `unshare` to remount)."""
         self.logs.clear()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("NOTIFY_SOCKET", None)
         self.proc = subprocess.Popen(
             [
+                *(wrap or []),
                 sys.executable,
                 "-m",
                 "kiosk",
@@ -186,6 +188,8 @@ timeout_s = 2
             stderr=subprocess.PIPE,
         )
         threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
+        if not wait_ready:
+            return
         self.wait_log(lambda e: e.get("event") == "kiosk.ready", 30, "kiosk.ready")
         # pyserial flushes a port's input when it opens it: talk only once both are open.
         self.wait_log(lambda e: e.get("event") == "scanner.opened", 10, "scanner.opened")
