@@ -76,6 +76,7 @@ def build_vend_output(config: Config) -> VendOutput:
             pulse_ms=v.pulse_ms,
             sense_pin=v.sense_pin,
             sense_timeout_s=v.sense_timeout_s,
+            active_high=v.relay_active_high,
         )
     from drivers.vend_fake import FakeVendOutput
 

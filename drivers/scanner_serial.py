@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 MAX_LINE = 64  # bytes; longer than any payment code by far
 IDLE_RESET_S = 0.5  # a half line followed by silence is noise, not the start of the next code
-READ_TIMEOUT_S = 0.1  # bounds how long close() waits for the reader
 REOPEN_MIN_S = 0.5
 REOPEN_MAX_S = 5.0
 JOIN_TIMEOUT_S = 2.0
@@ -106,6 +105,7 @@ class SerialScanner:
         self._stopping = threading.Event()
         self._closed = False
         self._failing = False  # the reader hit an unexpected error: degraded until it reopens
+        self._port: Any | None = None  # the open port, for close() to wake a blocked read
 
     def start(self, on_scan: ScanCallback) -> None:
         if self._closed:
@@ -126,6 +126,9 @@ class SerialScanner:
             return
         self._closed = True
         self._stopping.set()
+        port = self._port
+        if port is not None and hasattr(port, "cancel_read"):
+            port.cancel_read()  # the reader blocks without a timeout: wake it now
         if self._thread is not None:
             self._thread.join(JOIN_TIMEOUT_S)
             if self._thread.is_alive():
@@ -167,24 +170,32 @@ class SerialScanner:
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, REOPEN_MAX_S)
             finally:
+                self._port = None
                 with contextlib.suppress(Exception):
                     port.close()
 
     def _open(self) -> Any | None:
         try:
-            port = self.serial_factory(
-                self.port, baudrate=self.baud, timeout=READ_TIMEOUT_S, exclusive=True
-            )
+            # No read timeout while idle: the reader sleeps in the kernel until a byte comes
+            # (nothing polls); close() wakes it with cancel_read().
+            port = self.serial_factory(self.port, baudrate=self.baud, timeout=None, exclusive=True)
         except (serial.SerialException, OSError, ValueError) as exc:
             event(log, "scanner.open_failed", logging.WARNING, port=self.port, error=str(exc))
             return None
         event(log, "scanner.opened", port=self.port, baud=self.baud)
         self._failing = False
+        self._port = port
+        if self._stopping.is_set() and hasattr(port, "cancel_read"):
+            port.cancel_read()  # close() came while opening
         return port
 
     def _read_until_error(self, port: Any, splitter: LineSplitter) -> None:
         last_byte_at = time.monotonic()
         while not self._stopping.is_set():
+            # A half-typed line needs a wake-up to be dropped after silence; otherwise block.
+            wanted = self.idle_reset_s if splitter.pending() else None
+            if port.timeout != wanted:
+                port.timeout = wanted
             data = port.read(max(1, port.in_waiting))
             now = time.monotonic()
             if not data:

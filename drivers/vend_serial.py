@@ -25,7 +25,7 @@ from kiosk.ports import VendListener, VendRequest, VendResult
 
 log = logging.getLogger(__name__)
 
-READ_TIMEOUT_S = 0.5  # a read returns at least this often, so close() is never missed
+JOIN_TIMEOUT_S = 2.0  # close() waits this long for the reader it woke
 WRITE_TIMEOUT_S = 1.0  # a wedged port must not hang the payment flow
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 5.0
@@ -147,7 +147,7 @@ class SerialVendOutput:
         if port is not None and hasattr(port, "cancel_read"):
             port.cancel_read()  # wake the reader now rather than at its read timeout
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=READ_TIMEOUT_S * 4)
+            self._thread.join(timeout=JOIN_TIMEOUT_S)
         with self._lock:
             for ref, vend in list(self._waiting.items()):
                 self._give_up_locked(ref, vend)
@@ -267,7 +267,7 @@ class SerialVendOutput:
                 port = self._serial_factory(
                     port=self._port_name,
                     baudrate=self._baud,
-                    timeout=READ_TIMEOUT_S,
+                    timeout=None,  # block until a byte comes; close() uses cancel_read()
                     write_timeout=WRITE_TIMEOUT_S,
                     exclusive=True,
                 )
@@ -290,6 +290,8 @@ class SerialVendOutput:
                 self._port = port
                 self._connections += 1
                 self._link.notify_all()
+                if self._closing.is_set() and hasattr(port, "cancel_read"):
+                    port.cancel_read()  # close() came while the port was opening
             event(log, "vend.link_up", port=self._port_name)
             try:
                 self._read_until_lost(port)

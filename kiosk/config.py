@@ -109,6 +109,7 @@ class VendSection:
     pulse_ms: float = 500.0
     sense_pin: int | None = None
     sense_timeout_s: float = 10.0
+    relay_active_high: bool = True  # many opto-isolated relay modules switch on a low pin
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,9 @@ class ConfigProblem:
 
     def __str__(self) -> str:
         text = f"{self.file}:{self.line}: {'warning: ' if self.warning else ''}{self.message}"
-        return f"{text} (hint: {self.hint})" if self.hint else text
+        text = f"{text} (hint: {self.hint})" if self.hint else text
+        # A value can hold a newline or a control character; escaped, one problem is one line.
+        return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 # --- loading and validation -------------------------------------------------------------------
@@ -146,6 +149,10 @@ ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 PARTNER_RE = re.compile(r"2088\d{12}")
 MCC_RE = re.compile(r"\d{4}")
 MAX_PIN = 27  # BCM GPIO numbers on the 40-pin header
+MAX_DURATION_S = 86400.0  # one day; far beyond any sane timeout, and what timers can take
+# The layouts drivers/keymap.py can decode; the core must not import drivers, so a test keeps
+# this in step with drivers.keymap.LAYOUTS.
+KNOWN_LAYOUTS = ("us", "de", "fr")
 PI5_DEBUG_UART = "/dev/ttyAMA10"
 
 _SECTIONS: dict[str, type] = {
@@ -221,9 +228,57 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _number_text(value: int | float) -> str:
+    """The number as text; a huge integer as its size (str() refuses over 4300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        try:
+            return f"a number of {len(str(abs(value)))} digits"
+        except ValueError:
+            return "a number of over 4300 digits"
+    return str(value)
+
+
+def _stat(path: Path) -> tuple[os.stat_result | None, str]:
+    """The path's stat, or None and why not (missing, a name too long, a NUL in it...).
+
+    `Path.exists()` and `is_file()` swallow only some errors and raise on a name over
+    NAME_MAX; a config check must turn every one into a problem.
+    """
+    try:
+        return path.stat(), ""
+    except OSError as exc:
+        return None, exc.strerror or str(exc)
+    except ValueError:
+        if "\0" in str(path):
+            return None, "the path holds a NUL character"
+        return None, "the path cannot be a file name on this system"
+
+
+_QUOTED = re.compile(r""""(?:[^"\\]|\\.)*"|'[^']*'""")
+_LONG_NUMBER = re.compile(r"\d(?:_?\d){4300,}")  # str/int refuse more digits than that
+
+
+def _nesting_line(text: str) -> int:
+    """The line where `[`/`{` nesting first gets deepest (quoted strings and comments skipped),
+    or 0: where to point a "nested too deeply" problem, as tomllib cannot say."""
+    depth = deepest = best = 0
+    for number, raw in enumerate(text.split("\n"), start=1):  # TOML's lines, as tomllib counts
+        line = _QUOTED.sub("", raw).split("#", 1)[0]
+        for ch in line:
+            if ch in "[{":
+                depth += 1
+                if depth > deepest:
+                    deepest, best = depth, number
+            elif ch in "]}":
+                depth = max(0, depth - 1)
+    return best
+
+
 def _toml_type(value: object) -> str:
     if isinstance(value, bool):
         return "a boolean"
+    if isinstance(value, int) and value.bit_length() > 64:
+        return _number_text(value)
     if isinstance(value, int | float):
         return f"the number {value}"
     if isinstance(value, str):
@@ -285,7 +340,9 @@ class _Checker:
                 section,
                 key,
                 f"{section}.{key} must be a string, not {_toml_type(value)}",
-                f'put the value in quotes: {key} = "{value}"',
+                f'like  {key} = "..."'
+                if isinstance(value, int) and value.bit_length() > 64
+                else f'put the value in quotes: {key} = "{value}"',
             )
             return default
         return value
@@ -336,15 +393,29 @@ class _Checker:
                 f"write a number without quotes, like  {key} = {default:g}",
             )
             return default
-        if not math.isfinite(value) or value <= 0:
+        try:
+            number = float(value)
+        except OverflowError:  # an integer too large for a float
+            number = math.inf
+        if math.isnan(number) or number <= 0:
             self.problem(
                 section,
                 key,
-                f"{section}.{key} must be greater than 0 {unit}, not {value}",
+                f"{section}.{key} must be greater than 0 {unit}, not {_number_text(value)}",
                 "fractions are allowed, like 0.5",
             )
             return default
-        return float(value)
+        limit = MAX_DURATION_S * (1000 if unit == "milliseconds" else 1)
+        if number > limit:
+            self.problem(
+                section,
+                key,
+                f"{section}.{key} must be at most {limit:g} {unit} (one day), "
+                f"not {_number_text(value)}",
+                f"like  {key} = {default:g}",
+            )
+            return default
+        return number
 
     def positive_int(self, section: str, key: str, default: int) -> int:
         value = self.raw(section, key)
@@ -387,11 +458,39 @@ class _Checker:
             return default
         return value
 
+    def device_path(self, section: str, key: str) -> str | None:
+        """A device path (not resolved: /dev paths are absolute), or None."""
+        value = self.string(section, key, None)
+        if not value or self.has_nul(section, key, value):
+            return None
+        return str(value)
+
+    def has_nul(self, section: str, key: str, value: str) -> bool:
+        if "\0" not in value:
+            return False
+        self.problem(
+            section,
+            key,
+            f"{section}.{key} {value!r} holds a NUL character, which no path can",
+            "remove the \\u0000 from it",
+        )
+        return True
+
     def path(self, section: str, key: str) -> Path | None:
         value = self.string(section, key, None)
-        if not value:
+        if not value or self.has_nul(section, key, value):
             return None
-        return self.base / Path(value).expanduser()  # an absolute value stays absolute
+        try:
+            expanded = Path(value).expanduser()
+        except RuntimeError:  # ~user for a user this machine does not have, or no home at all
+            self.problem(
+                section,
+                key,
+                f"{section}.{key} {value!r}: no home directory for its {value.split('/')[0]}",
+                "write the full path, like /etc/kiosk/keys/...",
+            )
+            return None
+        return self.base / expanded  # an absolute value stays absolute
 
     # -- the checks
 
@@ -500,13 +599,16 @@ class _Checker:
         sign_type = SignType(self.choice(s, "sign_type", "RSA2", tuple(t.value for t in SignType)))
         keys = self.check_keys(sign_type)
         ca_bundle = self.path(s, "ca_bundle")
-        if ca_bundle is not None and not ca_bundle.is_file():
-            self.problem(
-                s,
-                "ca_bundle",
-                f"alipay.ca_bundle {ca_bundle} does not exist or is not a file",
-                'leave it out (or "") to use the system\'s trust store',
-            )
+        if ca_bundle is not None:
+            found, why = _stat(ca_bundle)
+            if found is None or not stat.S_ISREG(found.st_mode):
+                self.problem(
+                    s,
+                    "ca_bundle",
+                    f"alipay.ca_bundle {ca_bundle}: {why or 'not a file'}",
+                    'leave it out (or "") to use the system\'s trust store',
+                )
+                ca_bundle = None
         durations = {
             key: self.duration(s, key, getattr(AlipaySection, key))
             for key in ("pay_timeout_s", "query_interval_s", "query_deadline_s", "probe_interval_s")
@@ -541,18 +643,21 @@ class _Checker:
         )
 
     def gateway_ok(self, key: str, url: str, allow_http: bool) -> bool:
-        parts = urllib.parse.urlsplit(url)
-        try:
-            host = parts.hostname
-        except ValueError:
-            host = None
-        if parts.scheme not in ("https", "http") or not host:
+        like = 'like "https://globalmapi.alipay.com/gateway.do"'
+        # urlsplit silently drops tabs and newlines; the kiosk would then call another URL.
+        if any(ch.isspace() or not ch.isprintable() for ch in url):
             self.problem(
-                "alipay",
-                key,
-                f"alipay.{key} {url!r} is not an https URL",
-                'like "https://globalmapi.alipay.com/gateway.do"',
+                "alipay", key, f"alipay.{key} {url!r} holds spaces or control characters", like
             )
+            return False
+        try:
+            parts = urllib.parse.urlsplit(url)
+            host = parts.hostname
+        except ValueError as exc:  # a broken [IPv6] host, or one that NFKC turns into '/'
+            self.problem("alipay", key, f"alipay.{key} {url!r} is not a valid URL: {exc}", like)
+            return False
+        if parts.scheme not in ("https", "http") or not host:
+            self.problem("alipay", key, f"alipay.{key} {url!r} is not an https URL", like)
             return False
         if parts.scheme == "https":
             return True
@@ -625,11 +730,11 @@ class _Checker:
         """The loaded key (an RSA key object, or the MD5 key's bytes), or None after a problem."""
         s = "alipay"
         secret = key != "alipay_public_key_file"
-        try:
-            mode = path.stat().st_mode
-        except OSError as exc:
-            self.problem(s, key, f"alipay.{key} {path}: {exc.strerror}", "check the path")
+        found, why = _stat(path)
+        if found is None:
+            self.problem(s, key, f"alipay.{key} {path}: {why}", "check the path")
             return None
+        mode = found.st_mode
         if not stat.S_ISREG(mode):
             self.problem(s, key, f"alipay.{key} {path} is not a file", "check the path")
             return None
@@ -648,7 +753,7 @@ class _Checker:
             self.problem(
                 s,
                 key,
-                f"alipay.{key} {path}: {exc.strerror}",
+                f"alipay.{key} {path}: {exc.strerror or exc}",
                 "the kiosk user must be able to read it: chown kiosk it, or run check as root",
             )
             return None
@@ -739,9 +844,9 @@ class _Checker:
     def check_scanner(self) -> ScannerSection:
         s = "scanner"
         driver = self.choice(s, "driver", "evdev", ("evdev", "serial", "fake"))
-        device = self.string(s, "device", None) or None
+        device = self.device_path(s, "device")
         match = self.string(s, "match", None) or None
-        port = self.string(s, "port", None) or None
+        port = self.device_path(s, "port")
         if driver == "evdev" and device is None and match is None:
             self.problem(
                 s,
@@ -761,7 +866,7 @@ class _Checker:
                 )
             else:
                 self.serial_port_ok(s, port)
-        layout = self.string(s, "layout", ScannerSection.layout)
+        layout = self.choice(s, "layout", ScannerSection.layout, KNOWN_LAYOUTS)
         return ScannerSection(
             driver=driver,
             device=device,
@@ -797,7 +902,7 @@ class _Checker:
     def check_vend(self, sale_mode: str) -> VendSection:
         s = "vend"
         driver = self.choice(s, "driver", "serial", ("serial", "relay", "fake"))
-        port = self.string(s, "port", None) or None
+        port = self.device_path(s, "port")
         relay_pin = self.pin(s, "relay_pin")
         if driver == "serial":
             if port is None:
@@ -829,6 +934,7 @@ class _Checker:
             pulse_ms=self.duration(s, "pulse_ms", VendSection.pulse_ms),
             sense_pin=self.pin(s, "sense_pin"),
             sense_timeout_s=self.duration(s, "sense_timeout_s", VendSection.sense_timeout_s),
+            relay_active_high=self.boolean(s, "relay_active_high", VendSection.relay_active_high),
         )
 
     def serial_port_ok(self, section: str, port: str) -> None:
@@ -842,11 +948,14 @@ class _Checker:
         self.device_exists(section, "port", port)
 
     def device_exists(self, section: str, key: str, device: str) -> None:
-        if self.check_devices and not Path(device).exists():
+        if not self.check_devices:
+            return
+        found, why = _stat(Path(device))
+        if found is None:
             self.warn(
                 section,
                 key,
-                f"{section}.{key} {device} does not exist now",
+                f"{section}.{key} {device} does not exist now ({why})",
                 "fine if the device is plugged in later; otherwise check the path",
             )
 
@@ -929,6 +1038,29 @@ def check_config(
                 'check quotes, brackets and "key = value" on this line or the one before',
             )
         ]
+    except RecursionError:  # tomllib recurses once per level of [[[...]]] or {a = {...}}
+        line = _nesting_line(text)
+        return None, [
+            ConfigProblem(
+                name,
+                line,
+                "arrays or tables nested too deeply to read",
+                "the kiosk's config needs no nesting at all: key = value under [section]",
+            )
+        ]
+    except ValueError as exc:  # tomllib's int() refuses an integer of over 4300 digits
+        long_number = _LONG_NUMBER.search(text)
+        line = text.count("\n", 0, long_number.start()) + 1 if long_number else 0
+        return None, [
+            ConfigProblem(
+                name,
+                line,
+                "not valid TOML: a number with far too many digits"
+                if long_number
+                else f"not valid TOML: {exc}",
+                "no value in the kiosk's config needs more than a few digits",
+            )
+        ]
     checker = _Checker(name, LineIndex(text), path.parent, check_key_modes, check_devices)
     config = checker.check(data, path)
     problems = sorted(checker.problems, key=lambda p: (p.line, p.warning))
@@ -969,7 +1101,8 @@ def format_summary(config: Config) -> str:
     if v.driver == "serial":
         vend = f"serial {v.port} at {v.baud} baud, answer within {v.timeout_s:g} s"
     elif v.driver == "relay":
-        vend = f"relay pin {v.relay_pin}, pulse {v.pulse_ms:g} ms"
+        vend = f"relay pin {v.relay_pin}{'' if v.relay_active_high else ' (active low)'}"
+        vend += f", pulse {v.pulse_ms:g} ms"
         vend += f", drop sensor pin {v.sense_pin}" if v.sense_pin is not None else ""
     else:
         vend = v.driver

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kiosk.alipay.signing import SignType
 from kiosk.config import (
+    KNOWN_LAYOUTS,
     ConfigInvalid,
     ConfigProblem,
     check_config,
@@ -182,6 +183,76 @@ def test_scanner_layout_is_accepted(site: Path) -> None:
     text = edit(GOOD, 'driver = "fake"', 'driver = "fake"\nlayout = "de"')
 
     assert load_config(write_config(site, text)).scanner.layout == "de"
+
+
+def test_known_layouts_are_the_keymaps_layouts() -> None:
+    from drivers import keymap  # the core must not import drivers; only this test ties them
+
+    assert set(KNOWN_LAYOUTS) == set(keymap.LAYOUTS)
+
+
+@pytest.mark.parametrize(
+    ("layout", "hint"),
+    [("DE", 'did you mean "de"?'), ("gb", 'write one of: "us", "de", "fr"')],
+)
+def test_unknown_scanner_layout_is_refused_with_a_hint(site: Path, layout: str, hint: str) -> None:
+    text = edit(GOOD, 'driver = "fake"', f'driver = "fake"\nlayout = "{layout}"')
+
+    _, problems = check_config(write_config(site, text))
+
+    assert [(p.line, p.message, p.hint) for p in errors(problems)] == [
+        (
+            line_of(text, "layout ="),
+            f"scanner.layout must be one of us, de, fr, not {layout!r}",
+            hint,
+        )
+    ]
+
+
+def test_relay_active_high_defaults_to_true(site: Path) -> None:
+    assert load_config(write_config(site, GOOD)).vend.relay_active_high is True
+
+
+def test_relay_active_high_false_loads_for_an_active_low_relay_module(site: Path) -> None:
+    text = edit(GOOD, "relay_pin = 23", "relay_pin = 23\nrelay_active_high = false")
+
+    config = load_config(write_config(site, text))
+
+    assert config.vend.relay_active_high is False
+    assert "relay pin 23 (active low)" in format_summary(config)
+
+
+def test_relay_active_high_must_be_a_boolean(site: Path) -> None:
+    text = edit(GOOD, "relay_pin = 23", 'relay_pin = 23\nrelay_active_high = "no"')
+
+    _, problems = check_config(write_config(site, text))
+
+    assert [(p.line, p.message) for p in errors(problems)] == [
+        (
+            line_of(text, "relay_active_high"),
+            "vend.relay_active_high must be true or false, not the string 'no'",
+        )
+    ]
+
+
+def test_active_low_relay_rests_with_its_pin_high(site: Path) -> None:
+    from gpiozero import Device
+    from gpiozero.pins.mock import MockFactory
+
+    from drivers import build_vend_output
+
+    text = edit(GOOD, "relay_pin = 23", "relay_pin = 23\nrelay_active_high = false")
+    config = load_config(write_config(site, text))
+    saved, Device.pin_factory = Device.pin_factory, MockFactory()
+    try:
+        output = build_vend_output(config)
+        try:
+            assert Device.pin_factory.pin(23).state == 1  # off, for a relay that switches on low
+        finally:
+            output.close()
+    finally:
+        Device.pin_factory.close()
+        Device.pin_factory = saved
 
 
 def test_md5_sign_type_with_its_key_loads(site: Path) -> None:

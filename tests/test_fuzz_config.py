@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import datetime
-import errno
 import json
 import math
 import re
@@ -66,6 +65,7 @@ KEYS = {
         "pulse_ms",
         "sense_pin",
         "sense_timeout_s",
+        "relay_active_high",
     ],
 }
 
@@ -224,32 +224,10 @@ def folder() -> Iterator[Path]:
         yield Path(name)
 
 
-# -- findings: crashes this file found, pinned by the xfail tests at the bottom -----------------
-
-
-def known_finding(exc: BaseException) -> bool:
-    """True for the crashes reported to the lead (see the xfail tests below). The properties
-    tolerate exactly these so they keep hunting for new ones; delete this once they are fixed."""
-    text = str(exc)
-    return (
-        isinstance(exc, RecursionError)  # finding 5: tomllib on deeply nested arrays/tables
-        or (isinstance(exc, OverflowError) and "int too large" in text)  # finding 6
-        or (isinstance(exc, RuntimeError) and "home directory" in text)  # finding 7
-        or (isinstance(exc, ValueError) and "null byte" in text)  # finding 8
-        or (isinstance(exc, ValueError) and ("IPv6" in text or "NFKC" in text))  # finding 9
-        or (isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG)  # finding 11
-    )
-
-
-def check(folder: Path, text: str) -> tuple[Any, list[ConfigProblem]] | None:
+def check(folder: Path, text: str) -> tuple[Any, list[ConfigProblem]]:
     path = folder / "kiosk.toml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
-    try:
-        return check_config(path)
-    except Exception as exc:
-        if known_finding(exc):
-            return None
-        raise
+    return check_config(path)
 
 
 PROBLEM_SHAPE = r"{file}:(\d+): (warning: )?[^\n]+"
@@ -261,9 +239,7 @@ def assert_sound_problems(path: Path, text: str, problems: list[ConfigProblem]) 
         assert 0 <= problem.line <= last_line
         assert problem.file == str(path)
         assert problem.message
-        # Finding 10 (xfail test below): a raw newline can reach a message; judge the rest.
-        printed = str(problem).replace("\n", "\\n")
-        shape = re.fullmatch(PROBLEM_SHAPE.format(file=re.escape(str(path))), printed)
+        shape = re.fullmatch(PROBLEM_SHAPE.format(file=re.escape(str(path))), str(problem))
         assert shape, f"not FILE:LINE: message: {problem}"
     assert [p.line for p in problems] == sorted(p.line for p in problems)
 
@@ -274,10 +250,8 @@ def test_any_toml_document_gives_problems_with_lines_never_an_exception(
     folder: Path, doc: dict[str, Any]
 ) -> None:
     text = render(doc)
-    result = check(folder, text)
-    if result is not None:
-        _, problems = result
-        assert_sound_problems(folder / "kiosk.toml", text, problems)
+    _, problems = check(folder, text)
+    assert_sound_problems(folder / "kiosk.toml", text, problems)
 
 
 @settings(FUZZ, max_examples=150)
@@ -286,28 +260,23 @@ def test_every_key_with_any_value_gives_problems_never_an_exception(
     folder: Path, doc: dict[str, Any]
 ) -> None:
     text = render(doc)
-    result = check(folder, text)
-    if result is not None:
-        assert_sound_problems(folder / "kiosk.toml", text, result[1])
+    _, problems = check(folder, text)
+    assert_sound_problems(folder / "kiosk.toml", text, problems)
 
 
 @settings(FUZZ, max_examples=150)
 @given(text=raw_texts)
 def test_any_text_gives_problems_with_lines_never_an_exception(folder: Path, text: str) -> None:
-    result = check(folder, text)
-    if result is not None:
-        _, problems = result
-        assert_sound_problems(folder / "kiosk.toml", text, problems)
+    _, problems = check(folder, text)
+    assert_sound_problems(folder / "kiosk.toml", text, problems)
 
 
 @settings(FUZZ, max_examples=100)
 @given(doc=documents())
 def test_a_config_comes_back_only_without_errors(folder: Path, doc: dict[str, Any]) -> None:
-    result = check(folder, render(doc))
-    if result is not None:
-        config, problems = result
-        errors = [p for p in problems if not p.warning]
-        assert (config is None) == bool(errors)
+    config, problems = check(folder, render(doc))
+    errors = [p for p in problems if not p.warning]
+    assert (config is None) == bool(errors)
 
 
 @settings(FUZZ, max_examples=100)
@@ -315,12 +284,7 @@ def test_a_config_comes_back_only_without_errors(folder: Path, doc: dict[str, An
 def test_any_bytes_as_the_config_file_give_problems(folder: Path, data: bytes) -> None:
     path = folder / "kiosk.toml"
     path.write_bytes(data)
-    try:
-        _, problems = check_config(path)
-    except Exception as exc:
-        if known_finding(exc):
-            return
-        raise
+    _, problems = check_config(path)
     assert_sound_problems(path, data.decode("utf-8", "replace"), problems)
 
 
@@ -333,26 +297,21 @@ def test_load_config_raises_only_config_invalid(folder: Path, doc: dict[str, Any
         load_config(path)
     except ConfigInvalid as exc:
         assert exc.problems
-    except Exception as exc:
-        if not known_finding(exc):
-            raise
 
 
 @settings(FUZZ, max_examples=100)
 @given(doc=documents())
 def test_an_unknown_key_is_reported_on_its_own_line(folder: Path, doc: dict[str, Any]) -> None:
     text = render(doc)
-    result = check(folder, text)
-    if result is None:
-        return
+    _, problems = check(folder, text)
     lines = text.splitlines()
-    for problem in result[1]:
+    for problem in problems:
         found = re.fullmatch(r"unknown key '([A-Za-z0-9_-]+)' in \[([a-z]+)\]", problem.message)
         if found:
             assert lines[problem.line - 1].startswith(f"{found.group(1)} =")
 
 
-# -- regression tests for the findings (xfail until fixed) ---------------------------------------
+# -- regression tests: each config once crashed the check with an exception -------------------
 
 BASE = """\
 [kiosk]
@@ -362,76 +321,126 @@ gateway = "https://globalmapi.alipay.com/gateway.do"
 partner = "2088101122334455"
 """
 
-FINDINGS = {
-    "finding 5: tomllib recurses once per nesting level, so `a = [[[...]]]` 1000 deep raises "
-    "RecursionError out of check_config; fix in kiosk/config.py check_config: catch "
-    "RecursionError beside TOMLDecodeError and report 'nested too deeply' at line 0": (
-        "a = " + "[" * 2000 + "]" * 2000 + "\n"
-    ),
-    "finding 6: a duration given as a huge integer (TOML has no size limit in tomllib) raises "
-    "OverflowError in math.isfinite; fix in kiosk/config.py _Checker.duration: test "
-    "`not math.isfinite(float(value))` inside try/except OverflowError, as a problem": (
-        BASE + "pay_timeout_s = " + "9" * 400 + "\n"
-    ),
-    "finding 7: a path starting with ~user for an unknown user raises RuntimeError in "
-    "Path.expanduser; fix in kiosk/config.py _Checker.path: catch RuntimeError and report "
-    "the path as a problem": '[kiosk]\nterminal_id = "T"\nstate_dir = "~nosuchuser/state"\n',
-    "finding 8: a key file path holding a NUL (TOML \\u0000) raises ValueError from "
-    "Path.stat in key_file_ok; fix in kiosk/config.py _Checker.key_file_ok: catch "
-    "(OSError, ValueError) around path.stat()": (
-        BASE + 'private_key_file = "a\\u0000b"\nalipay_public_key_file = "b"\n'
-    ),
-    "finding 9: urlsplit itself raises ValueError for a gateway like 'https://[::1' (its "
-    "try only covers .hostname); fix in kiosk/config.py _Checker.gateway_ok: move "
-    "urllib.parse.urlsplit(url) inside the try": (
-        BASE.replace("https://globalmapi.alipay.com/gateway.do", "https://[::1")
-    ),
-    "finding 11: a path over NAME_MAX (255 bytes) makes Path.is_file()/exists() raise OSError "
-    "ENAMETOOLONG (pathlib only swallows ENOENT-like errors): in check_alipay's ca_bundle "
-    "check and in _Checker.device_exists; fix in kiosk/config.py: a small helper that does "
-    "the test inside try/except (OSError, ValueError) and treats a failure as 'missing'": (
-        BASE + 'ca_bundle = "' + "x" * 300 + '"\n'
-    ),
-}
+
+def line_of(text: str, fragment: str) -> int:
+    return next(n for n, line in enumerate(text.split("\n"), start=1) if fragment in line)
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        pytest.param(text, marks=pytest.mark.xfail(strict=True, reason=why))
-        for why, text in FINDINGS.items()
-    ],
-    ids=[
-        "nested-arrays",
-        "huge-duration",
-        "unknown-home",
-        "nul-in-key-path",
-        "bad-ipv6-url",
-        "long-ca-bundle",
-    ],
-)
-def test_config_that_crashed_check_gives_problems(tmp_path: Path, text: str) -> None:
+# (config text, part of the one problem's message, a fragment of its line or None for line 0)
+CRASHERS = [
+    # tomllib recursed once per nesting level: RecursionError.
+    pytest.param(
+        "a = " + "[" * 2000 + "]" * 2000 + "\n",
+        "nested too deeply",
+        "a = [",
+        id="nested-arrays",
+    ),
+    pytest.param(
+        '[kiosk]\nterminal_id = "T"\nx = ' + "{a = " * 1000 + "1" + "}" * 1000 + "\n",
+        "nested too deeply",
+        "x = {",
+        id="nested-inline-tables",
+    ),
+    # tomllib's int() refuses over 4300 digits: ValueError out of tomllib.loads.
+    pytest.param(
+        BASE + "pay_timeout_s = " + "9" * 5000 + "\n",
+        "a number with far too many digits",
+        "pay_timeout_s",
+        id="integer-over-4300-digits",
+    ),
+    # math.isfinite(int) raised OverflowError.
+    pytest.param(
+        BASE + "pay_timeout_s = " + "9" * 400 + "\n",
+        "alipay.pay_timeout_s must be at most 86400 seconds (one day), not a number of 400 digits",
+        "pay_timeout_s",
+        id="huge-duration",
+    ),
+    # A hex integer parses at any size, but str() of it raised ValueError in the message.
+    pytest.param(
+        BASE + "trans_name = 0x" + "f" * 5000 + "\n",
+        "alipay.trans_name must be a string, not a number of over 4300 digits",
+        "trans_name",
+        id="huge-hex-integer-as-string",
+    ),
+    # Path.expanduser raised RuntimeError.
+    pytest.param(
+        '[kiosk]\nterminal_id = "T"\nstate_dir = "~nosuchuser/state"\n',
+        "kiosk.state_dir '~nosuchuser/state': no home directory for its ~nosuchuser",
+        "state_dir",
+        id="unknown-home",
+    ),
+    # Path.stat raised ValueError.
+    pytest.param(
+        BASE + 'private_key_file = "a\\u0000b"\nalipay_public_key_file = "b"\n',
+        "alipay.private_key_file 'a\\x00b' holds a NUL character",
+        "private_key_file",
+        id="nul-in-key-path",
+    ),
+    # Not a crash in check, but the driver's open() would have raised ValueError at start.
+    pytest.param(
+        BASE + '[vend]\nport = "/dev/tty\\u0000S0"\n',
+        "vend.port '/dev/tty\\x00S0' holds a NUL character",
+        "port",
+        id="nul-in-device-path",
+    ),
+    # urlsplit itself raised ValueError.
+    pytest.param(
+        BASE.replace("https://globalmapi.alipay.com/gateway.do", "https://[::1"),
+        "alipay.gateway 'https://[::1' is not a valid URL: Invalid IPv6 URL",
+        "gateway",
+        id="bad-ipv6-url",
+    ),
+    # Path.is_file raised OSError ENAMETOOLONG.
+    pytest.param(
+        BASE + 'ca_bundle = "' + "x" * 300 + '"\n',
+        "File name too long",
+        "ca_bundle",
+        id="long-ca-bundle",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "message", "at"), CRASHERS)
+def test_config_that_crashed_check_gives_a_precise_problem(
+    tmp_path: Path, text: str, message: str, at: str
+) -> None:
     path = tmp_path / "kiosk.toml"
     path.write_text(text, encoding="utf-8")
+
     config, problems = check_config(path)
-    assert config is None and problems
+
+    assert config is None
+    found = [p for p in problems if message in p.message]
+    assert found, [str(p) for p in problems]
+    assert found[0].line == line_of(text, at)
 
 
-NEWLINE_FINDING = (
-    "finding 10: a section name or path value with a newline ends up raw in the message, so "
-    "the problem prints over two lines and breaks `FILE:LINE: message`; fix in kiosk/config.py "
-    "ConfigProblem.__str__: escape newlines, e.g. `text.replace('\\n', '\\\\n')`"
-)
+def test_config_that_crashed_check_fails_load_with_config_invalid(tmp_path: Path) -> None:
+    path = tmp_path / "kiosk.toml"
+    path.write_text("a = " + "[" * 2000 + "]" * 2000 + "\n", encoding="utf-8")
+
+    with pytest.raises(ConfigInvalid, match="nested too deeply"):
+        load_config(path)
 
 
-@pytest.mark.xfail(strict=True, reason=NEWLINE_FINDING)
+def test_over_long_device_path_is_a_warning_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "kiosk.toml"
+    path.write_text(BASE + '[scanner]\ndriver = "evdev"\ndevice = "/dev/' + "x" * 300 + '"\n')
+
+    _, problems = check_config(path)
+
+    long_name = [p for p in problems if "File name too long" in p.message]
+    assert long_name and long_name[0].warning
+    assert long_name[0].line == line_of(path.read_text(), "device =")
+
+
 @pytest.mark.parametrize(
     "text",
-    ['["\\n"]\n', BASE + 'ca_bundle = "line\\nbreak"\n'],
-    ids=["section-name", "path-value"],
+    ['["\\n"]\n', BASE + 'ca_bundle = "line\\nbreak"\n', '["\\u2028\\u001b"]\n'],
+    ids=["section-name", "path-value", "unicode-break-and-escape"],
 )
 def test_every_problem_prints_on_one_line(tmp_path: Path, text: str) -> None:
     path = tmp_path / "kiosk.toml"
     path.write_text(text, encoding="utf-8")
     _, problems = check_config(path)
-    assert problems and all("\n" not in str(p) for p in problems)
+    assert problems and all(str(p).isprintable() for p in problems)

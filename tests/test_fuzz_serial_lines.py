@@ -98,6 +98,7 @@ class FakeSerial:
         self.drained = threading.Event()
         self.written: list[bytes] = []
         self.in_waiting = 0
+        self.timeout: float | None = None  # set by the driver, as on a pyserial port
 
     def read(self, size: int = 1) -> bytes:
         if self._chunks:
