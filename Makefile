@@ -23,7 +23,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check kiosk drivers tests bench
 
 soak: $(VENV)/.installed
-	KIOSK_SOAK_TRANSACTIONS=2000 $(PY) -m pytest -q tests/test_campaign.py
+	KIOSK_SOAK_TRANSACTIONS=2000 $(PY) -m pytest -q -s tests/test_campaign.py
 
 image-test: $(VENV)/.installed
 	bash image-build/image-test.sh
