@@ -164,11 +164,17 @@ timeout_s = 2
 
     # -- the daemon -------------------------------------------------------------------------
 
-    def start(self, wait_ready: bool = True, wrap: list[str] | None = None) -> None:
+    def start(
+        self,
+        wait_ready: bool = True,
+        wrap: list[str] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         """Start `kiosk run`; `wrap` prefixes the command (e.g. `unshare` to remount)."""
         self.logs.clear()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("NOTIFY_SOCKET", None)
+        env.update(extra_env or {})
         self.proc = subprocess.Popen(
             [
                 *(wrap or []),

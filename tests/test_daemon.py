@@ -4,7 +4,9 @@ gateway simulator on loopback, fake lights. Money rules are checked on the ledge
 from __future__ import annotations
 
 import signal
+import socket
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,93 @@ def test_a_second_scan_of_the_same_code_is_refused_locally(rig: DaemonRig) -> No
     assert rig.vmc.expect("DENIED ") == "DENIED CODE_REUSED"
     assert sum(1 for r in rig.sim.requests_seen if r.service == "pay") == pays_before
     assert rig.stop() == 0
+
+
+def test_systemd_hears_ready_watchdog_and_stopping(rig: DaemonRig) -> None:
+    rig.stop()
+    sock_path = rig.tmp / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(10)
+    try:
+        rig.start(extra_env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"})
+        seen: list[str] = []
+        while not any("WATCHDOG=1" in m for m in seen):
+            seen.append(sock.recv(4096).decode())
+        assert "READY=1" in seen[0]
+        assert rig.stop() == 0
+        while not any("STOPPING=1" in m for m in seen):
+            seen.append(sock.recv(4096).decode())
+    finally:
+        sock.close()
+
+
+def test_merchant_configuration_error_takes_it_out_of_service_until_a_probe_passes(
+    rig: DaemonRig,
+) -> None:
+    rig.scanner.write_line(payment_code("2049"))  # SECONDARY_MERCHANT_ID_INVALID
+    assert rig.vmc.expect("DENIED ") == "DENIED SECONDARY_MERCHANT_ID_INVALID"
+    rig.wait_log(lambda e: e.get("event") == "indicator" and e.get("state") == "out_of_service", 5)
+    # probe_interval_s is 1 s on the rig: a signed query is accepted again, back in service.
+    rig.wait_log(lambda e: e.get("event") == "kiosk.back_in_service", 10)
+    rig.scanner.write_line(payment_code("0001", 2))
+    _, ref, _ = rig.vmc.expect("APPROVED ").split(" ")
+    rig.vmc.write_line(f"SUCCESS {ref}")
+    rig.vmc.expect("ACK ")
+    assert rig.stop() == 0
+    assert_money_rules(rig)
+
+
+def test_sighup_rereads_the_config(rig: DaemonRig) -> None:
+    text = rig.config_path.read_text()
+    rig.config_path.write_text(text.replace('price = "1.50"', 'price = "2.00"'))
+    rig.signal(signal.SIGHUP)
+    rig.wait_log(lambda e: e.get("event") == "config.reloaded", 10)
+    rig.scanner.write_line(payment_code("0001"))
+    _, ref, amount = rig.vmc.expect("APPROVED ").split(" ")
+    assert amount == "2.00"
+    rig.vmc.write_line(f"SUCCESS {ref}")
+    rig.vmc.expect("ACK ")
+    assert rig.stop() == 0
+
+
+def test_vmc_mode_vend_request_then_scan_charges_the_asked_amount(
+    tmp_path: Path, simulator: GatewaySimulator
+) -> None:
+    rig = DaemonRig(tmp_path, simulator)
+    text = rig.config_path.read_text()
+    rig.config_path.write_text(
+        text.replace('mode = "fixed"', 'mode = "vmc"\nscan_timeout_s = 1').replace(
+            'price = "1.50"\n', ""
+        )
+    )
+    try:
+        rig.start()
+        rig.vmc.write_line("VEND tea 0.80")
+        assert rig.vmc.expect("OK") == "OK"
+        rig.scanner.write_line(payment_code("0001"))
+        _, ref, amount = rig.vmc.expect("APPROVED ").split(" ")
+        assert amount == "0.80"
+        rig.vmc.write_line("VEND tea 0.80")
+        assert rig.vmc.expect("BUSY") == "BUSY"
+        rig.vmc.write_line(f"SUCCESS {ref}")
+        rig.vmc.expect("ACK ")
+        done = rig.wait_log(
+            lambda e: e.get("event") == "payment.result" and e.get("ref") == ref, 10
+        )
+        rig.wait_log_after(
+            rig.logs.index(done),
+            lambda e: e.get("event") == "indicator" and e.get("state") == "ready",
+            10,
+            "ready",
+        )
+        rig.vmc.write_line("VEND tea 0.80")
+        rig.vmc.expect("OK")
+        assert rig.vmc.expect("TIMEOUT", 5) == "TIMEOUT"  # no scan within scan_timeout_s
+        rig.vmc.write_line("PING")
+        assert rig.vmc.expect("PONG") == "PONG"
+        assert rig.stop() == 0
+        assert_money_rules(rig)
+        assert simulator.ledger.trade(PARTNER, ref).amount == Decimal("0.80")
+    finally:
+        rig.close()
