@@ -33,12 +33,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from datetime import time as time_of_day
 from decimal import Decimal
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 from kiosk.alipay.client import (
     AlipayClient,
-    CancelResult,
     Outcome,
     PayOrder,
     QueryResult,
@@ -142,6 +142,24 @@ def cancel_window_open(trans_create_time: str, now: datetime) -> bool:
     return now < closes
 
 
+def refunds_paused(now: datetime) -> bool:
+    """Alipay executes no synchronous refunds 00:00-01:30 Beijing time: a refusal then is
+    not final, the refund is tried again later."""
+    beijing = (now + BEIJING).time()
+    return beijing < time_of_day(1, 30)
+
+
+class _Result(Protocol):
+    @property
+    def outcome(self) -> Outcome: ...
+
+    @property
+    def detail(self) -> str: ...
+
+
+R = TypeVar("R", bound=_Result)
+
+
 class PaymentFlow:
     def __init__(
         self,
@@ -225,6 +243,27 @@ class PaymentFlow:
 
     # -- PAYING ----------------------------------------------------------------------------
 
+    def _send(
+        self,
+        txn: Transaction,
+        kind: str,
+        params: dict[str, str],
+        request: Callable[[], R],
+        **changes: Any,
+    ) -> tuple[Transaction, R | None]:
+        """Journal a money-moving request durably, then send it. None: no gateway took the
+        connection, so it never left the kiosk."""
+        txn = self.journal.before_request(txn, kind, params, **changes)
+        try:
+            result = request()
+        except GatewayUnreachable:
+            self.watch.unreachable()
+            self.journal.after_request(txn, "not_sent", "no gateway reachable")
+            return txn, None
+        self.watch.reachable()
+        self.journal.after_request(txn, result.outcome.value, result.detail)
+        return txn, result
+
     def _order(self, txn: Transaction) -> PayOrder:
         assert txn.buyer_code is not None, "an open pay keeps its code until final"
         return PayOrder(
@@ -240,16 +279,10 @@ class PaymentFlow:
     def _pay(self, txn: Transaction) -> Transaction:
         """PAYING → PAID | DECLINED | QUERYING."""
         order = self._order(txn)
-        txn = self.journal.before_request(txn, "pay", _public(order))
-        try:
-            result = self.client.pay(order)
-        except GatewayUnreachable:
+        txn, result = self._send(txn, "pay", _public(order), lambda: self.client.pay(order))
+        if result is None:
             # No gateway took the connection: the request never left, a known refusal.
-            self.watch.unreachable()
-            self.journal.after_request(txn, "not_sent", "no gateway reachable")
             return self.journal.update(txn, state=TxnState.DECLINED, error_code="OFFLINE")
-        self.watch.reachable()
-        self.journal.after_request(txn, result.outcome.value, result.detail)
         if result.outcome is Outcome.SUCCESS:
             return self.journal.update(
                 txn, state=TxnState.PAID, alipay_trans_id=result.alipay_trans_id
@@ -377,15 +410,16 @@ class PaymentFlow:
             "timestamp": str(stamp),
             "trade_no": txn.alipay_trans_id or "",
         }
-        txn = self.journal.before_request(txn, "cancel", params, cancel_timestamp_ms=stamp)
-        try:
-            result: CancelResult = self.client.cancel(txn.ref, stamp, txn.alipay_trans_id)
-        except GatewayUnreachable:
-            self.watch.unreachable()
-            self.journal.after_request(txn, "not_sent", "no gateway reachable")
+        alipay_trans_id = txn.alipay_trans_id
+        txn, result = self._send(
+            txn,
+            "cancel",
+            params,
+            lambda: self.client.cancel(txn.ref, stamp, alipay_trans_id),
+            cancel_timestamp_ms=stamp,
+        )
+        if result is None:
             return txn, False
-        self.watch.reachable()
-        self.journal.after_request(txn, result.outcome.value, result.detail)
         event(
             log,
             "payment.cancel",
@@ -422,17 +456,16 @@ class PaymentFlow:
             "refund_amount": str(txn.amount),
             "currency": txn.currency,
         }
-        txn = self.journal.before_request(txn, "refund", params, refund_id=refund_id)
-        try:
-            result = self.client.refund(
-                txn.ref, refund_id, txn.amount, txn.currency, reason="vend failed"
-            )
-        except GatewayUnreachable:
-            self.watch.unreachable()
-            self.journal.after_request(txn, "not_sent", "no gateway reachable")
+        ref, amount, currency = txn.ref, txn.amount, txn.currency
+        txn, result = self._send(
+            txn,
+            "refund",
+            params,
+            lambda: self.client.refund(ref, refund_id, amount, currency, reason="vend failed"),
+            refund_id=refund_id,
+        )
+        if result is None:
             return txn, False
-        self.watch.reachable()
-        self.journal.after_request(txn, result.outcome.value, result.detail)
         event(log, "payment.refund", ref=txn.ref, outcome=result.outcome.value, error=result.error)
         if result.outcome is Outcome.SUCCESS:
             return self.journal.update(txn, state=TxnState.REFUNDED), True
@@ -440,7 +473,7 @@ class PaymentFlow:
             txn, status = self._query(txn)
             if status is TradeStatus.TRADE_CLOSED:  # an earlier refund went through
                 return self.journal.update(txn, state=TxnState.REFUNDED), True
-            if status is not None:
+            if status is not None and not refunds_paused(self._wall()):
                 event(
                     log,
                     "alarm",

@@ -19,6 +19,7 @@ from kiosk.payment import (
     PaymentFlow,
     SaleResult,
     cancel_window_open,
+    refunds_paused,
 )
 from kiosk.payment_code import PaymentCode
 from kiosk.ports import VendResult
@@ -454,3 +455,16 @@ def test_cancel_window_follows_the_beijing_day(created: str, now: datetime, open
 
 def _now_stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+
+
+@pytest.mark.parametrize(
+    ("now", "paused"),
+    [
+        (datetime(2026, 11, 26, 16, 0, tzinfo=UTC), True),  # 00:00 Beijing
+        (datetime(2026, 11, 26, 17, 29, tzinfo=UTC), True),  # 01:29 Beijing
+        (datetime(2026, 11, 26, 17, 31, tzinfo=UTC), False),  # 01:31 Beijing
+        (datetime(2026, 11, 26, 3, 0, tzinfo=UTC), False),
+    ],
+)
+def test_synchronous_refunds_pause_in_the_beijing_night(now: datetime, paused: bool) -> None:
+    assert refunds_paused(now) is paused
