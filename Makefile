@@ -21,6 +21,7 @@ bench: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check kiosk drivers tests bench
+	$(VENV)/bin/mypy kiosk
 
 soak: $(VENV)/.installed
 	KIOSK_SOAK_TRANSACTIONS=2000 $(PY) -m pytest -q -s tests/test_campaign.py

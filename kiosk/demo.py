@@ -31,8 +31,10 @@ from kiosk.config import (
     ScannerSection,
     VendSection,
 )
+from kiosk.daemon import Kiosk
 from kiosk.journal import Journal
 from kiosk.log import setup_logging
+from kiosk.payment import Sale
 from kiosk.ports import VendResult
 from kiosk.simulator import Fault, FaultPlan, GatewaySimulator, MerchantAccount
 
@@ -99,7 +101,7 @@ class DemoRig:
         self.indicator = FakeIndicator()
         self.vend = FakeVendOutput()
         self._fakes = (FakeScanner, FakeIndicator, FakeVendOutput)
-        self.kiosk: object = None
+        self.kiosk: Kiosk | None = None
         self.thread: threading.Thread | None = None
 
     def client(self) -> AlipayClient:
@@ -117,8 +119,6 @@ class DemoRig:
         )
 
     def start_kiosk(self) -> None:
-        from kiosk.daemon import Kiosk
-
         scanner_cls, indicator_cls, vend_cls = self._fakes
         self.scanner, self.indicator = scanner_cls(), indicator_cls()
         vend = vend_cls()
@@ -139,19 +139,15 @@ class DemoRig:
             raise RuntimeError("the kiosk did not become ready")
 
     def stop_kiosk(self) -> None:
-        from kiosk.daemon import Kiosk
-
-        assert isinstance(self.kiosk, Kiosk) and self.thread is not None
+        assert self.kiosk is not None and self.thread is not None
         self.kiosk.stop()
         self.thread.join(30)
         self.journal.close()
 
-    def sell(self, code: str, timeout: float = 20.0) -> object:
+    def sell(self, code: str, timeout: float = 20.0) -> Sale:
         """Scan a code and wait for the sale it starts to end."""
-        from kiosk.daemon import Kiosk
-
         kiosk = self.kiosk
-        assert isinstance(kiosk, Kiosk)
+        assert kiosk is not None
         before = len(kiosk.status.sales)
         self.wait_until(lambda: kiosk.status.state.value in ("ready", "offline"), timeout)
         self.scanner.scan(code)
@@ -189,11 +185,8 @@ def play(rig: DemoRig, out: Callable[[str], None]) -> list[Row]:
     rows: list[Row] = []
 
     def record(
-        name: str, code: str, sale: object, journal_state: str, expect_state: str, expect_money: str
+        name: str, code: str, sale: Sale, journal_state: str, expect_state: str, expect_money: str
     ) -> None:
-        from kiosk.payment import Sale
-
-        assert isinstance(sale, Sale)
         said = f"{sale.result.value}" + (f" ({sale.reason})" if sale.reason else "")
         money = rig.trade(sale.ref)
         ok = journal_state == expect_state and money.startswith(expect_money)
@@ -325,22 +318,22 @@ def _interactive(rig: DemoRig, out: Callable[[str], None]) -> int:
         "The last 4 digits choose what Alipay does: 0xxx pay, 1001 confirm on phone, "
         "2NNN decline with seed code NNN, 3001 slow, 3002 dropped (see docs/simulator.md)."
     )
+    kiosk = rig.kiosk
+    assert kiosk is not None
+    sales = kiosk.status.sales
     try:
         for line in sys.stdin:
             code = line.strip()
             if not code:
                 break
-            before = len(rig.kiosk.status.sales)  # type: ignore[attr-defined]
+            before = len(sales)
             rig.scanner.scan(code)
             try:
-                rig.wait_until(
-                    lambda b=before: len(rig.kiosk.status.sales) > b,  # type: ignore[attr-defined]
-                    2.0 if len(code) < 16 else 30.0,
-                )
+                rig.wait_until(lambda: len(sales) > before, 2.0 if len(code) < 16 else 30.0)
             except TimeoutError:
                 out("  (no sale started: see the rejection in the log)")
                 continue
-            sale = rig.kiosk.status.sales[-1]  # type: ignore[attr-defined]
+            sale = sales[-1]
             out(f"  {sale.result.value} {sale.reason} ref={sale.ref} Alipay: {rig.trade(sale.ref)}")
     finally:
         rig.stop_kiosk()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -18,8 +19,12 @@ STEP_S = 1.5
 
 
 def run_selftest(
-    config_path: Path, scan_timeout_s: float = 30.0, vend: bool = False, out=print
-) -> int:  # type: ignore[no-untyped-def]
+    config_path: Path,
+    scan_timeout_s: float = 30.0,
+    vend: bool = False,
+    out: Callable[[str], None] = print,
+    step_s: float = STEP_S,
+) -> int:
     import drivers
 
     config = load_config(config_path)
@@ -41,11 +46,11 @@ def run_selftest(
         ):
             indicator.show(state)
             step(f"lights: {state.value}", True, "look at the panel")
-            pause.wait(STEP_S)
+            pause.wait(step_s)
         for sound in (Sound.SCAN, Sound.ERROR):
             indicator.sound(sound)
             step(f"buzzer: {sound.value}", True, "listen")
-            pause.wait(STEP_S)
+            pause.wait(step_s)
         indicator.show(KioskState.READY)
 
         scanner = drivers.build_scanner(config)

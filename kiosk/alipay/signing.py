@@ -52,7 +52,7 @@ class Signature(Protocol):
 class Md5Signature:
     """MD5: lowercase hex of md5(text + key); the key appended directly, no `&key=`."""
 
-    sign_type = SignType.MD5
+    sign_type: SignType = SignType.MD5
 
     def __init__(self, key: bytes) -> None:
         key = key.strip()
@@ -83,7 +83,7 @@ class RsaSignature:
     ) -> None:
         if sign_type is SignType.MD5:
             raise ValueError("RsaSignature is for RSA and RSA2")
-        self.sign_type = sign_type
+        self.sign_type: SignType = sign_type
         self._private_key = private_key
         self._public_key = public_key
 
