@@ -307,14 +307,21 @@ class Journal:
             )
         return updated
 
-    def after_request(self, txn: Transaction, outcome: str, detail: str) -> None:
-        """Note how the latest request of this transaction ended (for the record only)."""
+    def after_request(
+        self, txn: Transaction, outcome: str, detail: str, *, sent: bool = True
+    ) -> Transaction:
+        """Note how the latest request of this transaction ended. One that never left the
+        kiosk (no connection) is taken back out of `attempts`, in the same commit."""
+        updated = txn if sent else replace(txn, attempts=txn.attempts - 1, updated_at=_now_iso())
         with self._write() as conn:
             conn.execute(
                 "UPDATE requests SET outcome=?, detail=? WHERE id = "
                 "(SELECT MAX(id) FROM requests WHERE ref=?)",
                 (outcome, detail[:200], txn.ref),
             )
+            if not sent:
+                self._update(conn, updated)
+        return updated
 
     def update(self, txn: Transaction, **changes: Any) -> Transaction:
         """Move a transaction on. A final state erases the buyer's code in the same commit."""

@@ -258,7 +258,7 @@ class PaymentFlow:
             result = request()
         except GatewayUnreachable:
             self.watch.unreachable()
-            self.journal.after_request(txn, "not_sent", "no gateway reachable")
+            txn = self.journal.after_request(txn, "not_sent", "no gateway reachable", sent=False)
             return txn, None
         self.watch.reachable()
         self.journal.after_request(txn, result.outcome.value, result.detail)
@@ -332,8 +332,7 @@ class PaymentFlow:
 
     def _query(self, txn: Transaction) -> tuple[Transaction, TradeStatus | str | None]:
         """One query: the trade's status, `ABSENT`, or None when nothing certain came back.
-        Not money-moving, so it is counted but not journaled as a request."""
-        txn = self.journal.update(txn, attempts=txn.attempts + 1)
+        Not money-moving, so it is counted (once it left) but not journaled as a request."""
         try:
             result: QueryResult = self.client.query(
                 txn.ref, txn.alipay_trans_id, amount=txn.amount, currency=txn.currency
@@ -342,6 +341,7 @@ class PaymentFlow:
             self.watch.unreachable()
             return txn, None
         self.watch.reachable()
+        txn = self.journal.update(txn, attempts=txn.attempts + 1)
         event(
             log,
             "payment.query",

@@ -468,3 +468,15 @@ def _now_stamp() -> str:
 )
 def test_synchronous_refunds_pause_in_the_beijing_night(now: datetime, paused: bool) -> None:
     assert refunds_paused(now) is paused
+
+
+def test_attempts_count_only_requests_that_reached_a_gateway(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, journal: Journal
+) -> None:
+    simulator.go_offline()
+    offline = sell(make_flow(), "0001", 1)
+    assert journal.get(offline.ref).attempts == 0
+    simulator.go_online()
+    paid = sell(make_flow(query_deadline_s=4.0), "1001", 2)  # pay, then queries until paid
+    seen = [r for r in simulator.requests_seen if r.params.get("partner_trans_id") == paid.ref]
+    assert journal.get(paid.ref).attempts == len(seen) >= 2
