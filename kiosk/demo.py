@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -329,7 +330,8 @@ def _interactive(rig: DemoRig, out: Callable[[str], None]) -> int:
             before = len(sales)
             rig.scanner.scan(code)
             try:
-                rig.wait_until(lambda: len(sales) > before, 2.0 if len(code) < 16 else 30.0)
+                started = partial(lambda n: len(sales) > n, before)
+                rig.wait_until(started, 2.0 if len(code) < 16 else 30.0)
             except TimeoutError:
                 out("  (no sale started: see the rejection in the log)")
                 continue
