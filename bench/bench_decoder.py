@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from benchlib import report, unique_code
+from benchlib import bench_main, count_option, unique_code
 from evdev import ecodes as e
 
 from drivers.keymap import KEY_DOWN, KEY_UP, ScanDecoder, keystrokes
@@ -72,13 +72,13 @@ def run(codes: int, rounds: int) -> dict[str, Any]:
     return {"codes_per_s": median, "best_codes_per_s": best, "events_per_code": per_code}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("-n", type=int, default=20_000, help="codes per round (default 20000)")
+def options(parser: argparse.ArgumentParser) -> None:
+    count_option(20_000, "codes per round")(parser)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args(argv)
-    report("decoder", run(args.n, args.rounds))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main("decoder", __doc__, lambda args: run(args.n, args.rounds), argv, options)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from benchlib import KioskRig, cpu_seconds, read_proc_status, report, start_simulator
+from benchlib import bench_main, cpu_seconds, kiosk_rig, read_proc_status, start_kiosk
 
 DEFAULT_S = 60.0
 QUICK_S = 10.0
@@ -23,27 +21,19 @@ SETTLE_S = 2.0  # after ready: let start-up work (worker's first pass, port open
 
 
 def run(window_s: float, why: str) -> dict[str, Any]:
-    sim = start_simulator()
-    try:
-        with tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp:
-            rig = KioskRig(Path(tmp), sim)
-            try:
-                rig.start()
-                assert rig.proc is not None
-                pid = rig.proc.pid
-                pause = threading.Event()  # never set: a plain timed wait, no busy loop here
-                pause.wait(SETTLE_S)
-                cpu0, t0, switches0 = cpu_seconds(pid), time.monotonic(), _switches(pid)
-                requests0 = len(sim.requests_seen)
-                pause.wait(window_s)
-                cpu1, t1, switches1 = cpu_seconds(pid), time.monotonic(), _switches(pid)
-                status = read_proc_status(pid)
-                requests = len(sim.requests_seen) - requests0
-                rig.stop()
-            finally:
-                rig.close()
-    finally:
-        sim.stop()
+    with kiosk_rig() as rig:
+        start_kiosk(rig)
+        assert rig.proc is not None
+        pid = rig.proc.pid
+        pause = threading.Event()  # never set: a plain timed wait, no busy loop here
+        pause.wait(SETTLE_S)
+        cpu0, t0, switches0 = cpu_seconds(pid), time.monotonic(), _switches(pid)
+        requests0 = len(rig.sim.requests_seen)
+        pause.wait(window_s)
+        cpu1, t1, switches1 = cpu_seconds(pid), time.monotonic(), _switches(pid)
+        status = read_proc_status(pid)
+        requests = len(rig.sim.requests_seen) - requests0
+        rig.stop()
     elapsed = t1 - t0
     cpu_pct = (cpu1 - cpu0) / elapsed * 100
     hwm_kib = _kib(status["VmHWM"])
@@ -104,14 +94,13 @@ def window_from(args: argparse.Namespace) -> tuple[float, str]:
     return DEFAULT_S, "default"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help=f"a {QUICK_S:.0f} s window")
     parser.add_argument("--seconds", type=float, help="the window, in seconds")
-    args = parser.parse_args(argv)
-    window_s, why = window_from(args)
-    report("idle", run(window_s, why))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main("idle", __doc__, lambda args: run(*window_from(args)), argv, options)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ one loopback HTTP round trip. Prints p50/p99/mean, the ratio, and where the time
 
 from __future__ import annotations
 
-import argparse
 import base64
 import http.client
 import sqlite3
@@ -13,10 +12,10 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
-from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,32 +23,31 @@ from typing import Any
 import requests
 from benchlib import (
     PARTNER,
-    bench_key,
+    PRICE,
+    bench_main,
+    count_option,
     fmt_ms,
+    fmt_summary,
+    gateway_settings,
+    named_key,
+    pay_order,
+    payment_flow,
     quiet_json_logging,
-    report,
-    start_simulator,
+    simulator_running,
     summary,
+    time_calls,
     unique_code,
 )
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from drivers.vend_fake import FakeVendOutput
-from kiosk.alipay.client import AlipayClient, GatewaySettings, PayOrder
-from kiosk.alipay.signing import RsaSignature, SignType, presign_string
+from kiosk.alipay.client import AlipayClient
+from kiosk.alipay.signing import RsaSignature, Signature, SignType, presign_string
 from kiosk.journal import Journal
-from kiosk.payment import FlowSettings, PaymentFlow, SaleResult
+from kiosk.payment import PaymentFlow, SaleResult
 from kiosk.payment_code import PaymentCode
 from kiosk.simulator import GatewaySimulator
 
-PRICE = Decimal("1.50")
-SETTINGS = FlowSettings(
-    terminal_id="VM-BENCH",
-    currency="USD",
-    trans_name="Vending purchase",
-    extend_info={"secondary_merchant_id": "M-1", "store_id": "S-1", "terminal_id": "VM-BENCH"},
-)
 ROUNDS = 4  # sales and floor alternate in rounds, so drift of the machine hits both alike
 WARMUP = 10
 
@@ -75,9 +73,9 @@ class Breakdown:
 
 
 class TimedSignature:
-    """An RsaSignature that books its time to `sign` and `verify`."""
+    """A Signature that books its time to `sign` and `verify`."""
 
-    def __init__(self, inner: RsaSignature, book: Breakdown) -> None:
+    def __init__(self, inner: Signature, book: Breakdown) -> None:
         self._inner = inner
         self._book = book
         self.sign_type = inner.sign_type
@@ -124,22 +122,14 @@ class TimedClient(AlipayClient):
 
 
 def make_flow(sim: GatewaySimulator, state_dir: Path, book: Breakdown | None = None) -> PaymentFlow:
-    signature = RsaSignature(
-        SignType.RSA2, private_key=bench_key("merchant"), public_key=sim.alipay_public_key
-    )
-    settings = GatewaySettings(
-        gateway=sim.url,
-        partner=PARTNER,
-        seller_id=PARTNER,
-        signature=TimedSignature(signature, book) if book else signature,
-    )
     if book is None:
-        return PaymentFlow(AlipayClient(settings), Journal(state_dir), FakeVendOutput(), SETTINGS)
-    client = TimedClient(settings)
+        return payment_flow(sim, Journal(state_dir))
+    settings = gateway_settings(sim)
+    client = TimedClient(replace(settings, signature=TimedSignature(settings.signature, book)))
     client.book = book
     journal = TimedJournal(state_dir)
     journal.book = book
-    return PaymentFlow(client, journal, FakeVendOutput(), SETTINGS)
+    return payment_flow(sim, journal, client)
 
 
 class Codes:
@@ -198,8 +188,8 @@ class Floor:
 
     def __init__(self, tmp: Path, commits: int, presign: str, answer_text: str) -> None:
         self.commits = commits
-        self.private = bench_key("merchant")
-        alipay = bench_key("alipay")
+        self.private = named_key("merchant")
+        alipay = named_key("alipay")
         self.public = alipay.public_key()
         self.presign = presign.encode()
         self.answer_text = answer_text.encode()
@@ -273,22 +263,13 @@ class Floor:
         self.db.close()
 
 
-def time_calls(fn: Callable[[], None], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def simulator_crypto(presign: str, answer_text: str, n: int) -> float:
     """p50 of what the simulator adds per pay on this machine: verify the request, sign the
     answer (Alipay's cost in the field, not the kiosk's)."""
-    merchant = RsaSignature(SignType.RSA2, private_key=bench_key("merchant"))
+    merchant = RsaSignature(SignType.RSA2, private_key=named_key("merchant"))
     request_sig = merchant.sign(presign)
-    checker = RsaSignature(SignType.RSA2, public_key=bench_key("merchant").public_key())
-    signer = RsaSignature(SignType.RSA2, private_key=bench_key("alipay"))
+    checker = RsaSignature(SignType.RSA2, public_key=named_key("merchant").public_key())
+    signer = RsaSignature(SignType.RSA2, private_key=named_key("alipay"))
 
     def both() -> None:
         checker.verify(presign, request_sig)
@@ -302,13 +283,11 @@ def simulator_crypto(presign: str, answer_text: str, n: int) -> float:
 
 def run(n: int) -> dict[str, Any]:
     quiet_json_logging()
-    with tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        sim = start_simulator()
-        try:
-            return _run(tmp, sim, n)
-        finally:
-            sim.stop()
+    with (
+        tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp_name,
+        simulator_running() as sim,
+    ):
+        return _run(Path(tmp_name), sim, n)
 
 
 def _run(tmp: Path, sim: GatewaySimulator, n: int) -> dict[str, Any]:
@@ -319,15 +298,8 @@ def _run(tmp: Path, sim: GatewaySimulator, n: int) -> dict[str, Any]:
     commits = commits_per_sale(flow, codes)
 
     # Texts of the real size for the floor: a pay's pre-sign string and a pay answer's.
-    order = PayOrder(
-        partner_trans_id=f"VM-BENCH-{datetime.now(UTC):%Y%m%d%H%M%S}-0a1b2c3d",
-        amount=PRICE,
-        currency="USD",
-        buyer_identity_code=unique_code(1),
-        trans_name=SETTINGS.trans_name,
-        trans_create_time=f"{datetime.now(UTC):%Y%m%d%H%M%S}",
-        extend_info=SETTINGS.extend_info,
-    )
+    stamp = f"{datetime.now(UTC):%Y%m%d%H%M%S}"
+    order = pay_order(f"VM-BENCH-{stamp}-0a1b2c3d", unique_code(1), stamp)
     pay_params = flow.client.pay_params(order)
     presign = presign_string(pay_params)
     last_ref = flow.journal.listing(recent=1)[0].ref
@@ -398,11 +370,7 @@ def _run(tmp: Path, sim: GatewaySimulator, n: int) -> dict[str, Any]:
         f"paid sale through PaymentFlow.sell, RSA2, simulator on loopback, N={sale['n']} "
         f"(after {WARMUP} warm-up)"
     )
-    print(
-        f"  sale   p50 {fmt_ms(sale['p50_ms'])}  p99 {fmt_ms(sale['p99_ms'])}  "
-        f"mean {fmt_ms(sale['mean_ms'])}  min {fmt_ms(sale['min_ms'])}  "
-        f"max {fmt_ms(sale['max_ms'])}"
-    )
+    print(f"  sale   {fmt_summary(sale)}")
     print(
         f"  floor  p50 {fmt_ms(floor_total['p50_ms'])}  p99 {fmt_ms(floor_total['p99_ms'])}  "
         f"mean {fmt_ms(floor_total['mean_ms'])}  (1 sign + 1 verify + {commits} fsync'd "
@@ -455,12 +423,8 @@ def _run(tmp: Path, sim: GatewaySimulator, n: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("-n", type=int, default=200, help="paid sales to time (default 200)")
-    args = parser.parse_args(argv)
-    figures = run(args.n)
-    report("paid_transaction", figures)
-    return 0
+    count = count_option(200, "paid sales to time")
+    return bench_main("paid_transaction", __doc__, lambda args: run(args.n), argv, count)
 
 
 if __name__ == "__main__":

@@ -9,49 +9,27 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from benchlib import (
-    PARTNER,
-    bench_key,
+    PRICE,
+    bench_main,
     fmt_ms,
+    gateway_settings,
+    pay_order,
+    payment_flow,
     quiet_json_logging,
-    report,
-    start_simulator,
+    simulator_running,
     unique_code,
 )
 
-from drivers.vend_fake import FakeVendOutput
-from kiosk.alipay.client import AlipayClient, GatewaySettings, Outcome, PayOrder
-from kiosk.alipay.signing import RsaSignature, SignType
+from kiosk.alipay.client import AlipayClient, Outcome
 from kiosk.journal import Journal, TxnState
-from kiosk.payment import FlowSettings, PaymentFlow
 from kiosk.simulator import GatewaySimulator
 from kiosk.worker import JournalWorker
 
-PRICE = Decimal("1.50")
-SETTINGS = FlowSettings(
-    terminal_id="VM-BENCH",
-    currency="USD",
-    trans_name="Vending purchase",
-    extend_info={"secondary_merchant_id": "M-1", "store_id": "S-1", "terminal_id": "VM-BENCH"},
-)
 MAX_PASSES = 5
-
-
-def make_client(sim: GatewaySimulator) -> AlipayClient:
-    return AlipayClient(
-        GatewaySettings(
-            gateway=sim.url,
-            partner=PARTNER,
-            seller_id=PARTNER,
-            signature=RsaSignature(
-                SignType.RSA2, private_key=bench_key("merchant"), public_key=sim.alipay_public_key
-            ),
-        )
-    )
 
 
 def build_journal(
@@ -77,7 +55,7 @@ def build_journal(
         journal.update(txn, state=TxnState.VENDED, alipay_trans_id=f"2025{i:024d}")
 
     # The unfinished ones were paid at the gateway before the crash.
-    client = make_client(sim)
+    client = AlipayClient(gateway_settings(sim))
     kinds = {"cancelling": 0, "paying": 0}
     for j in range(unfinished):
         code = unique_code(10_000_000 + j)
@@ -89,17 +67,8 @@ def build_journal(
             buyer_code=code,
             trans_create_time=stamp,
         )
-        order = PayOrder(
-            partner_trans_id=txn.ref,
-            amount=PRICE,
-            currency="USD",
-            buyer_identity_code=code,
-            trans_name=SETTINGS.trans_name,
-            trans_create_time=stamp,
-            extend_info=SETTINGS.extend_info,
-        )
         txn = journal.before_request(txn, "pay", {"partner_trans_id": txn.ref})
-        result = client.pay(order)
+        result = client.pay(pay_order(txn.ref, code, stamp))
         if result.outcome is not Outcome.SUCCESS:
             raise RuntimeError(f"the simulator did not take pay {j}: {result.detail}")
         if j < cancelling:  # the vend failed; the cancel was journaled, never answered
@@ -121,12 +90,11 @@ def build_journal(
 
 def run(finished: int, unfinished: int) -> dict[str, Any]:
     quiet_json_logging()
-    sim = start_simulator()
-    try:
-        with tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp_name:
-            return _run(Path(tmp_name) / "state", sim, finished, unfinished)
-    finally:
-        sim.stop()
+    with (
+        simulator_running() as sim,
+        tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp_name,
+    ):
+        return _run(Path(tmp_name) / "state", sim, finished, unfinished)
 
 
 def _run(state_dir: Path, sim: GatewaySimulator, finished: int, unfinished: int) -> dict[str, Any]:
@@ -145,8 +113,7 @@ def _run(state_dir: Path, sim: GatewaySimulator, finished: int, unfinished: int)
     if len(pending) != unfinished:
         raise RuntimeError(f"expected {unfinished} unfinished, found {len(pending)}")
 
-    client = make_client(sim)
-    flow = PaymentFlow(client, journal, FakeVendOutput(), SETTINGS)
+    flow = payment_flow(sim, journal)
     worker = JournalWorker(flow, journal)  # driven pass by pass here, not on its thread
     requests_before = len(sim.requests_seen)
     passes: list[tuple[float, int]] = []
@@ -162,7 +129,7 @@ def _run(state_dir: Path, sim: GatewaySimulator, finished: int, unfinished: int)
         passes.append((time.perf_counter() - t_pass, left))
     settle_s = time.perf_counter() - t_settle
     requests = len(sim.requests_seen) - requests_before
-    client.close()
+    flow.client.close()
     states: dict[str, int] = {}
     for txn in journal.listing(include_all=True):
         if txn.ref.split("-")[-1].startswith("u"):
@@ -202,13 +169,15 @@ def _run(state_dir: Path, sim: GatewaySimulator, finished: int, unfinished: int)
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--finished", type=int, default=10_000)
     parser.add_argument("--unfinished", type=int, default=100)
-    args = parser.parse_args(argv)
-    report("recovery", run(args.finished, args.unfinished))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main(
+        "recovery", __doc__, lambda args: run(args.finished, args.unfinished), argv, options
+    )
 
 
 if __name__ == "__main__":

@@ -4,23 +4,30 @@ READY=1 datagram. Also shows the bare interpreter's start for scale, and the SIG
 
 from __future__ import annotations
 
-import argparse
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import KioskRig, fmt_ms, report, start_simulator
+from benchlib import (
+    DaemonRig,
+    after_warmup,
+    bench_main,
+    count_option,
+    fmt_ms,
+    kiosk_rig,
+    start_kiosk,
+    time_calls,
+)
 
 
-def start_once(rig: KioskRig, sock: socket.socket, notify_path: Path) -> tuple[float, float]:
+def start_once(rig: DaemonRig, sock: socket.socket, notify_path: Path) -> tuple[float, float]:
     """Seconds to READY=1, and seconds from SIGTERM to exit."""
     started = time.perf_counter()
-    proc = rig.spawn(NOTIFY_SOCKET=str(notify_path))
+    start_kiosk(rig, wait_ready=False, NOTIFY_SOCKET=str(notify_path))
     deadline = started + 60
     while True:
         sock.settimeout(max(deadline - time.perf_counter(), 0.001))
@@ -34,9 +41,9 @@ def start_once(rig: KioskRig, sock: socket.socket, notify_path: Path) -> tuple[f
     if "out of service" in datagram:
         raise RuntimeError(f"the kiosk started out of service: {datagram!r}")
     stopping = time.perf_counter()
-    rig.stop()
+    status = rig.stop()
     stopped = time.perf_counter() - stopping
-    assert proc.returncode == 0, f"kiosk exited {proc.returncode}"
+    assert status == 0, f"kiosk exited {status}"
     while True:  # drain STOPPING=1 and anything else sent before exit
         sock.settimeout(0)
         try:
@@ -48,30 +55,16 @@ def start_once(rig: KioskRig, sock: socket.socket, notify_path: Path) -> tuple[f
 
 def bare_python(n: int) -> float:
     """Median seconds for `python -c pass` with this interpreter (its site imports included)."""
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-B", "-c", "pass"], check=True)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    command = [sys.executable, "-B", "-c", "pass"]
+    return statistics.median(time_calls(lambda: subprocess.run(command, check=True), n))
 
 
 def run(n: int) -> dict[str, Any]:
-    sim = start_simulator()
-    try:
-        with tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp_name:
-            tmp = Path(tmp_name)
-            notify_path = tmp / "notify.sock"
-            rig = KioskRig(tmp, sim)
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.bind(str(notify_path))
-                try:
-                    start_once(rig, sock, notify_path)  # warm-up: page cache, new journal
-                    results = [start_once(rig, sock, notify_path) for _ in range(n)]
-                finally:
-                    rig.close()
-    finally:
-        sim.stop()
+    with kiosk_rig() as rig, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        notify_path = rig.tmp / "notify.sock"
+        sock.bind(str(notify_path))
+        # One warm-up start: page cache, new journal.
+        results = after_warmup(lambda: start_once(rig, sock, notify_path), n, 1)
     ready = [r for r, _ in results]
     stops = [s for _, s in results]
     bare = bare_python(5)
@@ -93,11 +86,8 @@ def run(n: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("-n", type=int, default=5, help="starts to time (default 5)")
-    args = parser.parse_args(argv)
-    report("startup", run(args.n))
-    return 0
+    count = count_option(5, "starts to time")
+    return bench_main("startup", __doc__, lambda args: run(args.n), argv, count)
 
 
 if __name__ == "__main__":

@@ -1,38 +1,41 @@
-"""Shared pieces of the kiosk's benchmarks: statistics, result hand-off to run_all.py, the
-gateway simulator with its keys, and a rig running `kiosk run` with its serial devices on ptys.
-
-The rig follows tests/daemon_rig.py but is its own copy, so the benchmarks do not break when
-the tests' helpers change.
-"""
+"""Shared pieces of the kiosk's benchmarks: statistics, result hand-off to run_all.py, and the
+set-ups several benches share, built on the tests' keys, simulator account and daemon rig."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import functools
 import json
 import logging
 import os
-import select
-import signal
 import statistics
-import subprocess
 import sys
-import threading
+import tempfile
 import time
-import tty
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-
+from drivers.vend_fake import FakeVendOutput
+from kiosk.alipay.client import AlipayClient, GatewaySettings, PayOrder
+from kiosk.alipay.signing import SignType
+from kiosk.config import AlipaySection
+from kiosk.journal import Journal
 from kiosk.log import JsonFormatter
+from kiosk.payment import FlowSettings, PaymentFlow
 from kiosk.simulator import GatewaySimulator, MerchantAccount
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTNER = "2088101122334455"
+# `python bench/x.py` puts bench/ on the path, not the checkout: the tests' helpers live there.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.conftest import MD5_KEY, PARTNER, named_key, payment_code, signature_for  # noqa: E402
+from tests.daemon_rig import DaemonRig  # noqa: E402
+
 RESULT_ENV = "KIOSK_BENCH_RESULT"  # run_all.py names a file here to collect each bench's figures
+T = TypeVar("T")
 
 
 # -- figures -------------------------------------------------------------------------------
@@ -62,11 +65,60 @@ def fmt_ms(value: float) -> str:
     return f"{value:8.3f} ms" if value < 100 else f"{value:8.1f} ms"
 
 
+def fmt_summary(s: dict[str, float]) -> str:
+    """`p50 … p99 … mean … min … max …` of a `summary`."""
+    return (
+        f"p50 {fmt_ms(s['p50_ms'])}  p99 {fmt_ms(s['p99_ms'])}  mean {fmt_ms(s['mean_ms'])}  "
+        f"min {fmt_ms(s['min_ms'])}  max {fmt_ms(s['max_ms'])}"
+    )
+
+
+def time_calls(fn: Callable[[], object], n: int) -> list[float]:
+    """Seconds each of n calls of `fn` took."""
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def after_warmup(once: Callable[[], T], n: int, warmup: int) -> list[T]:
+    """What n calls of `once` measured, after `warmup` calls whose results are dropped."""
+    for _ in range(warmup):
+        once()
+    return [once() for _ in range(n)]
+
+
 def report(name: str, figures: dict[str, Any]) -> None:
     """Hand the bench's headline figures to run_all.py (a no-op when run alone)."""
     path = os.environ.get(RESULT_ENV)
     if path:
         Path(path).write_text(json.dumps({"bench": name, **figures}, default=str))
+
+
+def bench_main(
+    name: str,
+    doc: str | None,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    argv: list[str] | None = None,
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """A bench's command line: parse `options`, run, report the figures to run_all.py."""
+    parser = argparse.ArgumentParser(description=doc)
+    if options is not None:
+        options(parser)
+    report(name, run(parser.parse_args(argv)))
+    return 0
+
+
+def count_option(default: int, what: str) -> Callable[[argparse.ArgumentParser], None]:
+    """`-n`: how many of `what` (e.g. "scans to time")."""
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("-n", type=int, default=default, help=f"{what} (default {default})")
+
+    return add
 
 
 def quiet_json_logging() -> None:
@@ -81,241 +133,105 @@ def quiet_json_logging() -> None:
     logging.getLogger("kiosk.simulator").setLevel(logging.WARNING)
 
 
-# -- the simulated gateway -----------------------------------------------------------------
+# -- the simulated gateway and the payment flow against it ---------------------------------
 
-
-@functools.cache
-def bench_key(name: str) -> rsa.RSAPrivateKey:
-    """One 2048-bit RSA key per name ("merchant", "alipay"), made once per process."""
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def start_simulator() -> GatewaySimulator:
-    """The gateway simulator on 127.0.0.1, knowing the merchant's RSA2 public key."""
-    sim = GatewaySimulator(
-        [MerchantAccount(PARTNER, merchant_public_key=bench_key("merchant").public_key())],
-        alipay_private_key=bench_key("alipay"),
-    )
-    sim.start()
-    return sim
+PRICE = Decimal("1.50")
+FLOW_SETTINGS = FlowSettings(
+    terminal_id="VM-BENCH",
+    currency="USD",
+    trans_name="Vending purchase",
+    extend_info={"secondary_merchant_id": "M-1", "store_id": "S-1", "terminal_id": "VM-BENCH"},
+)
 
 
 def unique_code(n: int) -> str:
     """The n-th distinct 18-digit payment code the simulator pays at once (last 4: 0001)."""
-    return f"28{n:012d}0001"
+    return payment_code("0001", n)
+
+
+@contextlib.contextmanager
+def simulator_running() -> Iterator[GatewaySimulator]:
+    """The gateway simulator on 127.0.0.1 with the tests' merchant account and keys."""
+    account = MerchantAccount(
+        PARTNER, md5_key=MD5_KEY, merchant_public_key=named_key("merchant").public_key()
+    )
+    sim = GatewaySimulator([account], alipay_private_key=named_key("alipay"))
+    sim.start()
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+def gateway_settings(sim: GatewaySimulator) -> GatewaySettings:
+    """The client's settings for the simulator: RSA2 with the merchant's key."""
+    return GatewaySettings(
+        gateway=sim.url,
+        partner=PARTNER,
+        seller_id=PARTNER,
+        signature=signature_for(SignType.RSA2, sim),
+    )
+
+
+def payment_flow(
+    sim: GatewaySimulator, journal: Journal, client: AlipayClient | None = None
+) -> PaymentFlow:
+    """The payment flow against the simulator, vending through a fake that always dispenses."""
+    client = client or AlipayClient(gateway_settings(sim))
+    return PaymentFlow(client, journal, FakeVendOutput(), FLOW_SETTINGS)
+
+
+def pay_order(ref: str, code: str, stamp: str) -> PayOrder:
+    """The pay of one item at PRICE, as the flow sends it."""
+    return PayOrder(
+        partner_trans_id=ref,
+        amount=PRICE,
+        currency=FLOW_SETTINGS.currency,
+        buyer_identity_code=code,
+        trans_name=FLOW_SETTINGS.trans_name,
+        trans_create_time=stamp,
+        extend_info=FLOW_SETTINGS.extend_info,
+    )
 
 
 # -- `kiosk run` on ptys -------------------------------------------------------------------
 
-
-class Pty:
-    """One serial line: the daemon opens `port`, the bench uses the master end."""
-
-    def __init__(self) -> None:
-        self.master, slave = os.openpty()
-        self.port = os.ttyname(slave)
-        tty.setraw(slave)  # no echo, no line discipline
-        self._slave = slave  # kept open so the master never sees a hang-up between opens
-        self._buffer = b""
-
-    def write_line(self, text: str, end: str = "\r\n") -> None:
-        os.write(self.master, (text + end).encode())
-
-    def read_line(self, timeout: float) -> str | None:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            ready, _, _ = select.select([self.master], [], [], remaining)
-            if ready:
-                try:
-                    self._buffer += os.read(self.master, 1024)
-                except OSError:
-                    return None
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line.decode(errors="replace").rstrip("\r")
-
-    def expect(self, prefix: str, timeout: float = 10.0) -> str:
-        """Read lines until one starts with `prefix`."""
-        seen: list[str] = []
-        deadline = time.monotonic() + timeout
-        while (line := self.read_line(deadline - time.monotonic())) is not None:
-            if line.startswith(prefix):
-                return line
-            seen.append(line)
-        raise RuntimeError(f"no line starting {prefix!r} within {timeout}s; saw {seen}")
-
-    def close(self) -> None:
-        for fd in (self.master, self._slave):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+# The kiosk's own alipay timings: the rig's defaults are shortened for the tests.
+KIOSK_TIMINGS = {
+    name: getattr(AlipaySection, name)
+    for name in ("pay_timeout_s", "query_interval_s", "query_deadline_s", "probe_interval_s")
+}
 
 
-class KioskRig:
-    """`kiosk run` as a subprocess: serial scanner and vending controller on ptys, the gateway
-    simulator on loopback, fake lights, state and keys in `tmp`."""
+@contextlib.contextmanager
+def kiosk_rig() -> Iterator[DaemonRig]:
+    """A rig for `kiosk run` (serial scanner and VMC on ptys, fake lights, state in a temp dir)
+    against the simulator; not started. On a failure the kiosk's last log lines go to stderr."""
+    # The kiosk must not ping a watchdog of whatever service runs the bench.
+    for name in ("WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
+    with simulator_running() as sim, tempfile.TemporaryDirectory(prefix="kiosk-bench-") as tmp:
+        rig = DaemonRig(Path(tmp), sim, **KIOSK_TIMINGS)
+        try:
+            yield rig
+        except Exception:
+            print("kiosk log, last lines:", *rig.raw_log[-15:], sep="\n  ", file=sys.stderr)
+            raise
+        finally:
+            rig.close()
 
-    def __init__(self, tmp: Path, sim: GatewaySimulator) -> None:
-        self.tmp = tmp
-        self.sim = sim
-        self.scanner = Pty()
-        self.vmc = Pty()
-        self.state_dir = tmp / "state"
-        self.config_path = tmp / "kiosk.toml"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.logs: list[dict[str, Any]] = []
-        self.raw_log: list[str] = []
-        self._changed = threading.Condition()
-        self._write_config()
 
-    def _write_config(self) -> None:
-        keys = self.tmp / "keys"
-        keys.mkdir(exist_ok=True)
-        private = keys / "merchant_private_key.pem"
-        private.write_bytes(
-            bench_key("merchant").private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        private.chmod(0o600)
-        public = keys / "alipay_public_key.pem"
-        public.write_bytes(
-            self.sim.alipay_public_key.public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
-        self.config_path.write_text(f"""
-[kiosk]
-terminal_id = "VM-BENCH"
-state_dir = "{self.state_dir}"
+def is_ready_light(entry: dict[str, Any]) -> bool:
+    """The log line of the lights going to ready."""
+    return entry.get("event") == "indicator" and entry.get("state") == "ready"
 
-[alipay]
-gateway = "{self.sim.url}"
-allow_http = true
-partner = "{PARTNER}"
-sign_type = "RSA2"
-private_key_file = "{private}"
-alipay_public_key_file = "{public}"
-currency = "USD"
 
-[merchant]
-secondary_merchant_id = "M-BENCH"
-store_id = "S-BENCH"
-
-[sale]
-mode = "fixed"
-price = "1.50"
-item = "coffee"
-
-[scanner]
-driver = "serial"
-port = "{self.scanner.port}"
-
-[indicators]
-driver = "fake"
-
-[vend]
-driver = "serial"
-port = "{self.vmc.port}"
-timeout_s = 10
-""")
-
-    def spawn(self, **env_extra: str) -> subprocess.Popen[bytes]:
-        """Start `kiosk run` (JSON logs read on a thread); return without waiting."""
-        self.logs.clear()
-        self.raw_log.clear()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", RESULT_ENV):
-            env.pop(name, None)
-        env.update(env_extra)
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kiosk",
-                "run",
-                "--config",
-                str(self.config_path),
-                "--log-format",
-                "json",
-            ],
-            # From the checkout, as the tests do: the venv's editable install may predate
-            # drivers/__init__.py and then finds `drivers` only through the working directory.
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        threading.Thread(target=self._read_log, args=(self.proc,), daemon=True).start()
-        return self.proc
-
-    def start(self) -> None:
-        """Start and wait until the kiosk is ready with both serial ports open."""
-        self.spawn()
-        self.wait_log(0, lambda e: e.get("event") == "kiosk.ready", 30, "kiosk.ready")
-        # pyserial flushes a port's input when it opens it: talk only once both are open.
-        self.wait_log(0, lambda e: e.get("event") == "scanner.opened", 10, "scanner.opened")
-        self.wait_log(0, lambda e: e.get("event") == "vend.link_up", 10, "vend.link_up")
-        self.wait_log(
-            0,
-            lambda e: e.get("event") == "indicator" and e.get("state") == "ready",
-            10,
-            "indicator ready",
-        )
-
-    def _read_log(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            with self._changed:
-                self.raw_log.append(line)
-                try:
-                    self.logs.append(json.loads(line))
-                except json.JSONDecodeError:
-                    self.logs.append({"event": "unparsed", "line": line})
-                self._changed.notify_all()
-
-    def log_mark(self) -> int:
-        """A point in the log; `wait_log(mark, ...)` looks only at lines after it."""
-        with self._changed:
-            return len(self.logs)
-
-    def wait_log(
-        self, mark: int, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
-    ) -> int:
-        """The position of the first log line after `mark` that matches, once it is read."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for position in range(mark, len(self.logs)):
-                    if predicate(self.logs[position]):
-                        return position
-                remaining = deadline - time.monotonic()
-                exited = self.proc is not None and self.proc.poll() is not None
-                if remaining <= 0 or exited:
-                    raise RuntimeError(
-                        f"log event {what} not seen in {timeout}s"
-                        f"{' (kiosk exited)' if exited else ''}; "
-                        f"last lines: {self.raw_log[-10:]}"
-                    )
-                self._changed.wait(min(remaining, 0.5))
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.scanner.close()
-        self.vmc.close()
+def start_kiosk(rig: DaemonRig, wait_ready: bool = True, **env: str) -> None:
+    """Start `kiosk run` with `env` added; with `wait_ready`, wait until it is ready, both
+    serial ports are open and the lights show ready."""
+    rig.start(wait_ready=wait_ready, extra_env={"PYTHONDONTWRITEBYTECODE": "1", **env})
+    if wait_ready:
+        rig.wait_log(is_ready_light, 10, "indicator ready")
 
 
 def read_proc_status(pid: int) -> dict[str, str]:
