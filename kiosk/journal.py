@@ -269,8 +269,10 @@ class Journal:
         item: str,
         buyer_code: str,
         trans_create_time: str,
+        first_request: tuple[str, dict[str, str]] | None = None,
     ) -> Transaction:
-        """Record a new scan's payment in state `paying`, before the pay request exists."""
+        """Record a new scan's payment in state `paying`, and with it (one commit, one fsync)
+        the first request about to be sent, if given."""
         now = _now_iso()
         txn = Transaction(
             ref=ref,
@@ -283,6 +285,7 @@ class Journal:
             created_at=now,
             updated_at=now,
             buyer_code=buyer_code,
+            attempts=1 if first_request else 0,
         )
         row = self._row(txn)
         with self._write() as conn:
@@ -291,7 +294,26 @@ class Journal:
                 f"VALUES ({', '.join('?' for _ in row)})",
                 list(row.values()),
             )
+            if first_request is not None:
+                self._insert_request(conn, txn, *first_request)
         return txn
+
+    @staticmethod
+    def _insert_request(
+        conn: sqlite3.Connection, txn: Transaction, kind: str, params: dict[str, str]
+    ) -> None:
+        conn.execute(
+            "INSERT INTO requests (ref, kind, journaled_at, params) VALUES (?, ?, ?, ?)",
+            (txn.ref, kind, txn.updated_at, json.dumps(params, sort_keys=True)),
+        )
+
+    @staticmethod
+    def _record_outcome(conn: sqlite3.Connection, ref: str, outcome: str, detail: str) -> None:
+        conn.execute(
+            "UPDATE requests SET outcome=?, detail=? WHERE id = "
+            "(SELECT MAX(id) FROM requests WHERE ref=?)",
+            (outcome, detail[:200], ref),
+        )
 
     def before_request(
         self, txn: Transaction, kind: str, params: dict[str, str], **changes: Any
@@ -301,10 +323,7 @@ class Journal:
         updated = replace(txn, attempts=txn.attempts + 1, updated_at=_now_iso(), **changes)
         with self._write() as conn:
             self._update(conn, updated)
-            conn.execute(
-                "INSERT INTO requests (ref, kind, journaled_at, params) VALUES (?, ?, ?, ?)",
-                (txn.ref, kind, updated.updated_at, json.dumps(params, sort_keys=True)),
-            )
+            self._insert_request(conn, updated, kind, params)
         return updated
 
     def after_request(
@@ -314,22 +333,27 @@ class Journal:
         kiosk (no connection) is taken back out of `attempts`, in the same commit."""
         updated = txn if sent else replace(txn, attempts=txn.attempts - 1, updated_at=_now_iso())
         with self._write() as conn:
-            conn.execute(
-                "UPDATE requests SET outcome=?, detail=? WHERE id = "
-                "(SELECT MAX(id) FROM requests WHERE ref=?)",
-                (outcome, detail[:200], txn.ref),
-            )
+            self._record_outcome(conn, txn.ref, outcome, detail)
             if not sent:
                 self._update(conn, updated)
         return updated
 
-    def update(self, txn: Transaction, **changes: Any) -> Transaction:
-        """Move a transaction on. A final state erases the buyer's code in the same commit."""
+    def update(
+        self,
+        txn: Transaction,
+        *,
+        request_outcome: tuple[str, str] | None = None,
+        **changes: Any,
+    ) -> Transaction:
+        """Move a transaction on. A final state erases the buyer's code in the same commit;
+        `request_outcome` (outcome, detail) notes how the latest request ended, in it too."""
         updated = replace(txn, updated_at=_now_iso(), **changes)
         if updated.state in FINAL_STATES:
             updated = replace(updated, buyer_code=None, next_retry_at=None)
         with self._write() as conn:
             self._update(conn, updated)
+            if request_outcome is not None:
+                self._record_outcome(conn, txn.ref, *request_outcome)
         return updated
 
     def _update(self, conn: sqlite3.Connection, txn: Transaction) -> None:

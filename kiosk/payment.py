@@ -2,11 +2,11 @@
 
 Read it top to bottom as a state machine (states are `TxnState`, SPEC section 5):
 
-    new scan ─ journal ─► PAYING ──SUCCESS──────────────────────────► PAID ─► VENDING ─► VENDED
+    new scan ─ journal ─► PAYING ──SUCCESS───────────────────────────────► VENDING ─► VENDED
                             │ FAILED (buyer / merchant code) ─────────► DECLINED
                             │ never sent (no connection) ─────────────► DECLINED (OFFLINE)
                             └ UNKNOW, SYSTEM_ERROR, timeout, reset, ─► QUERYING
-                              bad answer                                 │ TRADE_SUCCESS ► PAID
+                              bad answer                                 │ TRADE_SUCCESS ► VENDING
                                                                          │ TRADE_CLOSED ─► DECLINED
                                                                          └ deadline ────► CANCELLING
     VENDING ── vend failed / timed out ─► CANCELLING ──SUCCESS──► CANCELLED
@@ -191,13 +191,16 @@ class PaymentFlow:
         ref = new_ref(self.settings.terminal_id, now)
         # Held before the row exists, so the worker never picks up a sale still in hand.
         with self._holding(ref):
+            stamp = now.strftime("%Y%m%d%H%M%S")
+            # The row and its pay request in one commit: journaled before it is sent.
             txn = self.journal.open_transaction(
                 ref=ref,
                 amount=amount,
                 currency=self.settings.currency,
                 item=item,
                 buyer_code=code.digits,
-                trans_create_time=now.strftime("%Y%m%d%H%M%S"),
+                trans_create_time=stamp,
+                first_request=("pay", _public_pay(ref, amount, self.settings, stamp)),
             )
             event(log, "payment.start", ref=ref, amount=str(amount), item=item, code=code.masked)
             sale = self._sell(txn)
@@ -224,7 +227,7 @@ class PaymentFlow:
         if txn.state is TxnState.QUERYING and self.stopping.is_set():
             # Parked at a journaled point; the restart queries, then cancels.
             return self._sale(txn, SaleResult.STOPPED, "STOPPING")
-        if txn.state is TxnState.PAID:
+        if txn.state is TxnState.VENDING:
             txn = self._vend(txn)
             if txn.state is TxnState.VENDED:
                 return self._sale(txn, SaleResult.VENDED, "")
@@ -249,11 +252,16 @@ class PaymentFlow:
         kind: str,
         params: dict[str, str],
         request: Callable[[], R],
+        *,
+        journaled: bool = False,
+        record: bool = True,
         **changes: Any,
     ) -> tuple[Transaction, R | None]:
-        """Journal a money-moving request durably, then send it. None: no gateway took the
-        connection, so it never left the kiosk."""
-        txn = self.journal.before_request(txn, kind, params, **changes)
+        """Journal a money-moving request durably (unless the caller already did), then send
+        it. None: no gateway took the connection, so it never left the kiosk. With
+        `record=False` the caller notes the outcome in its own next commit."""
+        if not journaled:
+            txn = self.journal.before_request(txn, kind, params, **changes)
         try:
             result = request()
         except GatewayUnreachable:
@@ -261,7 +269,8 @@ class PaymentFlow:
             txn = self.journal.after_request(txn, "not_sent", "no gateway reachable", sent=False)
             return txn, None
         self.watch.reachable()
-        self.journal.after_request(txn, result.outcome.value, result.detail)
+        if record:
+            self.journal.after_request(txn, result.outcome.value, result.detail)
         return txn, result
 
     def _order(self, txn: Transaction) -> PayOrder:
@@ -277,16 +286,17 @@ class PaymentFlow:
         )
 
     def _pay(self, txn: Transaction) -> Transaction:
-        """PAYING → PAID | DECLINED | QUERYING."""
+        """PAYING (pay journaled with the transaction) → VENDING | DECLINED | QUERYING."""
         order = self._order(txn)
-        txn, result = self._send(txn, "pay", _public(order), lambda: self.client.pay(order))
+        txn, result = self._send(
+            txn, "pay", {}, lambda: self.client.pay(order), journaled=True, record=False
+        )
         if result is None:
             # No gateway took the connection: the request never left, a known refusal.
             return self.journal.update(txn, state=TxnState.DECLINED, error_code="OFFLINE")
+        outcome = (result.outcome.value, result.detail)
         if result.outcome is Outcome.SUCCESS:
-            return self.journal.update(
-                txn, state=TxnState.PAID, alipay_trans_id=result.alipay_trans_id
-            )
+            return self._paid(txn, outcome, alipay_trans_id=result.alipay_trans_id)
         if result.outcome is Outcome.FAILED and result.error:
             reaction = reaction_for(result.error)
             if reaction.alarm:
@@ -299,13 +309,18 @@ class PaymentFlow:
                     why=reaction.why,
                 )
             if reaction.reaction is Reaction.DECLINE:
-                return self.journal.update(txn, state=TxnState.DECLINED, error_code=result.error)
+                return self.journal.update(
+                    txn, state=TxnState.DECLINED, error_code=result.error, request_outcome=outcome
+                )
             if reaction.reaction is Reaction.OUT_OF_SERVICE:
                 self.watch.merchant_problem(result.error)
-                return self.journal.update(txn, state=TxnState.DECLINED, error_code=result.error)
+                return self.journal.update(
+                    txn, state=TxnState.DECLINED, error_code=result.error, request_outcome=outcome
+                )
         # UNKNOW, SYSTEM_ERROR, a timeout, a reset, a bad answer: never guessed; ask.
         return self.journal.update(
             txn,
+            request_outcome=outcome,
             state=TxnState.QUERYING,
             error_code=result.error,
             alipay_trans_id=result.alipay_trans_id or txn.alipay_trans_id,
@@ -324,7 +339,7 @@ class PaymentFlow:
                 return txn
             txn, status = self._query(txn)
             if status in PAID_STATUSES:
-                return self.journal.update(txn, state=TxnState.PAID)
+                return self._paid(txn, None)
             if status is TradeStatus.TRADE_CLOSED:
                 return self.journal.update(
                     txn, state=TxnState.DECLINED, error_code=txn.error_code or "TRADE_CLOSED"
@@ -361,9 +376,15 @@ class PaymentFlow:
 
     # -- VENDING ---------------------------------------------------------------------------
 
+    def _paid(
+        self, txn: Transaction, outcome: tuple[str, str] | None, **changes: Any
+    ) -> Transaction:
+        """Alipay confirmed the charge: straight to VENDING, in one commit, before APPROVED
+        goes out (a crash after it is resolved by the controller's report, or reversed)."""
+        return self.journal.update(txn, state=TxnState.VENDING, request_outcome=outcome, **changes)
+
     def _vend(self, txn: Transaction) -> Transaction:
-        """PAID → VENDING → VENDED, or → CANCELLING/REFUNDING when the vend failed."""
-        txn = self.journal.update(txn, state=TxnState.VENDING)
+        """VENDING → VENDED, or → CANCELLING/REFUNDING when the vend failed."""
         self.watch.vending(txn.ref)
         result = self.vend.dispense(txn.ref, txn.amount, self.settings.vend_timeout_s)
         event(log, "vend.result", ref=txn.ref, result=result.value)
@@ -565,13 +586,15 @@ class PaymentFlow:
                 self.journal.update(txn, next_retry_at=None, retry_count=0)
 
 
-def _public(order: PayOrder) -> dict[str, str]:
+def _public_pay(
+    ref: str, amount: Decimal, settings: FlowSettings, trans_create_time: str
+) -> dict[str, str]:
     """The pay request as journaled next to the transaction: everything but the code, which
     lives in the transaction row until it is final."""
     return {
-        "partner_trans_id": order.partner_trans_id,
-        "trans_amount": str(order.amount),
-        "currency": order.currency,
-        "trans_create_time": order.trans_create_time,
-        "trans_name": order.trans_name,
+        "partner_trans_id": ref,
+        "trans_amount": str(amount),
+        "currency": settings.currency,
+        "trans_create_time": trans_create_time,
+        "trans_name": settings.trans_name,
     }

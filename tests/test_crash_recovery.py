@@ -20,12 +20,11 @@ CHILD = ROOT / "tests" / "crash_child.py"
 
 # (crash point, code suffix, vend result, what the controller re-reports after the restart)
 STEPS = [
-    ("after_open", "0001", "vended", "timed_out"),
-    ("after_pay_journaled", "0001", "vended", "timed_out"),
+    ("after_open", "0001", "vended", "timed_out"),  # the row and its pay, not yet sent
     ("after_pay_sent", "0001", "vended", "timed_out"),
     ("after_querying", "3002", "vended", "timed_out"),
-    ("after_paid", "0001", "vended", "timed_out"),
-    ("after_vending", "0001", "vended", "timed_out"),
+    ("after_vending", "0001", "vended", "timed_out"),  # paid, APPROVED not yet sent
+    ("after_vending", "3002", "vended", "timed_out"),  # paid as found by a query
     ("after_dispense", "0001", "vended", "vended"),
     ("after_dispense", "0001", "failed", "failed"),
     ("after_cancelling", "0001", "failed", "timed_out"),
