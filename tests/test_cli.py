@@ -32,6 +32,22 @@ def kiosk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
+def start_until(args: list[str], event: str) -> subprocess.Popen[str]:
+    """Start `kiosk ARGS --log-format json` and return once it logged `event`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kiosk", *args, "--log-format", "json"],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if json.loads(line).get("event") == event:
+            return proc
+    raise AssertionError(f"kiosk {args[0]} ended before logging {event}")
+
+
 def test_version() -> None:
     done = kiosk("--version")
     assert done.returncode == 0 and done.stdout.strip() == f"kiosk {__version__}"
@@ -73,18 +89,8 @@ def test_run_with_a_bad_config_stays_up_out_of_service_and_stops_cleanly(
 ) -> None:
     path = tmp_path / "kiosk.toml"
     path.write_text("[kiosk]\nterminal_id = 5\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kiosk", "run", "--config", str(path), "--log-format", "json"],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
+    proc = start_until(["run", "--config", str(path)], "kiosk.out_of_service")
     try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if json.loads(line).get("event") == "kiosk.out_of_service":
-                break
         assert proc.poll() is None  # still running: no crash loop under systemd
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
@@ -106,11 +112,8 @@ def test_simulator_command_serves_signed_answers(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen(
+    proc = start_until(
         [
-            sys.executable,
-            "-m",
-            "kiosk",
             "simulator",
             "--listen",
             f"127.0.0.1:{port}",
@@ -120,19 +123,10 @@ def test_simulator_command_serves_signed_answers(tmp_path: Path) -> None:
             str(merchant),
             "--write-alipay-public-key",
             str(alipay_public),
-            "--log-format",
-            "json",
         ],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
+        "simulator.listening",
     )
     try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if json.loads(line).get("event") == "simulator.listening":
-                break
         signature = RsaSignature(
             SignType.RSA2,
             private_key=named_key("merchant"),

@@ -43,6 +43,15 @@ def assert_money_rules(rig: DaemonRig) -> None:
     assert all(r["buyer_code"] is None for r in rows)
 
 
+def sell_and_vend(rig: DaemonRig, n: int) -> str:
+    """Scan a code that pays at once and play a controller that dispenses."""
+    rig.scanner.write_line(payment_code("0001", n))
+    _, ref, _ = rig.vmc.expect("APPROVED ").split(" ")
+    rig.vmc.write_line(f"SUCCESS {ref}")
+    assert rig.vmc.expect("ACK ") == f"ACK {ref}"
+    return ref
+
+
 def test_paid_scan_is_approved_vended_and_acknowledged(rig: DaemonRig) -> None:
     rig.scanner.write_line(payment_code("0001"))
     approved = rig.vmc.expect("APPROVED ")
@@ -99,10 +108,7 @@ def test_gateway_offline_then_back(rig: DaemonRig) -> None:
     rig.wait_log(lambda e: e.get("event") == "indicator" and e.get("state") == "offline", 10)
     rig.sim.go_online()
     rig.wait_log(lambda e: e.get("event") == "gateway.online", 10)
-    rig.scanner.write_line(payment_code("0001", 2))
-    _, ref, _ = rig.vmc.expect("APPROVED ").split(" ")
-    rig.vmc.write_line(f"SUCCESS {ref}")
-    rig.vmc.expect("ACK ")
+    sell_and_vend(rig, 2)
     assert rig.stop() == 0
     assert_money_rules(rig)
 
@@ -215,10 +221,7 @@ def test_merchant_configuration_error_takes_it_out_of_service_until_a_probe_pass
     rig.wait_log(lambda e: e.get("event") == "indicator" and e.get("state") == "out_of_service", 5)
     # probe_interval_s is 1 s on the rig: a signed query is accepted again, back in service.
     rig.wait_log(lambda e: e.get("event") == "kiosk.back_in_service", 10)
-    rig.scanner.write_line(payment_code("0001", 2))
-    _, ref, _ = rig.vmc.expect("APPROVED ").split(" ")
-    rig.vmc.write_line(f"SUCCESS {ref}")
-    rig.vmc.expect("ACK ")
+    sell_and_vend(rig, 2)
     assert rig.stop() == 0
     assert_money_rules(rig)
 
