@@ -66,6 +66,16 @@ def build_simulator(args: argparse.Namespace) -> GatewaySimulator:
         alipay_key = loaded
     else:
         alipay_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if args.alipay_private_key:  # keep it, so a restarted simulator signs the same way
+            path = Path(args.alipay_private_key)
+            path.write_bytes(
+                alipay_key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+            path.chmod(0o600)
     if args.write_alipay_public_key:
         Path(args.write_alipay_public_key).write_bytes(
             alipay_key.public_key().public_bytes(
