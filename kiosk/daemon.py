@@ -226,8 +226,8 @@ class Kiosk:
             watch=self,
             stopping=self.stopping,
             wall_clock=self._wall,
+            in_hand=self.flow.in_hand,
         )
-        worker_flow._owned = self.flow._owned  # one set of refs in hand, seen by both
         if self.worker is not None:
             self.worker.stop(timeout=5)
         self.worker = JournalWorker(
@@ -497,8 +497,8 @@ class Kiosk:
                 self._next_probe = None
                 event(log, "gateway.online")
                 if self.worker is not None:
-                    self.worker.flow.retry_now()
-                    self.worker.wake()
+                    # Everything waiting is due now; no journal writes on the loop's thread.
+                    self.worker.wake(resume_all=True)
         elif what == "unreachable":
             if not self.status.offline:
                 self.status.offline = True

@@ -198,34 +198,27 @@ def play(rig: DemoRig, out: Callable[[str], None]) -> list[Row]:
         txn = rig.journal.get(ref)
         return txn.state.value if txn else "missing"
 
+    # (what happens, name, last 4 digits, the vend's result, journal state, Alipay's ledger)
+    simple = [
+        ("paid: scan, Alipay says SUCCESS, the machine vends",
+         "paid", "0001", VendResult.VENDED, "vended", "charged"),
+        ("declined: the buyer's balance is too low",
+         "declined", "2022", VendResult.VENDED, "declined", "no trade"),
+        ("confirm on phone: UNKNOW, the buyer enters a password, queries find it paid",
+         "buyer confirms on phone", "1001", VendResult.VENDED, "vended", "charged"),
+        ("timeout: the answer comes too late, a query finds the charge",
+         "timeout resolved by query", "3001", VendResult.VENDED, "vended", "charged"),
+        ("vend failure: paid, the machine jams, the charge is reversed",
+         "vend failure reversed", "0005", VendResult.FAILED, "cancelled", "charged, returned"),
+    ]  # fmt: skip
     rig.start_kiosk()
-    out("paid: scan, Alipay says SUCCESS, the machine vends")
-    code = _code("0001", 1)
-    sale = rig.sell(code)
-    record("paid", code, sale, final_state(sale.ref), "vended", "charged")
-
-    out("declined: the buyer's balance is too low")
-    code = _code("2022", 2)
-    sale = rig.sell(code)
-    record("declined", code, sale, final_state(sale.ref), "declined", "no trade")
-
-    out("confirm on phone: UNKNOW, the buyer enters a password, queries find it paid")
-    code = _code("1001", 3)
-    sale = rig.sell(code)
-    record("buyer confirms on phone", code, sale, final_state(sale.ref), "vended", "charged")
-
-    out("timeout: the answer comes too late, a query finds the charge")
-    code = _code("3001", 4)
-    sale = rig.sell(code)
-    record("timeout resolved by query", code, sale, final_state(sale.ref), "vended", "charged")
-
-    out("vend failure: paid, the machine jams, the charge is reversed")
-    rig.vend.script(VendResult.FAILED)
-    code = _code("0005", 5)
-    sale = rig.sell(code)
-    record(
-        "vend failure reversed", code, sale, final_state(sale.ref), "cancelled", "charged, returned"
-    )
+    for n, (story, name, suffix, vend_result, expect_state, expect_money) in enumerate(simple):
+        out(story)
+        if vend_result is not VendResult.VENDED:
+            rig.vend.script(vend_result)
+        code = _code(suffix, n + 1)
+        sale = rig.sell(code)
+        record(name, code, sale, final_state(sale.ref), expect_state, expect_money)
 
     out("network lost: charged, then the line drops; the kiosk restarts while offline,")
     out("  and the journal returns the money once the network is back")

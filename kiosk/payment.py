@@ -119,7 +119,7 @@ class _NullWatch:
 
 
 @dataclass
-class _Owned:
+class RefsInHand:
     """Refs the foreground is driving; the worker leaves them alone."""
 
     refs: set[str] = field(default_factory=set)
@@ -172,7 +172,10 @@ class PaymentFlow:
         stopping: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        in_hand: RefsInHand | None = None,
     ) -> None:
+        """`in_hand` shares the set of refs in hand with another flow on the same journal (the
+        foreground and the journal worker), so neither drives a transaction the other holds."""
         self.client = client
         self.journal = journal
         self.vend = vend
@@ -181,7 +184,7 @@ class PaymentFlow:
         self.stopping = stopping or threading.Event()
         self._clock = clock
         self._wall = wall_clock
-        self._owned = _Owned()
+        self.in_hand = in_hand or RefsInHand()
 
     # -- the foreground: one new scan ------------------------------------------------------
 
@@ -356,7 +359,13 @@ class PaymentFlow:
             self.watch.unreachable()
             return txn, None
         self.watch.reachable()
-        txn = self.journal.update(txn, attempts=txn.attempts + 1)
+        # One commit: the count, and Alipay's trade id when this answer is the first to give it.
+        new_id = result.outcome is Outcome.SUCCESS and result.alipay_trans_id
+        txn = self.journal.update(
+            txn,
+            attempts=txn.attempts + 1,
+            alipay_trans_id=(result.alipay_trans_id if new_id else txn.alipay_trans_id),
+        )
         event(
             log,
             "payment.query",
@@ -367,8 +376,6 @@ class PaymentFlow:
             level=logging.DEBUG,
         )
         if result.outcome is Outcome.SUCCESS:
-            if result.alipay_trans_id and result.alipay_trans_id != txn.alipay_trans_id:
-                txn = self.journal.update(txn, alipay_trans_id=result.alipay_trans_id)
             return txn, result.trade_status
         if result.outcome is Outcome.FAILED and result.error == ABSENT:
             return txn, ABSENT  # the pay may not have arrived yet: not proof of anything alone
@@ -516,19 +523,19 @@ class PaymentFlow:
     @contextlib.contextmanager
     def _holding(self, ref: str) -> Iterator[bool]:
         """Take a ref in hand for the duration; yields False if someone already holds it."""
-        with self._owned.lock:
-            taken = ref not in self._owned.refs
-            self._owned.refs.add(ref)
+        with self.in_hand.lock:
+            taken = ref not in self.in_hand.refs
+            self.in_hand.refs.add(ref)
         try:
             yield taken
         finally:
             if taken:
-                with self._owned.lock:
-                    self._owned.refs.discard(ref)
+                with self.in_hand.lock:
+                    self.in_hand.refs.discard(ref)
 
     def owns(self, ref: str) -> bool:
-        with self._owned.lock:
-            return ref in self._owned.refs
+        with self.in_hand.lock:
+            return ref in self.in_hand.refs
 
     def settle(self, txn: Transaction) -> Transaction:
         """Drive a journaled, unfinished transaction one step on. Used by the journal worker
@@ -578,12 +585,6 @@ class PaymentFlow:
         return self.journal.update(
             txn, retry_count=txn.retry_count + 1, next_retry_at=time.time() + delay
         )
-
-    def retry_now(self) -> None:
-        """The gateway is back: make every waiting transaction due at once."""
-        for txn in self.journal.unfinished():
-            if txn.next_retry_at and not self.owns(txn.ref):
-                self.journal.update(txn, next_retry_at=None, retry_count=0)
 
 
 def _public_pay(
