@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from kiosk.alipay.client import AlipayClient, GatewaySettings
+from kiosk.alipay.client import AlipayClient, GatewaySettings, QueryResult
 from kiosk.alipay.signing import (
     Md5Signature,
     RsaSignature,
@@ -159,6 +159,7 @@ class Kiosk:
         self._declined_until: float | None = None
         self._selection: _Selection | None = None
         self._next_probe: float | None = None
+        self._probing = False
         self._next_watchdog = 0.0
         self._shown: KioskState | None = None
         self.flow: PaymentFlow | None = None
@@ -379,6 +380,8 @@ class Kiosk:
                 self._enter_out_of_service(f"journal: {payload}")
             case "reload":
                 self._handle_reload()
+            case "probe":
+                self._handle_probe(payload)
 
     def _sale_busy(self) -> bool:
         return self._sale_thread is not None and self._sale_thread.is_alive()
@@ -539,24 +542,40 @@ class Kiosk:
         self._refresh_lights()
 
     def _probe(self) -> None:
-        """Out of service or offline: is a signed request accepted again?"""
+        """Out of service or offline: is a signed request accepted again? Asked on a thread
+        of its own with a client of its own, so the loop never waits on the network."""
         self._next_probe = None
-        client = self.worker.flow.client if self.worker is not None else None
-        if client is None:
+        if self.worker is None:  # the keys were unusable: try building the flow again
             try:
                 self._build_flow()
             finally:
                 self._next_probe = time.monotonic() + self.config.alipay.probe_interval_s
             return
+        if not self._probing:
+            self._probing = True
+            threading.Thread(target=self._ask_gateway, name="probe", daemon=True).start()
+
+    def _ask_gateway(self) -> None:
+        result: QueryResult | None = None
         try:
-            result = client.query(f"{self.config.kiosk.terminal_id}-probe")
-        except GatewayUnreachable:
-            self.unreachable()
+            client = self._client_factory()
+            try:
+                result = client.query(f"{self.config.kiosk.terminal_id}-probe")
+            finally:
+                client.close()
+        except (GatewayUnreachable, KeyFileError):
+            result = None
+        self.events.put(("probe", result))
+
+    def _handle_probe(self, result: QueryResult | None) -> None:
+        self._probing = False
+        if result is None:
+            self._handle_gateway("unreachable")  # schedules the next probe
             return
         # A signed answer (even "no such trade") proves the key and partner are accepted.
         accepted = result.error == "TRADE_NOT_EXIST" or result.outcome.value == "success"
         event(log, "gateway.probe", accepted=accepted, error=result.error, detail=result.detail)
-        self.reachable()
+        self._handle_gateway("reachable")
         if (
             accepted
             and self.status.out_of_service
