@@ -15,7 +15,6 @@ import os
 import re
 import select
 import struct
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,8 +23,8 @@ from typing import Any, Protocol
 from evdev import ecodes
 
 from drivers.keymap import IDLE_RESET_S, ScanDecoder, get_layout
+from drivers.scanner_thread import ScannerThread
 from kiosk.log import event
-from kiosk.ports import ScanCallback
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,6 @@ RESCAN_MAX_S = 5.0
 GRAB_RETRY_S = 0.05  # how often to look again for a moment with no key down
 OPEN_RETRIES = 5  # EACCES/EPERM right after hotplug: udev has not fixed the node yet
 OPEN_RETRY_S = 0.2
-JOIN_TIMEOUT_S = 2.0
 
 _VENDOR_PRODUCT = re.compile(r"^([0-9a-fA-F]{4}):([0-9a-fA-F]{4})$")
 
@@ -143,7 +141,7 @@ def physical_device(phys: str) -> str:
     return phys.rsplit("/", 1)[0]
 
 
-class EvdevScanner:
+class EvdevScanner(ScannerThread):
     """A scanner on evdev. `device` is a path (by-id/by-path symlinks are followed); `match` is
     `vendor:product` in hex or a substring of the device name. One of the two is required."""
 
@@ -169,50 +167,21 @@ class EvdevScanner:
         self._expected_nodes = 0
         self._backoff = RESCAN_MIN_S
         self._rescan_at = 0.0
-        self._on_scan: ScanCallback | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-        self._closed = False
-        self._failing = False  # the last reader step raised: degraded until one succeeds
+        super().__init__()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
 
     # -- public -------------------------------------------------------------------------------
 
-    def start(self, on_scan: ScanCallback) -> None:
-        if self._closed:
-            raise RuntimeError("scanner is closed")
-        if self._thread is not None:
-            raise RuntimeError("scanner already started")
-        self._on_scan = on_scan
-        self._thread = threading.Thread(target=self._run, name="scanner-evdev", daemon=True)
-        self._thread.start()
+    thread_name = "scanner-evdev"
 
-    def healthy(self) -> bool:
-        """True while reading, and while waiting for an unplugged scanner to come back."""
-        alive = self._thread is not None and self._thread.is_alive()
-        return alive and not self._closed and not self._failing
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stopping.set()
+    def _wake_reader(self) -> None:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        if self._thread is not None:
-            self._thread.join(JOIN_TIMEOUT_S)
-            if self._thread.is_alive():
-                event(log, "scanner.close_timeout", logging.ERROR)
-                return  # leave the pipe to the thread rather than close an fd it selects on
+
+    def _release(self) -> None:
         os.close(self._wake_r)
         os.close(self._wake_w)
-
-    def __enter__(self) -> EvdevScanner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- reader thread ------------------------------------------------------------------------
 
@@ -297,13 +266,6 @@ class EvdevScanner:
                     node.decoder.sync_modifiers(node.node.active_keys())
         if self.grab and not node.grabbed:
             self._try_grab(node)
-
-    def _deliver(self, line: str) -> None:
-        assert self._on_scan is not None
-        try:
-            self._on_scan(line)
-        except Exception as exc:  # the core's bug must not stop the scanner
-            event(log, "scanner.callback_failed", logging.ERROR, error=repr(exc))
 
     def _drop(self, node: _OpenNode, reason: str) -> None:
         node.decoder.reset(reason)

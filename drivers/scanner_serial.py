@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import serial
 
+from drivers.scanner_thread import ScannerThread
 from kiosk.log import event, mask_code
-from kiosk.ports import ScanCallback
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +23,6 @@ MAX_LINE = 64  # bytes; longer than any payment code by far
 IDLE_RESET_S = 0.5  # a half line followed by silence is noise, not the start of the next code
 REOPEN_MIN_S = 0.5
 REOPEN_MAX_S = 5.0
-JOIN_TIMEOUT_S = 2.0
 
 SerialFactory = Callable[..., Any]
 
@@ -86,7 +84,7 @@ class LineSplitter:
         return line or None
 
 
-class SerialScanner:
+class SerialScanner(ScannerThread):
     """A scanner on `port` (a path such as /dev/ttyACM0 or a by-id symlink to it)."""
 
     def __init__(
@@ -100,45 +98,18 @@ class SerialScanner:
         self.baud = baud
         self.serial_factory = serial_factory
         self.idle_reset_s = idle_reset_s
-        self._on_scan: ScanCallback | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-        self._closed = False
-        self._failing = False  # the reader hit an unexpected error: degraded until it reopens
+        super().__init__()
         self._port: Any | None = None  # the open port, for close() to wake a blocked read
 
-    def start(self, on_scan: ScanCallback) -> None:
-        if self._closed:
-            raise RuntimeError("scanner is closed")
-        if self._thread is not None:
-            raise RuntimeError("scanner already started")
-        self._on_scan = on_scan
-        self._thread = threading.Thread(target=self._run, name="scanner-serial", daemon=True)
-        self._thread.start()
+    thread_name = "scanner-serial"
 
-    def healthy(self) -> bool:
-        """True while reading, and while waiting to reopen an unplugged port."""
-        alive = self._thread is not None and self._thread.is_alive()
-        return alive and not self._closed and not self._failing
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._stopping.set()
+    def _wake_reader(self) -> None:
         port = self._port
         if port is not None and hasattr(port, "cancel_read"):
             port.cancel_read()  # the reader blocks without a timeout: wake it now
-        if self._thread is not None:
-            self._thread.join(JOIN_TIMEOUT_S)
-            if self._thread.is_alive():
-                event(log, "scanner.close_timeout", logging.ERROR, port=self.port)
 
-    def __enter__(self) -> SerialScanner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _where(self) -> dict[str, Any]:
+        return {"port": self.port}
 
     # -- reader thread ------------------------------------------------------------------------
 
@@ -207,10 +178,3 @@ class SerialScanner:
             last_byte_at = now
             for line in splitter.feed(data):
                 self._deliver(line)
-
-    def _deliver(self, line: str) -> None:
-        assert self._on_scan is not None
-        try:
-            self._on_scan(line)
-        except Exception as exc:  # the core's bug must not stop the scanner
-            event(log, "scanner.callback_failed", logging.ERROR, error=repr(exc))
