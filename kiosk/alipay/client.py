@@ -13,10 +13,11 @@ import logging
 import ssl
 import time
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from http.client import RemoteDisconnected
+from typing import TypeVar
 from urllib.parse import urlencode
 
 import requests
@@ -113,6 +114,9 @@ class RefundResult:
     outcome: Outcome
     error: str | None
     detail: str
+
+
+Result = TypeVar("Result", PayResult, QueryResult, CancelResult, RefundResult)
 
 
 @dataclass(frozen=True)
@@ -217,11 +221,11 @@ class AlipayClient:
     def pay(self, order: PayOrder) -> PayResult:
         """Charge the buyer's code. UNKNOW, timeouts and doubtful answers give UNKNOWN."""
         params = self.pay_params(order)
-        started = time.monotonic()
-        reply = self._call(params, self.settings.pay_timeout_s)
-        result = self._pay_result(reply, params)
-        self._log(SERVICE_PAY, order.partner_trans_id, result.outcome, result.detail, started)
-        return result
+        return self._exchange(
+            SERVICE_PAY,
+            order.partner_trans_id,
+            lambda: self._pay_result(self._call(params, self.settings.pay_timeout_s), params),
+        )
 
     def query(
         self,
@@ -239,11 +243,11 @@ class AlipayClient:
             expect["trans_amount"] = format_amount(amount, currency)
         if currency is not None:
             expect["currency"] = currency
-        started = time.monotonic()
-        reply = self._call(params, self.settings.read_timeout_s)
-        result = self._query_result(reply, expect)
-        self._log(SERVICE_QUERY, partner_trans_id, result.outcome, result.detail, started)
-        return result
+        return self._exchange(
+            SERVICE_QUERY,
+            partner_trans_id,
+            lambda: self._query_result(self._call(params, self.settings.read_timeout_s), expect),
+        )
 
     def cancel(
         self, partner_trans_id: str, timestamp_ms: int, alipay_trans_id: str | None = None
@@ -251,11 +255,11 @@ class AlipayClient:
         """Close or reverse the trade. `timestamp_ms` is epoch milliseconds; a retry of the same
         cancel should send the same value."""
         params = self.cancel_params(partner_trans_id, timestamp_ms, alipay_trans_id)
-        started = time.monotonic()
-        reply = self._call(params, self.settings.read_timeout_s)
-        result = self._cancel_result(reply, params)
-        self._log(SERVICE_CANCEL, partner_trans_id, result.outcome, result.detail, started)
-        return result
+        return self._exchange(
+            SERVICE_CANCEL,
+            partner_trans_id,
+            lambda: self._cancel_result(self._call(params, self.settings.read_timeout_s), params),
+        )
 
     def refund(
         self,
@@ -268,11 +272,11 @@ class AlipayClient:
         """Refund part or all of a paid trade, synchronously. `partner_refund_id` is the
         idempotency key: retry with the same one."""
         params = self.refund_params(partner_trans_id, partner_refund_id, amount, currency, reason)
-        started = time.monotonic()
-        reply = self._call(params, self.settings.read_timeout_s)
-        result = self._refund_result(reply, params)
-        self._log(SERVICE_REFUND, partner_trans_id, result.outcome, result.detail, started)
-        return result
+        return self._exchange(
+            SERVICE_REFUND,
+            partner_trans_id,
+            lambda: self._refund_result(self._call(params, self.settings.read_timeout_s), params),
+        )
 
     def close(self) -> None:
         if self._own_session:
@@ -453,6 +457,13 @@ class AlipayClient:
         if code == "UNKNOW":
             return RefundResult(Outcome.UNKNOWN, error, "UNKNOW")
         return RefundResult(Outcome.UNKNOWN, error, _odd_code(code))
+
+    def _exchange(self, service: str, partner_trans_id: str, call: Callable[[], Result]) -> Result:
+        """Send one call and judge its answer; log the outcome (never the request itself)."""
+        started = time.monotonic()
+        result = call()
+        self._log(service, partner_trans_id, result.outcome, result.detail, started)
+        return result
 
     def _log(
         self, service: str, partner_trans_id: str, outcome: Outcome, detail: str, started: float
