@@ -45,12 +45,8 @@ in_root() { chroot "${ROOT}" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin 
 
 check_host() {
 	[[ "$(id -u)" -eq 0 ]] || die "run as root (debootstrap, chroot and device nodes need it)"
-	local tool missing=()
-	for tool in debootstrap qemu-aarch64-static update-binfmts mkfs.vfat mcopy mkfs.ext4 parted; do
-		command -v "${tool}" >/dev/null || missing+=("${tool}")
-	done
-	[[ ${#missing[@]} -eq 0 ]] || die "missing ${missing[*]}; apt-get install -y debootstrap \
-qemu-user-static binfmt-support dosfstools mtools parted e2fsprogs"
+	bash "${HERE}/../tools/host-packages.sh" check image-build ||
+		die "host packages missing: tools/host-packages.sh install image-build"
 }
 
 # Run arm64 binaries in the chroot through qemu-user-static.

@@ -5,6 +5,11 @@
 #
 #   image-test.sh [--reuse]   --reuse: boot the image and card files of the last run again
 #                             (for iterating on the checks; CI always builds)
+#   image-test.sh --check-host   build nothing: check every host package, file and command the
+#                             build and the boots need (tools/host-packages.txt, groups
+#                             image-build and image-boot), and start qemu-system-aarch64 paused
+#                             with the boot's machine and devices, which proves it finds every
+#                             ROM and firmware file it loads
 #
 # In the guest, under real systemd: provisioning ran and took the secrets off the boot
 # partition; kiosk.service became active (READY=1) with its hardening in force; a hung main
@@ -18,8 +23,7 @@ PROJECT="$(cd "${HERE}/.." && pwd)"
 OUT="${KIOSK_IMAGE_OUT:-${HERE}/out}"
 REUSE=0
 BOOT_TIMEOUT_S=900 # one guest boot, checks included; TCG is slow but not that slow
-APT_PACKAGES=(debootstrap qemu-user-static binfmt-support qemu-system-arm dosfstools mtools
-	parted e2fsprogs)
+HOST_GROUPS=(image-build image-boot) # in tools/host-packages.txt
 export MTOOLS_SKIP_CHECK=1
 
 log() { printf 'image-test: %s\n' "$*" >&2; }
@@ -42,16 +46,10 @@ phase() {
 	PHASE_START="${now}"
 }
 
+# Per package and per file, not per command: a present qemu-system-aarch64 says nothing about
+# the files it loads. Installs only what is missing and says what it installed.
 install_tools() {
-	local tool missing=0
-	for tool in debootstrap qemu-aarch64-static update-binfmts qemu-system-aarch64 mkfs.vfat \
-		mcopy parted mkfs.ext4; do
-		command -v "${tool}" >/dev/null || missing=1
-	done
-	[[ "${missing}" -eq 1 ]] || return 0
-	export DEBIAN_FRONTEND=noninteractive
-	apt-get -o DPkg::Lock::Timeout=600 update -qq
-	apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${APT_PACKAGES[@]}"
+	bash "${PROJECT}/tools/host-packages.sh" install "${HOST_GROUPS[@]}"
 }
 
 host_python() {
@@ -259,17 +257,26 @@ provision_card() {
 	mcopy -o -i "${boot}" "::/${initrd}" "${WORK}/initrd.img"
 }
 
+# The guest machine, shared by the boots and --check-host. The NIC gets no option ROM
+# (romfile=): the guest kernel and initrd are passed with -kernel/-initrd and nothing
+# network-boots, so the iPXE ROM (efi-virtio.rom, from ipxe-qemu, only a Recommends of
+# qemu-system-arm) would never run, yet without romfile= qemu refuses to start when it is
+# absent. With it, -M virt and these devices load no file at all from qemu's data folders.
+qemu_machine() { # DISK
+	QEMU_MACHINE=(-M virt -cpu cortex-a72 -smp 2 -m 1024 -accel tcg
+		-drive "file=$1,format=raw,if=virtio"
+		-device virtio-rng-pci
+		-netdev "user,id=net0,restrict=on" -device "virtio-net-pci,netdev=net0,romfile=")
+}
+
 boot_guest() { # N
 	local console="${OUT}/console-boot$1.log"
 	log "boot $1: serial console in ${console}"
-	timeout --foreground -k 10 "${BOOT_TIMEOUT_S}" qemu-system-aarch64 \
-		-M virt -cpu cortex-a72 -smp 2 -m 1024 -accel tcg \
+	qemu_machine "${IMAGE}"
+	timeout --foreground -k 10 "${BOOT_TIMEOUT_S}" qemu-system-aarch64 "${QEMU_MACHINE[@]}" \
 		-nographic -no-reboot -monitor none -serial stdio \
 		-kernel "${WORK}/vmlinuz" -initrd "${WORK}/initrd.img" \
 		-append "root=LABEL=RASPIROOT rw console=ttyAMA0 panic=-1 systemd.show_status=auto" \
-		-drive "file=${IMAGE},format=raw,if=virtio" \
-		-device virtio-rng-pci \
-		-nic user,model=virtio-net-pci,restrict=on \
 		</dev/null >"${console}" 2>&1 || log "boot $1: qemu ended with status $?"
 	# journal+console prefixes each line with the time and the unit's process.
 	tr -d '\r' <"${console}" | grep -aoE 'KIOSK-TEST(-INFO)? .*' |
@@ -280,11 +287,36 @@ boot_guest() { # N
 	}
 }
 
+# The host side of the test without building: packages, files, commands, and qemu started
+# paused (-S) on the boot's machine and devices, then told to quit. qemu loads ROM and firmware
+# files while it creates the machine, before the guest runs, so a missing one fails here.
+check_host() {
+	local disk out
+	bash "${PROJECT}/tools/host-packages.sh" check "${HOST_GROUPS[@]}"
+	disk="$(mktemp /var/tmp/kiosk-probe.XXXXXX)"
+	out="$(mktemp)"
+	truncate -s 1M "${disk}"
+	qemu_machine "${disk}"
+	if echo quit | timeout 60 qemu-system-aarch64 "${QEMU_MACHINE[@]}" -S -display none \
+		-monitor stdio -serial null >"${out}" 2>&1; then
+		log "qemu-system-aarch64 created the boot's machine and devices"
+		rm -f "${disk}" "${out}"
+	else
+		tr -d '\r' <"${out}" | grep -v '^QEMU\|^(qemu)' >&2 || true
+		rm -f "${disk}" "${out}"
+		die "qemu-system-aarch64 cannot create the boot's machine"
+	fi
+}
+
 main() {
 	while [[ $# -gt 0 ]]; do
 		case "$1" in
 		--reuse) REUSE=1 ;;
-		*) die "usage: image-test.sh [--reuse]" ;;
+		--check-host)
+			check_host
+			return
+			;;
+		*) die "usage: image-test.sh [--reuse | --check-host]" ;;
 		esac
 		shift
 	done

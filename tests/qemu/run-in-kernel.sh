@@ -21,10 +21,11 @@ modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
 skip() { echo "run-in-kernel: cannot run: $*" >&2; exit 77; }
 
 [ $# -gt 0 ] || { echo "usage: $0 COMMAND [ARG...]" >&2; exit 2; }
-command -v qemu-system-x86_64 >/dev/null || skip "qemu-system-x86_64 missing (apt-get install qemu-system-x86)"
-command -v cpio >/dev/null || skip "cpio missing"
-command -v depmod >/dev/null || skip "depmod missing (apt-get install kmod)"
-{ command -v apt-cache && command -v dpkg; } >/dev/null || skip "not a Debian system"
+# Every package, file (SeaBIOS, the option ROMs qemu loads) and command this needs, from the
+# one declared list (tools/host-packages.txt); .ci/run installs them.
+{ command -v dpkg-query && command -v apt-cache; } >/dev/null || skip "not a Debian system"
+bash "$repo/tools/host-packages.sh" check kernel-tests >&2 ||
+    skip "host packages missing (tools/host-packages.sh install kernel-tests, as root)"
 busybox=$(command -v busybox || true)
 [ -n "$busybox" ] || skip "busybox missing (apt-get install busybox-static)"
 if ldd "$busybox" >/dev/null 2>&1; then skip "$busybox is not static (apt-get install busybox-static)"; fi
@@ -124,9 +125,11 @@ trap 'rm -rf "$run"' EXIT
     echo
 } >"$run/cmd.sh"
 
+# -nic none and -vga none: no NIC and no VGA, so no iPXE ROM and no VGA BIOS to find (the
+# console is ttyS0, the host root comes over virtio-9p).
 set +e
 timeout --kill-after=10 "$limit" qemu-system-x86_64 -accel tcg -cpu max -m 1024 -smp 2 \
-    -nographic -no-reboot -nic none -kernel "$kdir/vmlinuz" -initrd "$kdir/initrd.img" \
+    -nographic -no-reboot -nic none -vga none -kernel "$kdir/vmlinuz" -initrd "$kdir/initrd.img" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -append "console=ttyS0 quiet panic=-1 kiosk.cmd=$run/cmd.sh" </dev/null | tee "$run/console.log"
 status=${PIPESTATUS[0]}
