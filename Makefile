@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench lint soak image-test clean
+.PHONY: demo test bench lint soak image-test host-dev-packages fresh-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,16 @@ lint: $(VENV)/.installed
 soak: $(VENV)/.installed
 	KIOSK_SOAK_TRANSACTIONS=2000 $(PY) -m pytest -q -s tests/test_campaign.py
 
-image-test: $(VENV)/.installed
+# The venv compiles evdev: as root on a new machine, install its compiler and headers first.
+image-test: host-dev-packages $(VENV)/.installed
 	bash image-build/image-test.sh
+
+host-dev-packages:
+	bash tools/host-packages.sh install dev
+
+# The set-up paths (.ci/run's install step, make demo, make test) on a clean Debian root; root.
+fresh-check:
+	bash tools/fresh-check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
