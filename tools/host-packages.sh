@@ -112,6 +112,7 @@ $(printf '%s\n' "${report}" | cut -d: -f1 | sort -u | tr '\n' ' ')"
 	if [[ ${#reinstall[@]} -gt 0 ]]; then
 		log "apt-get install --reinstall ${reinstall[*]}"
 		apt_quiet install -y --no-install-recommends --reinstall "${reinstall[@]}"
+		log "reinstalled ${reinstall[*]} (a file they provide was gone)"
 	fi
 	after="$(package_versions)"
 	comm -13 <(printf '%s\n' "${before}") <(printf '%s\n' "${after}") | while read -r package line; do
