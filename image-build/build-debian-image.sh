@@ -19,7 +19,8 @@ BOOT_MIB=256
 ROOT_SPARE_MIB=768 # free space on the root for the journal, logs and updates
 BOOT_LABEL=RASPIFIRM
 ROOT_LABEL=RASPIROOT
-PACKAGES=(systemd systemd-sysv systemd-timesyncd systemd-resolved udev kmod dbus
+# procps: /bin/kill, kiosk.service's ExecReload (SIGHUP re-reads the config); minbase lacks it.
+PACKAGES=(systemd systemd-sysv systemd-timesyncd systemd-resolved udev kmod dbus procps
 	e2fsprogs dosfstools iproute2 ca-certificates linux-image-arm64 raspi-firmware)
 
 log() { printf 'build-image: %s\n' "$*" >&2; }

@@ -13,8 +13,9 @@
 #
 # In the guest, under real systemd: provisioning ran and took the secrets off the boot
 # partition; kiosk.service became active (READY=1) with its hardening in force; a hung main
-# loop (SIGSTOP) is killed by the watchdog and restarted; the journal in /var/lib/kiosk
-# survives a reboot; the live `systemd-analyze security` exposure is printed.
+# loop (SIGSTOP) is killed by the watchdog and restarted; systemctl reload keeps the same
+# process; the journal in /var/lib/kiosk survives a reboot; the live `systemd-analyze
+# security` exposure is printed.
 # Needs root (debootstrap, chroot). Must fit in 30 minutes on 2 cores with nothing cached.
 set -euo pipefail
 
@@ -211,6 +212,14 @@ make_overlay() {
 		    score="$(grep -oE '[0-9]+\.[0-9]+' <<<"${exposure}" | head -1)"
 		    check live-exposure-at-most-2 "${score}" awk -v s="${score:-99}" 'BEGIN { exit !(s <= 2.0) }'
 
+		    # systemctl reload runs the unit's ExecReload (/bin/kill -HUP): the config is re-read
+		    # by the same process.
+		    reload_out="$(systemctl reload kiosk.service 2>&1)"
+		    reload_rc=$?
+		    wait_for 30 kiosk_active
+		    check reload-same-process "rc ${reload_rc} ${reload_out}" \
+		        test "${reload_rc}" = 0 -a "$(prop kiosk.service MainPID)" = "${pid}"
+
 		    restarts="$(prop kiosk.service NRestarts)"
 		    kill -STOP "${pid}"
 		    restarted() {
@@ -356,7 +365,7 @@ main() {
 	phase "done"
 
 	required=(boot1-kiosk-ready provision-ran boot-secrets-removed key-owner-only
-		hardening-in-force live-exposure-at-most-2 watchdog-restart journal-written
+		hardening-in-force live-exposure-at-most-2 reload-same-process watchdog-restart journal-written
 		boot2-kiosk-ready journal-survived-reboot journal-readable-after-reboot)
 	local failed=0
 	for name in "${required[@]}"; do

@@ -134,6 +134,10 @@ make_root() {
 }
 
 mount_root() {
+	# The root a mount point of its own, as / is on a machine: else `unshare -m` inside (the
+	# storage-fault tests) cannot make / private.
+	mount --bind "${ROOT}" "${ROOT}"
+	MOUNTED=1
 	mount -t proc proc "${ROOT}/proc"
 	mount --rbind /sys "${ROOT}/sys"
 	mount --make-rslave "${ROOT}/sys"
@@ -149,7 +153,7 @@ mount_root() {
 unmount_root() {
 	[[ "${MOUNTED:-0}" -eq 1 ]] || return 0
 	local target
-	for target in root/.cache/pip var/cache/apt/archives dev sys proc; do
+	for target in root/.cache/pip var/cache/apt/archives dev sys proc ""; do
 		umount -R "${ROOT}/${target}" 2>/dev/null || umount -R -l "${ROOT}/${target}" 2>/dev/null || true
 	done
 	MOUNTED=0
