@@ -24,6 +24,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from defusedxml import ElementTree as SafeET
 
+from kiosk.alipay.client import (
+    AlipayClient,
+    CancelResult,
+    GatewaySettings,
+    Outcome,
+    PayOrder,
+    PayResult,
+    QueryResult,
+    RefundResult,
+)
 from kiosk.alipay.signing import Md5Signature, RsaSignature, Signature, SignType, presign_string
 from kiosk.log import mask_code
 from kiosk.simulator import (
@@ -34,6 +44,7 @@ from kiosk.simulator import (
     MerchantAccount,
     TradeStatus,
 )
+from tests.conftest import payment_code
 
 PARTNER = "2088101122334455"
 MD5_KEY = b"0123456789abcdef0123456789abcdef"
@@ -892,6 +903,181 @@ def test_a_query_about_an_existing_trade_names_its_amount_and_currency(
     trade = sim.ledger.trade(PARTNER, params["partner_trans_id"])
     assert trade is not None
     assert (answer.fields["trans_amount"], answer.fields["currency"]) == ("1.50", "USD")
+
+
+# The client's view of each fault: what it says on the tin -------------------------------------
+
+FAULT_VERDICTS: dict[str, tuple[FaultPlan, Outcome, str | None, str]] = {
+    # name: (the fault, on its service, what the client makes of it, its error, its detail)
+    "decline": (
+        FaultPlan(Fault.DECLINE, error="BUYER_BALANCE_NOT_ENOUGH"),
+        Outcome.FAILED,
+        "BUYER_BALANCE_NOT_ENOUGH",
+        "FAILED BUYER_BALANCE_NOT_ENOUGH",
+    ),
+    "system_error_charged": (
+        FaultPlan(Fault.SYSTEM_ERROR_CHARGED),
+        Outcome.UNKNOWN,
+        "SYSTEM_ERROR",
+        "FAILED SYSTEM_ERROR",
+    ),
+    "system_error_not_charged": (
+        FaultPlan(Fault.SYSTEM_ERROR_NOT_CHARGED),
+        Outcome.UNKNOWN,
+        "SYSTEM_ERROR",
+        "FAILED SYSTEM_ERROR",
+    ),
+    "http_500": (FaultPlan(Fault.HTTP_500), Outcome.UNKNOWN, None, "HTTP 500"),
+    "http_500 not charged": (
+        FaultPlan(Fault.HTTP_500, charge=False),
+        Outcome.UNKNOWN,
+        None,
+        "HTTP 500",
+    ),
+    "forged_signature": (
+        FaultPlan(Fault.FORGED_SIGNATURE),
+        Outcome.UNKNOWN,
+        None,
+        "bad signature",
+    ),
+    "gbk": (FaultPlan(Fault.GBK), Outcome.SUCCESS, None, "SUCCESS"),
+    "truncated": (FaultPlan(Fault.TRUNCATED), Outcome.UNKNOWN, None, "answer does not parse"),
+    "drop_after_charge": (
+        FaultPlan(Fault.DROP_AFTER_CHARGE),
+        Outcome.UNKNOWN,
+        None,
+        "connection closed without an answer",
+    ),
+    "slow_after_charge": (
+        FaultPlan(Fault.SLOW_AFTER_CHARGE, delay_s=5.0),
+        Outcome.UNKNOWN,
+        None,
+        "read timeout",
+    ),
+    "wait_buyer_pay": (
+        FaultPlan(Fault.WAIT_BUYER_PAY, delay_s=None),
+        Outcome.UNKNOWN,
+        None,
+        "UNKNOW",
+    ),
+    "query decline": (
+        FaultPlan(Fault.DECLINE, service="query"),
+        Outcome.FAILED,
+        "PAYMENT_FAIL",
+        "FAIL PAYMENT_FAIL",
+    ),
+    "query system_error": (
+        FaultPlan(Fault.SYSTEM_ERROR_NOT_CHARGED, service="query"),
+        Outcome.UNKNOWN,
+        "SYSTEM_ERROR",
+        "FAIL SYSTEM_ERROR",
+    ),
+    "query gbk": (FaultPlan(Fault.GBK, service="query"), Outcome.SUCCESS, None, "TRADE_SUCCESS"),
+    "cancel_window_closed": (
+        FaultPlan(Fault.CANCEL_WINDOW_CLOSED),
+        Outcome.FAILED,
+        "TRADE_CANCEL_TIME_OUT",
+        "FAIL TRADE_CANCEL_TIME_OUT",
+    ),
+    "cancel decline": (
+        FaultPlan(Fault.DECLINE, service="cancel"),
+        Outcome.FAILED,
+        "TRADE_STATUS_ERROR",
+        "FAIL TRADE_STATUS_ERROR",
+    ),
+    "cancel system_error": (
+        FaultPlan(Fault.SYSTEM_ERROR_CHARGED, service="cancel"),
+        Outcome.UNKNOWN,
+        "SYSTEM_ERROR",
+        "UNKNOWN SYSTEM_ERROR",
+    ),
+    "cancel gbk": (FaultPlan(Fault.GBK, service="cancel"), Outcome.SUCCESS, None, "SUCCESS"),
+    "refund decline": (
+        FaultPlan(Fault.DECLINE, service="refund"),
+        Outcome.FAILED,
+        "TRADE_STATUS_ERROR",
+        "FAILED TRADE_STATUS_ERROR",
+    ),
+    "refund system_error": (
+        FaultPlan(Fault.SYSTEM_ERROR_NOT_CHARGED, service="refund"),
+        Outcome.UNKNOWN,
+        "SYSTEM_ERROR",
+        "FAILED SYSTEM_ERROR",
+    ),
+    "refund forged_signature": (
+        FaultPlan(Fault.FORGED_SIGNATURE, service="refund"),
+        Outcome.UNKNOWN,
+        None,
+        "bad signature",
+    ),
+}
+# Only what a signed answer says is verified; transport faults and forgeries are not.
+_UNVERIFIED = {Fault.HTTP_500, Fault.FORGED_SIGNATURE, Fault.TRUNCATED, Fault.DROP_AFTER_CHARGE}
+
+
+@pytest.mark.parametrize("name", list(FAULT_VERDICTS))
+def test_the_client_sees_each_fault_as_its_name_says(
+    simulator: GatewaySimulator, make_client: Callable[..., AlipayClient], name: str
+) -> None:
+    plan, expected, error, detail = FAULT_VERDICTS[name]
+    timed_out = plan.fault is Fault.SLOW_AFTER_CHARGE
+    client = make_client(SignType.RSA2, pay_timeout_s=0.5 if timed_out else 5.0)
+    trans_id = "F-" + name.replace(" ", "-")
+    order = PayOrder(
+        partner_trans_id=trans_id,
+        amount=Decimal("1.50"),
+        currency="USD",
+        buyer_identity_code=payment_code("0001"),
+        trans_name="Vending purchase",
+        trans_create_time="20240601120000",
+        extend_info={"secondary_merchant_id": "M-001", "store_id": "S-042"},
+    )
+    if plan.service != "pay":
+        assert client.pay(order).outcome is Outcome.SUCCESS
+    simulator.inject(plan, partner_trans_id=trans_id)
+    result: PayResult | QueryResult | CancelResult | RefundResult
+    if plan.service == "pay":
+        result = client.pay(order)
+    elif plan.service == "query":
+        result = client.query(trans_id, amount=Decimal("1.50"), currency="USD")
+    elif plan.service == "cancel":
+        result = client.cancel(trans_id, int(time.time() * 1000))
+    else:
+        result = client.refund(trans_id, trans_id + "-R", Decimal("1.50"), "USD")
+    assert (result.outcome, result.error, result.detail) == (expected, error, detail)
+    assert result.verified is not (plan.fault in _UNVERIFIED or timed_out)
+    if isinstance(result, CancelResult) and expected is Outcome.FAILED:
+        assert result.retry_flag is False
+
+
+def test_a_query_of_no_trade_is_a_verified_refusal(
+    simulator: GatewaySimulator, make_client: Callable[..., AlipayClient]
+) -> None:
+    # What the kiosk's gateway probe relies on: a signed "no such trade" proves the key works.
+    result = make_client(SignType.RSA2).query("VM-0042-probe")
+    assert (result.outcome, result.error, result.verified) == (
+        Outcome.FAILED,
+        "TRADE_NOT_EXIST",
+        True,
+    )
+
+
+def test_a_request_with_the_wrong_key_is_rejected_unverified(
+    simulator: GatewaySimulator,
+) -> None:
+    settings = GatewaySettings(
+        gateway=simulator.url,
+        partner=PARTNER,
+        seller_id=PARTNER,
+        signature=Md5Signature(b"f" * 32),
+    )
+    with AlipayClient(settings) as client:
+        result = client.query("VM-0042-probe")
+    assert (result.outcome, result.error, result.verified) == (
+        Outcome.REJECTED,
+        "ILLEGAL_SIGN",
+        False,
+    )
 
 
 # Network and the control endpoint -----------------------------------------------------------
