@@ -50,7 +50,7 @@ from kiosk.alipay.client import (
     QueryResult,
     TradeStatus,
 )
-from kiosk.error_codes import Reaction, reaction_for
+from kiosk.error_codes import Reaction, cancel_before_final, reaction_for
 from kiosk.errors import GatewayUnreachable
 from kiosk.journal import FINAL_STATES, Journal, Transaction, TxnState
 from kiosk.log import event
@@ -63,9 +63,6 @@ PAID_STATUSES = (TradeStatus.TRADE_SUCCESS, TradeStatus.TRADE_FINISHED)
 ABSENT = "TRADE_NOT_EXIST"  # a query's answer that no such trade exists (yet)
 BEIJING = timezone(timedelta(hours=8), "Beijing")
 CANCEL_GRACE = timedelta(minutes=15)
-# A refusal that does not prove itself (`Outcome.REJECTED`: unsigned, or not naming this
-# request). Older clients have no such outcome; then nothing is ever taken for one.
-_REJECTED = getattr(Outcome, "REJECTED", None)
 
 
 class SaleResult(enum.StrEnum):
@@ -320,7 +317,7 @@ class PaymentFlow:
         refusal = self._refusal(txn, result)
         if refusal is not None and result.outcome is Outcome.FAILED:
             # Signed and naming this pay: a proven refusal.
-            if result.alipay_trans_id:
+            if cancel_before_final(result.alipay_trans_id):
                 # A refusal that names a trade: it may still be open at Alipay. Closed first,
                 # final after.
                 return self.journal.update(
@@ -348,9 +345,7 @@ class PaymentFlow:
         """The code of a pay refusal the customer should see now, or None. A signed FAILED or
         an unproven refusal (REJECTED) with a buyer's or merchant's code; the merchant's also
         puts the kiosk out of service. Anything else (unknown codes, SYSTEM_ERROR) is asked."""
-        if result.outcome is not Outcome.FAILED and (
-            _REJECTED is None or result.outcome is not _REJECTED
-        ):
+        if result.outcome not in (Outcome.FAILED, Outcome.REJECTED):
             return None
         if not result.error:
             return None

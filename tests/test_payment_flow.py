@@ -3,6 +3,7 @@ resolved by query then cancel, every failed vend is reversed, and the ledger agr
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -11,7 +12,7 @@ from decimal import Decimal
 import pytest
 
 from drivers.vend_fake import FakeVendOutput
-from kiosk.alipay.client import AlipayClient, PayOrder, PayResult
+from kiosk.alipay.client import AlipayClient, Outcome, PayOrder, PayResult
 from kiosk.alipay.signing import SignType
 from kiosk.journal import Journal, Transaction, TxnState
 from kiosk.payment import (
@@ -595,3 +596,116 @@ def test_no_file_in_the_state_dir_holds_a_whole_payment_code(
         data = f.read_bytes()
         for code in codes:
             assert code.encode() not in data, f"{f.name} holds a whole payment code"
+
+
+# -- refusals that prove nothing never settle money -------------------------------------------
+
+
+def answer_instead(flow: PaymentFlow, call: str, **fields: object) -> None:
+    """The request really goes to the gateway (and takes effect there); the kiosk gets an
+    answer with these fields instead, e.g. an unsigned rejection (`is_success=F`)."""
+    real = getattr(flow.client, call)
+
+    def replaced(*args: object, **kwargs: object) -> object:
+        return dataclasses.replace(real(*args, **kwargs), **fields)
+
+    setattr(flow.client, call, replaced)
+
+
+UNSIGNED = {"outcome": Outcome.REJECTED, "verified": False}
+
+
+@pytest.mark.parametrize(
+    ("code", "result"),
+    [
+        ("ILLEGAL_SIGN", SaleResult.OUT_OF_SERVICE),  # a key rotation at Alipay
+        ("BUYER_BALANCE_NOT_ENOUGH", SaleResult.DECLINED),
+    ],
+)
+def test_unsigned_pay_refusal_is_shown_but_the_charge_behind_it_is_reversed(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    watch: Watch,
+    code: str,
+    result: SaleResult,
+) -> None:
+    flow = make_flow()
+    answer_instead(flow, "pay", error=code, alipay_trans_id=None, **UNSIGNED)
+    sale = sell(flow, "0001")  # the gateway charged it
+    assert (sale.result, sale.reason) == (result, code)
+    assert (f"merchant:{code}" in watch.events) is (result is SaleResult.OUT_OF_SERVICE)
+    assert not journal.get(sale.ref).final  # not declined on an unsigned word
+    settle_all(make_flow(), journal)
+    assert journal.get(sale.ref).state is TxnState.CANCELLED
+    assert not held(simulator, sale.ref)
+
+
+def test_unsigned_no_such_trade_never_ends_a_reversal(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    """Cancel says never (retry_flag=N); an unsigned TRADE_NOT_EXIST must not close the books
+    on a paid trade: the refund still goes out once a signed query shows it paid."""
+    vend.script(VendResult.FAILED)
+    flow = make_flow(cancel_tries_in_foreground=1)
+    answer_instead(
+        flow, "query", error="TRADE_NOT_EXIST", trade_status=None, alipay_trans_id=None, **UNSIGNED
+    )
+    sale = sell(flow, "4001")  # pays; its cancels fail with retry_flag=N
+    assert sale.result is SaleResult.REVERSED
+    assert journal.get(sale.ref).state is TxnState.CANCELLING
+    assert held(simulator, sale.ref)
+    settle_all(make_flow(), journal)
+    assert journal.get(sale.ref).state is TxnState.REFUNDED
+    assert not held(simulator, sale.ref)
+
+
+def test_unsigned_refund_refusal_is_retried_not_sent_to_attention(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    vend.script(VendResult.FAILED)
+    flow = make_flow(cancel_tries_in_foreground=1)
+    answer_instead(flow, "refund", error="ILLEGAL_SIGN", **UNSIGNED)
+    sale = sell(flow, "4001")
+    for _ in range(3):
+        flow.settle(journal.get(sale.ref))
+    assert journal.get(sale.ref).state is TxnState.REFUNDING
+    settle_all(make_flow(), journal)  # the key works again
+    assert journal.get(sale.ref).state is TxnState.REFUNDED
+    assert not held(simulator, sale.ref)
+
+
+def test_refused_pay_naming_a_trade_is_cancelled_before_it_is_final(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+) -> None:
+    """PAYMENT_FAIL with an alipay_trans_id: the trade may still be open (here it waits for
+    the buyer, who could still confirm). It is closed before the refusal is final."""
+    flow = make_flow()
+    real = flow.client.pay
+
+    def failed_naming_the_trade(order: PayOrder) -> PayResult:
+        answer = real(order)
+        trade = simulator.ledger.trade(PARTNER, order.partner_trans_id)
+        return dataclasses.replace(
+            answer,
+            outcome=Outcome.FAILED,
+            error="PAYMENT_FAIL",
+            alipay_trans_id=trade.alipay_trans_id,
+        )
+
+    flow.client.pay = failed_naming_the_trade  # type: ignore[method-assign]
+    sale = sell(flow, "1002")  # a trade waiting for the buyer
+    assert (sale.result, sale.reason) == (SaleResult.DECLINED, "PAYMENT_FAIL")
+    assert journal.get(sale.ref).state is TxnState.CANCELLING
+    settle_all(make_flow(), journal)
+    txn = journal.get(sale.ref)
+    assert (txn.state, txn.error_code) == (TxnState.CANCELLED, "PAYMENT_FAIL")
+    assert simulator.ledger.trade(PARTNER, sale.ref).status == "TRADE_CLOSED"
