@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kiosk import __version__
@@ -19,6 +23,11 @@ from kiosk.log import event, setup_logging
 log = logging.getLogger("kiosk")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+LOCK_FILE = "kiosk.lock"
+
+
+class StateDirInUse(KioskError):
+    """Another `kiosk run` holds the state directory's lock."""
 
 
 def _config_path(args: argparse.Namespace) -> Path:
@@ -217,6 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             config = load_config(path)
             from kiosk.journal import Journal
 
+            lock_state_dir(config.kiosk.state_dir)
             journal = Journal(config.kiosk.state_dir)
         except (ConfigError, JournalError) as exc:
             what = "config" if isinstance(exc, ConfigError) else "journal"
@@ -287,9 +297,89 @@ def _run_kiosk(config: object, journal: object, path: Path, notifier: object) ->
     signal.signal(signal.SIGINT, lambda s, f: kiosk.stop())
     signal.signal(signal.SIGHUP, lambda s, f: kiosk.reload())
     try:
-        return kiosk.run()
+        with _signals_wake(lambda: kiosk.events.put(("wake", None))):
+            return kiosk.run()
     finally:
         journal.close()
+
+
+@contextlib.contextmanager
+def _signals_wake(wake: Callable[[], None]) -> Iterator[None]:
+    """Wake the loop for every signal. Python runs a signal's handler on the main thread, but
+    the kernel may deliver the signal to any thread; the main thread, blocked waiting on its
+    queue, would then run the handler only when something else woke it (seen: SIGHUP taken
+    ten seconds late). The C handler writes to the wakeup fd whichever thread took it."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def relay() -> None:
+        while True:
+            try:
+                data = os.read(read_fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            wake()
+
+    thread = threading.Thread(target=relay, name="signal-wakeup", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write_fd)  # the relay reads end-of-file and returns
+        thread.join(5)
+        os.close(read_fd)
+
+
+# -- one `kiosk run` per state directory ---------------------------------------------------
+
+_held_locks: dict[Path, int] = {}  # lock file -> open descriptor, for the process's life
+
+
+def lock_state_dir(state_dir: Path) -> None:
+    """Take `state_dir/kiosk.lock` exclusively (flock) for the rest of the process's life, or
+    raise StateDirInUse naming the holder: two daemons on one journal would each resume the
+    other's sales. The kernel drops the lock when the process ends, however it ends.
+    `kiosk journal` reads without it."""
+    path = (Path(state_dir) / LOCK_FILE).absolute()
+    if path in _held_locks:
+        return
+    with contextlib.suppress(OSError):  # if it cannot be made, the journal says why
+        path.parent.mkdir(parents=True, exist_ok=True)
+    writable = True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        writable = False  # a read-only state directory: a read descriptor locks as well
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            # Nothing can be written there, by this kiosk or a second one: the journal
+            # reports the fault and the kiosk stays out of service.
+            event(log, "kiosk.lock_unavailable", path=str(path), error=exc.strerror or str(exc))
+            return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        pid = f" (pid {holder})" if holder else ""
+        raise StateDirInUse(f"another kiosk run{pid} holds {path}") from None
+    if writable:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[path] = fd
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
 
 
 def _log_format() -> str:

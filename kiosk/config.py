@@ -33,6 +33,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/kiosk/kiosk.toml")
 class KioskSection:
     terminal_id: str
     state_dir: Path = Path("/var/lib/kiosk")
+    # false only for rigs and the demo, whose host clock the kiosk cannot judge
+    require_synced_clock: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class AlipaySection:
     query_interval_s: float = 3.0
     query_deadline_s: float = 60.0
     probe_interval_s: float = 300.0
+    # the longest wait between background retries of query, cancel and refund
+    retry_max_s: float = 300.0
 
     @property
     def effective_seller_id(self) -> str:
@@ -74,6 +78,7 @@ class SaleSection:
     price: Decimal | None = None  # required in fixed mode
     item: str = "item"
     scan_timeout_s: float = 60.0
+    max_price: Decimal | None = None  # vmc mode: a VEND above this is refused (None: no cap)
 
 
 @dataclass(frozen=True)
@@ -549,9 +554,16 @@ class _Checker:
     def check_kiosk(self) -> KioskSection | None:
         terminal_id = self.identifier("kiosk", "terminal_id", None, required=True)
         state_dir = self.path("kiosk", "state_dir") or KioskSection.state_dir
+        require_synced_clock = self.boolean(
+            "kiosk", "require_synced_clock", KioskSection.require_synced_clock
+        )
         if terminal_id is None:
             return None
-        return KioskSection(terminal_id=terminal_id, state_dir=state_dir)
+        return KioskSection(
+            terminal_id=terminal_id,
+            state_dir=state_dir,
+            require_synced_clock=require_synced_clock,
+        )
 
     def check_alipay(self) -> AlipaySection | None:
         s = "alipay"
@@ -611,7 +623,13 @@ class _Checker:
                 ca_bundle = None
         durations = {
             key: self.duration(s, key, getattr(AlipaySection, key))
-            for key in ("pay_timeout_s", "query_interval_s", "query_deadline_s", "probe_interval_s")
+            for key in (
+                "pay_timeout_s",
+                "query_interval_s",
+                "query_deadline_s",
+                "probe_interval_s",
+                "retry_max_s",
+            )
         }
         if durations["query_interval_s"] >= durations["query_deadline_s"]:
             self.problem(
@@ -640,6 +658,7 @@ class _Checker:
             query_interval_s=durations["query_interval_s"],
             query_deadline_s=durations["query_deadline_s"],
             probe_interval_s=durations["probe_interval_s"],
+            retry_max_s=durations["retry_max_s"],
         )
 
     def gateway_ok(self, key: str, url: str, allow_http: bool) -> bool:
@@ -839,7 +858,43 @@ class _Checker:
                     "remove it",
                 )
                 price = None
-        return SaleSection(mode=mode, price=price, item=item, scan_timeout_s=scan_timeout_s)
+        max_price = self.amount(s, "max_price", currency)
+        if price is not None and max_price is not None and price > max_price:
+            self.warn(
+                s,
+                "price",
+                f"sale.price {format_amount(price, currency)} is above sale.max_price "
+                f"{format_amount(max_price, currency)}",
+                "max_price caps what a vending controller may ask; raise it or lower the price",
+            )
+        return SaleSection(
+            mode=mode,
+            price=price,
+            item=item,
+            scan_timeout_s=scan_timeout_s,
+            max_price=max_price,
+        )
+
+    def amount(self, section: str, key: str, currency: str) -> Decimal | None:
+        """An optional amount of money: a string with exactly the currency's minor digits."""
+        raw = self.raw(section, key)
+        if raw is _MISSING:
+            return None
+        example = format_amount(Decimal(20), currency)
+        if not isinstance(raw, str):
+            self.problem(
+                section,
+                key,
+                f"{section}.{key} must be a string, not {_toml_type(raw)}",
+                f'write it in quotes, like  {key} = "{example}": '
+                "a TOML number would pass through float, and money must not",
+            )
+            return None
+        try:
+            return parse_amount(raw, currency)
+        except ValueError as exc:
+            self.problem(section, key, f"{section}.{key}: {exc}", f"the currency is {currency}")
+            return None
 
     def check_scanner(self) -> ScannerSection:
         s = "scanner"
@@ -1077,6 +1132,8 @@ def format_summary(config: Config) -> str:
         sale = f"fixed: {s.item} at {format_amount(s.price, a.currency)} {a.currency}"
     else:
         sale = "vmc: the vending controller sets item and amount"
+    if s.max_price is not None:
+        sale += f", at most {format_amount(s.max_price, a.currency)} {a.currency}"
     if sc.driver == "evdev":
         scanner = f"evdev {sc.device or 'match ' + repr(sc.match)}, layout {sc.layout}"
         scanner += ", grabbed" if sc.grab else ""
@@ -1108,7 +1165,8 @@ def format_summary(config: Config) -> str:
         vend = v.driver
     lines = [
         f"config OK: {config.source}",
-        f"  terminal    {config.kiosk.terminal_id} (journal in {config.kiosk.state_dir})",
+        f"  terminal    {config.kiosk.terminal_id} (journal in {config.kiosk.state_dir})"
+        + ("" if config.kiosk.require_synced_clock else "; clock not required to be synced"),
         f"  alipay      partner {a.partner}, {a.sign_type.value}, {a.currency}, {gateways}",
         f"  merchant    {config.merchant.secondary_merchant_id}, store {config.merchant.store_id}",
         f"  sale        {sale}",

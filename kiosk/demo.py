@@ -45,7 +45,9 @@ PRICE = Decimal("1.50")
 
 def demo_config(state_dir: Path, gateway: str) -> Config:
     return Config(
-        kiosk=KioskSection(terminal_id="DEMO-01", state_dir=state_dir),
+        # The demo runs on any host; whether that host's clock is synchronised is not its
+        # business (a kiosk in the field requires it).
+        kiosk=KioskSection(terminal_id="DEMO-01", state_dir=state_dir, require_synced_clock=False),
         alipay=AlipaySection(
             gateway=gateway,
             partner=PARTNER,
@@ -149,10 +151,10 @@ class DemoRig:
         """Scan a code and wait for the sale it starts to end."""
         kiosk = self.kiosk
         assert kiosk is not None
-        before = len(kiosk.status.sales)
+        before = kiosk.status.sales_total
         self.wait_until(lambda: kiosk.status.state.value in ("ready", "offline"), timeout)
         self.scanner.scan(code)
-        self.wait_until(lambda: len(kiosk.status.sales) > before, timeout)
+        self.wait_until(lambda: kiosk.status.sales_total > before, timeout)
         return kiosk.status.sales[-1]
 
     @staticmethod
@@ -314,21 +316,21 @@ def _interactive(rig: DemoRig, out: Callable[[str], None]) -> int:
     )
     kiosk = rig.kiosk
     assert kiosk is not None
-    sales = kiosk.status.sales
+    status = kiosk.status
     try:
         for line in sys.stdin:
             code = line.strip()
             if not code:
                 break
-            before = len(sales)
+            before = status.sales_total
             rig.scanner.scan(code)
             try:
-                started = partial(lambda n: len(sales) > n, before)
+                started = partial(lambda n: status.sales_total > n, before)
                 rig.wait_until(started, 2.0 if len(code) < 16 else 30.0)
             except TimeoutError:
                 out("  (no sale started: see the rejection in the log)")
                 continue
-            sale = sales[-1]
+            sale = status.sales[-1]
             out(f"  {sale.result.value} {sale.reason} ref={sale.ref} Alipay: {rig.trade(sale.ref)}")
     finally:
         rig.stop_kiosk()

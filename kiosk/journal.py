@@ -459,3 +459,22 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def check_writable(self, min_free_bytes: int = 1 << 20) -> None:
+        """A real durable write (and room for more), to tell when a write fault is over:
+        raises JournalError while the journal still cannot take a transaction."""
+        import os
+
+        try:
+            free = os.statvfs(self.path.parent)
+        except OSError as exc:
+            raise JournalError(f"journal {self.path}: {exc.strerror or exc}") from None
+        if free.f_bavail * free.f_frsize < min_free_bytes:
+            raise JournalError(
+                f"journal {self.path}: only {free.f_bavail * free.f_frsize} bytes free"
+            )
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('writable_check', ?)",
+                (_now_iso(),),
+            )

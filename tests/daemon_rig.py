@@ -121,6 +121,7 @@ class DaemonRig:
             "query_interval_s": 0.2,
             "query_deadline_s": 2.0,
             "probe_interval_s": 1.0,
+            "retry_max_s": 5.0,  # background retries compressed like the other timings
             **alipay,
         }
         extra = "\n".join(f"{k} = {v}" for k, v in settings.items())
@@ -128,6 +129,7 @@ class DaemonRig:
 [kiosk]
 terminal_id = "VM-RIG"
 state_dir = "{self.state_dir}"
+require_synced_clock = false  # this host's clock is not the kiosk's to judge
 
 [alipay]
 gateway = "{self.sim.url}"

@@ -16,7 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from kiosk import __version__
 from kiosk.alipay.client import AlipayClient, GatewaySettings, Outcome
 from kiosk.alipay.signing import RsaSignature, SignType, load_public_key
+from kiosk.simulator import GatewaySimulator
 from tests.conftest import PARTNER, named_key
+from tests.daemon_rig import DaemonRig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,3 +151,25 @@ def test_simulator_command_serves_signed_answers(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_second_kiosk_run_on_the_same_state_dir_refuses_in_one_line_and_exits_1(
+    tmp_path: Path, simulator: GatewaySimulator
+) -> None:
+    rig = DaemonRig(tmp_path, simulator)
+    try:
+        rig.start()
+        assert rig.proc is not None
+        second = kiosk("run", "--config", str(rig.config_path), timeout=30)
+        lock = (rig.state_dir / "kiosk.lock").absolute()
+        assert second.returncode == 1
+        assert second.stderr.splitlines()[-1] == (
+            f"kiosk: another kiosk run (pid {rig.proc.pid}) holds {lock}"
+        )
+        assert rig.proc.poll() is None  # the first one runs on, untouched
+        assert rig.journal() == []  # `kiosk journal` reads while `kiosk run` runs
+        assert rig.stop() == 0
+        rig.start()  # the lock went with the process: a restart takes it at once
+        assert rig.stop() == 0
+    finally:
+        rig.close()

@@ -811,3 +811,73 @@ def test_unreadable_public_key_is_refused(site: Path) -> None:
     _, problems = check_config(write_config(site, GOOD))
 
     assert any("Permission denied" in p.message for p in problems)
+
+
+# --- the keys added for the daemon: clock, retry cap, price cap --------------------------------
+
+
+def test_require_synced_clock_defaults_to_true_and_a_rig_may_turn_it_off(site: Path) -> None:
+    assert load_config(write_config(site, GOOD)).kiosk.require_synced_clock is True
+    text = edit(GOOD, 'state_dir = "state"', 'state_dir = "state"\nrequire_synced_clock = false')
+    assert load_config(write_config(site, text)).kiosk.require_synced_clock is False
+
+
+def test_require_synced_clock_must_be_a_boolean(site: Path) -> None:
+    text = edit(GOOD, 'state_dir = "state"', 'state_dir = "state"\nrequire_synced_clock = "no"')
+    _, problems = check_config(write_config(site, text))
+    assert [(p.line, p.message) for p in errors(problems)] == [
+        (
+            line_of(text, "require_synced_clock"),
+            "kiosk.require_synced_clock must be true or false, not the string 'no'",
+        )
+    ]
+
+
+def test_retry_max_s_defaults_to_five_minutes_and_may_be_fractional(site: Path) -> None:
+    assert load_config(write_config(site, GOOD)).alipay.retry_max_s == 300.0
+    text = edit(GOOD, "query_deadline_s = 5", "query_deadline_s = 5\nretry_max_s = 0.5")
+    assert load_config(write_config(site, text)).alipay.retry_max_s == 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", '"60"'])
+def test_retry_max_s_must_be_a_positive_number(site: Path, value: str) -> None:
+    text = edit(GOOD, "query_deadline_s = 5", f"query_deadline_s = 5\nretry_max_s = {value}")
+    _, problems = check_config(write_config(site, text))
+    [problem] = errors(problems)
+    assert problem.line == line_of(text, "retry_max_s") and "alipay.retry_max_s" in problem.message
+
+
+def test_max_price_is_an_amount_in_the_currency(site: Path) -> None:
+    assert load_config(write_config(site, GOOD)).sale.max_price is None  # no cap by default
+    text = edit(GOOD, 'item = "coffee"', 'item = "coffee"\nmax_price = "20.00"')
+    assert load_config(write_config(site, text)).sale.max_price == Decimal("20.00")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("20.00", "sale.max_price must be a string, not the number 20.0"),
+        ('"20"', "sale.max_price: '20' is not a USD amount: it needs exactly 2 minor digits"),
+        ('"0.00"', "sale.max_price: '0.00' must be greater than zero"),
+    ],
+)
+def test_max_price_problems_are_reported_at_its_line(site: Path, value: str, message: str) -> None:
+    text = edit(GOOD, 'item = "coffee"', f'item = "coffee"\nmax_price = {value}')
+    _, problems = check_config(write_config(site, text))
+    [problem] = errors(problems)
+    assert problem.line == line_of(text, "max_price")
+    assert problem.message.startswith(message)
+
+
+def test_a_fixed_price_above_max_price_is_a_warning(site: Path) -> None:
+    text = edit(GOOD, 'item = "coffee"', 'item = "coffee"\nmax_price = "1.00"')
+    config, problems = check_config(write_config(site, text))
+    assert config is not None
+    [warning] = problems
+    assert warning.warning and warning.line == line_of(text, "price =")
+    assert "sale.price 1.50 is above sale.max_price 1.00" in warning.message
+
+
+def test_summary_shows_the_price_cap(site: Path) -> None:
+    text = edit(GOOD, 'item = "coffee"', 'item = "coffee"\nmax_price = "20.00"')
+    assert "at most 20.00 USD" in format_summary(load_config(write_config(site, text)))
