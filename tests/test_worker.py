@@ -19,7 +19,6 @@ from kiosk.errors import GatewayUnreachable
 from kiosk.journal import Journal, Transaction, TxnState
 from kiosk.payment import FlowSettings, PaymentFlow
 from kiosk.worker import JournalWorker
-from tests.conftest import payment_code
 
 SETTINGS = FlowSettings(
     terminal_id="VM-W",
@@ -83,10 +82,10 @@ def open_txn(journal: Journal, ref: str, state: TxnState = TxnState.CANCELLING) 
         amount=Decimal("1.50"),
         currency="USD",
         item="coffee",
-        buyer_code=payment_code("0001"),
+        code_last4="0001",
         trans_create_time=stamp,
     )
-    return journal.update(txn, state=state, cancel_timestamp_ms=int(time.time() * 1000))
+    return journal.update(txn, state=state)
 
 
 def alarms(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
