@@ -233,6 +233,13 @@ class GatewaySimulator:
     def clear_faults(self) -> None:
         self._faults.clear()
 
+    def shift_clock(self, seconds: float) -> None:
+        """Move the simulated Alipay's clocks by `seconds` (forward, to play a kiosk that comes
+        back a day later): unpaid trades past their time close, the Beijing-day cancel window
+        of older trades shuts, pay times and trade ids carry the new date."""
+        self.ledger.shift_clock(seconds)
+        event(log, "simulator.clock", shift_s=seconds, offset_s=self.ledger.clock_offset_s)
+
     @property
     def requests_seen(self) -> list[SeenRequest]:
         with self._seen_lock:
@@ -394,6 +401,11 @@ class GatewaySimulator:
                 trans_id = obj.get("partner_trans_id")
                 self.inject(plan, None if trans_id is None else str(trans_id))
                 return 200, {"ok": True}
+            if method == "POST" and path == "/_sim/clock":
+                obj = json.loads(body or b"{}")
+                seconds = float(obj["shift_s"] if isinstance(obj, dict) else obj)
+                self.shift_clock(seconds)
+                return 200, {"ok": True, "offset_s": self.ledger.clock_offset_s}
             if method == "POST" and path == "/_sim/clear":
                 self.clear_faults()
                 return 200, {"ok": True}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -183,7 +182,7 @@ def pay(
             fields = _failed(STALE_CODE_ERROR, partner_trans_id=trans_id)
         else:
             ledger.used_codes[hashed] = key
-            now = time.monotonic()
+            now = ledger.now()
             trade = Trade(
                 partner=partner,
                 partner_trans_id=trans_id,
@@ -200,7 +199,7 @@ def pay(
                     trade.confirm_at = now + plan.delay_s
                 trade.events.append(f"{request_ref}: waiting for the buyer to confirm")
             else:
-                mark_paid(trade, request_ref)
+                mark_paid(trade, request_ref, ledger.wall())
             ledger.add(trade)
             fields = _answer_for_trade(trade)
         if plan is not None and plan.fault is Fault.SYSTEM_ERROR_CHARGED:
@@ -283,6 +282,18 @@ def cancel(
                 "result_code": "FAIL",
                 "retry_flag": "N",
                 "detail_error_code": "TRADE_NOT_EXIST",
+                **base,
+            }
+        if (
+            trade is not None
+            and trade.status in (TradeStatus.WAIT_BUYER_PAY, TradeStatus.TRADE_SUCCESS)
+            and ledger.past_cancel_window(trade)
+        ):
+            trade.events.append(f"{request_ref}: cancel refused (past the cancel window)")
+            return {
+                "result_code": "FAIL",
+                "retry_flag": "N",
+                "detail_error_code": CANCEL_WINDOW_ERROR,
                 **base,
             }
         if trade is None:
