@@ -398,3 +398,29 @@ def _refund_fields(trade: Trade, refund_id: str, amount: Decimal) -> Fields:
         "exchange_rate": f"{rate:.8f}",
         "refund_amount_cny": str((amount * rate).quantize(Decimal("0.01"))),
     }
+
+
+# Answers about another trade, for the replay faults (OTHER_TRADE, CANCEL_ANSWER) ---------
+
+
+def answer_about(ledger: Ledger, trade: Trade, service: str) -> Fields:
+    """The signed answer `service` gives about `trade` as it stands, changing nothing: what a
+    replayed or misrouted answer would carry."""
+    with ledger.lock:
+        ledger.advance()
+        if service == "pay":
+            return _answer_for_trade(trade)
+        if service == "query":
+            return {
+                "result_code": "SUCCESS",
+                "alipay_trans_status": str(trade.status),
+                **_trade_fields(trade),
+            }
+        if service == "cancel":
+            return {
+                "result_code": "SUCCESS",
+                "retry_flag": "N",
+                "out_trade_no": trade.partner_trans_id,
+                "trade_no": trade.alipay_trans_id,
+            }
+        return _refund_fields(trade, f"{trade.partner_trans_id}-R", trade.amount)
