@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,18 +52,34 @@ def test_a_running_daemon_follows_the_offset_file(
 ) -> None:
     rig = DaemonRig(tmp_path, simulator, faketime=True)
     try:
-        rig.start()
         rig.set_wall_offset(30 * 3600)
+        rig.start()
         start = len(rig.logs)
         rig.scanner.write_line("281234567890120001")
         rig.vmc.expect("APPROVED ", 10)
-        entry = rig.logs[
-            rig.wait_log_after(start, lambda e: e.get("event") == "payment.start", 5, "start")
-        ]
-        ref_stamp = entry["ref"].split("-")[2]  # VM-RIG-<yyyymmddHHMMSS>-<hex>
-        shown = datetime.strptime(ref_stamp, "%Y%m%d%H%M%S").replace(tzinfo=UTC).timestamp()
-        assert abs(shown - time.time() - 30 * 3600) < 60
+        index = rig.wait_log_after(start, lambda e: e.get("event") == "payment.start", 5, "start")
+        stamp = str(rig.logs[index]["ref"]).split("-")[2]  # VM-RIG-<yyyymmddHHMMSS>-<hex>
+        assert abs(_epoch(stamp, "%Y%m%d%H%M%S") - time.time() - 30 * 3600) < 60
         # No answer from the controller: the vend times out on the monotonic clock, in 2 s.
         rig.wait_log_after(start, lambda e: e.get("event") == "vend.result", 10, "vend.result")
+
+        # Back to the real time while it runs: its log stamps follow within seconds.
+        rig.set_wall_offset(0)
+        deadline = time.monotonic() + 15
+        while True:
+            mark = len(rig.logs)
+            rig.scanner.write_line("not a code")
+            index = rig.wait_log_after(
+                mark, lambda e: e.get("event") == "scan.rejected", 5, "scan.rejected"
+            )
+            shown = _epoch(str(rig.logs[index]["ts"])[:19], "%Y-%m-%dT%H:%M:%S")
+            if abs(shown - time.time()) < 60:
+                break
+            assert time.monotonic() < deadline, "the daemon's wall clock did not come back"
+            threading.Event().wait(0.25)  # libfaketime re-reads the offset file every second
     finally:
         rig.close()
+
+
+def _epoch(text: str, fmt: str) -> float:
+    return datetime.strptime(text, fmt).replace(tzinfo=UTC).timestamp()
