@@ -7,7 +7,7 @@ The test plays the customer (writes codes to the scanner's pty) and the vending 
 With `faketime=True` the daemon runs under libfaketime (Debian: `faketime`), so a test can move
 the daemon's wall clock (`time.time()`, `datetime.now()`) while its monotonic clock, which its
 timeouts use, runs on: `set_wall_offset(seconds)`. `faketime_problem()` says why that cannot
-work here, or None.
+work here, or None (KIOSK_RIG_NO_FAKETIME=1 plays a machine without libfaketime).
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ print(after[0] - before[0], after[1] - before[1])
 def faketime_problem() -> str | None:
     """None when libfaketime moves a Python subprocess's `time.time()` on a change of its
     offset file while `time.monotonic()` runs on; else why not."""
+    if os.environ.get("KIOSK_RIG_NO_FAKETIME"):
+        return "turned off by KIOSK_RIG_NO_FAKETIME"
     lib = faketime_library()
     if lib is None:
         return f"libfaketime is not installed (package {FAKETIME_PACKAGE})"
@@ -347,9 +349,12 @@ timeout_s = 2
             with self._changed:
                 self.raw_log.append(line)
                 try:
-                    self.logs.append(json.loads(line))
+                    entry = json.loads(line)
                 except json.JSONDecodeError:
-                    self.logs.append({"event": "unparsed", "line": line})
+                    entry = {"event": "unparsed", "line": line}
+                if isinstance(entry, dict):
+                    entry.setdefault("_rx", time.time())  # when the rig read it (real clock)
+                self.logs.append(entry)
                 self._changed.notify_all()
 
     def wait_log(
