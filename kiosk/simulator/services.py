@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -202,7 +201,7 @@ def pay(
             fields = _failed(STALE_CODE_ERROR, **echo)
         else:
             ledger.used_codes[hashed] = key
-            now = time.monotonic()
+            now = ledger.now()
             trade = Trade(
                 partner=partner,
                 partner_trans_id=trans_id,
@@ -219,7 +218,7 @@ def pay(
                     trade.confirm_at = now + plan.delay_s
                 trade.events.append(f"{request_ref}: waiting for the buyer to confirm")
             else:
-                mark_paid(trade, request_ref)
+                mark_paid(trade, request_ref, ledger.wall())
             ledger.add(trade)
             fields = _answer_for_trade(trade)
         if plan is not None and plan.fault is Fault.SYSTEM_ERROR_CHARGED:
@@ -318,6 +317,18 @@ def cancel(
                 "detail_error_code": "TRADE_NOT_EXIST",
                 **base,
                 "trade_no": trade_no,  # no trade by this pair: the refusal names what was asked
+            }
+        if (
+            trade is not None
+            and trade.status in (TradeStatus.WAIT_BUYER_PAY, TradeStatus.TRADE_SUCCESS)
+            and ledger.past_cancel_window(trade)
+        ):
+            trade.events.append(f"{request_ref}: cancel refused (past the cancel window)")
+            return {
+                "result_code": "FAIL",
+                "retry_flag": "N",
+                "detail_error_code": CANCEL_WINDOW_ERROR,
+                **base,
             }
         if trade is None:
             ledger.burnt_ids.add((partner, out_trade_no))
@@ -421,3 +432,29 @@ def _refund_fields(trade: Trade, refund_id: str, amount: Decimal) -> Fields:
         "exchange_rate": f"{rate:.8f}",
         "refund_amount_cny": str((amount * rate).quantize(Decimal("0.01"))),
     }
+
+
+# Answers about another trade, for the replay faults (OTHER_TRADE, CANCEL_ANSWER) ---------
+
+
+def answer_about(ledger: Ledger, trade: Trade, service: str) -> Fields:
+    """The signed answer `service` gives about `trade` as it stands, changing nothing: what a
+    replayed or misrouted answer would carry."""
+    with ledger.lock:
+        ledger.advance()
+        if service == "pay":
+            return _answer_for_trade(trade)
+        if service == "query":
+            return {
+                "result_code": "SUCCESS",
+                "alipay_trans_status": str(trade.status),
+                **_trade_fields(trade),
+            }
+        if service == "cancel":
+            return {
+                "result_code": "SUCCESS",
+                "retry_flag": "N",
+                "out_trade_no": trade.partner_trans_id,
+                "trade_no": trade.alipay_trans_id,
+            }
+        return _refund_fields(trade, f"{trade.partner_trans_id}-R", trade.amount)
