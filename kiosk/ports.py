@@ -125,7 +125,9 @@ class ReaderSwitch(Protocol):
     goes on selling for cash, and learns why the device itself cannot take them.
 
     The core calls these through `set_available()` and `vend_problem()` below, so vend outputs
-    without the capability (serial, relay, fake) need nothing.
+    without the capability (serial, relay, fake) need nothing. A driver with this capability
+    also calls `listener.on_vend_problem(problem)` when `problem()` changes, if its listener has
+    that method, so the core need not poll.
     """
 
     def set_available(self, available: bool, reason: str | None) -> None:
