@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
@@ -737,3 +738,27 @@ def test_no_sequence_of_lines_crashes_the_driver(
         VendResult.FAILED,
         VendResult.TIMED_OUT,
     )
+
+
+# -- the builder ------------------------------------------------------------------------------
+
+
+def test_the_builder_makes_an_mdb_output_from_a_config_without_the_mdb_keys(
+    board: MdbBoard, link: Path, listener: Listener
+) -> None:
+    from drivers import build_vend_output
+
+    # The MDB keys arrive with the config change; until then the SPEC defaults apply.
+    config: Any = SimpleNamespace(
+        vend=SimpleNamespace(driver="mdb", port=str(link), baud=9600),
+        alipay=SimpleNamespace(currency="EUR"),
+    )
+    output = build_vend_output(config)
+    assert isinstance(output, MdbVendOutput)
+    try:
+        output.start(listener)
+        assert output.wait_configured(WAIT_S)
+        assert board.config()["mdb-currency-code"] == "0x1978"
+        assert board.config()["mdb-addr"] == "0x10"
+    finally:
+        output.close()
