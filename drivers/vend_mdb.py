@@ -302,6 +302,10 @@ class MdbVendOutput:
     is the machine's patience: a request older than this is never approved.
     """
 
+    # The machine drops a request (customer cancel, its own timeout) while the kiosk may be
+    # paying for it: the core then cancels that payment rather than answering BUSY (MDB.md).
+    cancel_abandons_payment = True
+
     def __init__(
         self,
         port: str,
@@ -494,6 +498,13 @@ class MdbVendOutput:
         if stop:
             event(log, "mdb.request_refused", answer=answer[:48])
             self._send(STOP)
+
+    def running(self) -> bool:
+        """True while both threads run: the driver is doing its job, even while the board has
+        a problem it retries by itself (the core's watchdog asks this, not `healthy()`)."""
+        threads = (self._reader, self._keeper)
+        alive = all(t is not None and t.is_alive() for t in threads)
+        return alive and not self._closing.is_set()
 
     def healthy(self) -> bool:
         """True while both threads run and the board has no problem (see `problem()`)."""

@@ -147,6 +147,14 @@ def set_available(output: VendOutput, available: bool, reason: str | None = None
         switch(available, reason)
 
 
+def vend_running(output: VendOutput) -> bool:
+    """Whether the vend output's own machinery runs (for the watchdog). A driver whose
+    `healthy()` also counts a problem it retries by itself (see `problem()`) says so with
+    `running()`; for the others this is `healthy()`."""
+    running = getattr(output, "running", None)
+    return bool(running()) if running is not None else output.healthy()
+
+
 def vend_problem(output: VendOutput) -> str | None:
     """The vend output's own reason for not taking payments, if it has a way to say one."""
     problem = getattr(output, "problem", None)

@@ -179,7 +179,7 @@ def test_a_refusal_reason_that_is_not_a_protocol_token_reaches_the_controller_as
     flow = rig.kiosk.flow
     assert flow is not None
     odd = Sale("VM-odd-1", SaleResult.DECLINED, "BAD CODE ü", TxnState.DECLINED)
-    monkeypatch.setattr(flow, "sell", lambda code, amount, item: odd)
+    monkeypatch.setattr(flow, "sell", lambda code, amount, item, abandoned=None: odd)
     rig.scanner.scan(payment_code("0001"))
     assert rig.lights.wait_for(KioskState.DECLINED, 5)
     assert vend.denials == ["BAD-CODE--"]
