@@ -487,7 +487,8 @@ class Kiosk:
                 steps.append(lambda: self._answer_vend("OUT_OF_SERVICE ERROR"))
         elif kind == "vend_cancel":
             steps.append(self._clear_selection)
-            steps.append(self._abandon_sale)
+            if getattr(self.vend, "cancel_abandons_payment", False):
+                steps.append(self._abandon_sale)  # MDB: the request is gone either way
             if not self._said:
                 steps.append(lambda: self._answer_vend("CANCELLED"))
         elif kind == "probe":
