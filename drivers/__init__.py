@@ -78,6 +78,29 @@ def build_vend_output(config: Config) -> VendOutput:
             sense_timeout_s=v.sense_timeout_s,
             active_high=v.relay_active_high,
         )
+    if v.driver == "mdb":
+        return build_mdb_vend_output(config)
     from drivers.vend_fake import FakeVendOutput
 
     return FakeVendOutput()
+
+
+def build_mdb_vend_output(config: Config) -> VendOutput:
+    """`vend.driver = "mdb"`: a Qibixx MDB Pi HAT (`/dev/serial0`) or MDB-USB (`/dev/ttyACM*`).
+
+    The MDB keys (`mdb_address`, `mdb_reset_pin`, `approve_within_s`) are read with their SPEC
+    defaults when the config does not carry them.
+    """
+    from drivers.vend_mdb import BAUD, MdbVendOutput
+
+    v = config.vend
+    # 9600 is the serial link's default; the boards only ever run at 115200.
+    baud = v.baud if v.baud not in (None, 9600) else BAUD
+    return MdbVendOutput(
+        v.port or "/dev/serial0",
+        config.alipay.currency,
+        baud=baud,
+        address=getattr(v, "mdb_address", 1),
+        reset_pin=getattr(v, "mdb_reset_pin", None),
+        approve_within_s=getattr(v, "approve_within_s", 60.0),
+    )

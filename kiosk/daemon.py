@@ -48,7 +48,17 @@ from kiosk.log import event
 from kiosk.money import format_amount
 from kiosk.payment import FlowSettings, PaymentFlow, RefsInHand, Sale, SaleResult
 from kiosk.payment_code import PaymentCode, RecentCodes
-from kiosk.ports import Indicator, KioskState, Scanner, Sound, VendOutput, VendRequest
+from kiosk.ports import (
+    Indicator,
+    KioskState,
+    Scanner,
+    Sound,
+    VendOutput,
+    VendRequest,
+    set_available,
+    vend_problem,
+    vend_running,
+)
 from kiosk.systemd import Notifier
 from kiosk.worker import JournalWorker
 
@@ -73,6 +83,11 @@ KEY = "key"  # unusable key files (re-checked by building the clients)
 CLOCK = "clock"  # clock not set, or not synchronised (re-checked periodically)
 MERCHANT = "merchant"  # Alipay refused the merchant set-up (re-checked by a probe)
 REASON_ORDER = (JOURNAL, KEY, CLOCK, MERCHANT)
+
+# MDB (vend.driver = "mdb"): the machine waits at most approve_within_s for an approval. A scan
+# must leave room for the pay (pay_timeout_s), a couple of queries and the approval itself.
+APPROVE_WITHIN_S = 60.0  # vend.approve_within_s when the config does not carry it
+APPROVAL_MARGIN_S = 1.0  # the journal's commit and the C,VEND line, after the last answer
 
 # Keys a reload cannot apply: the journal and the drivers are opened once per process.
 RELOADABLE_DRIVER_KEYS = {"indicators": ("declined_hold_s",), "vend": ("timeout_s",)}
@@ -165,12 +180,28 @@ def keep_running_values(old: Config, new: Config) -> Config:
     )
 
 
+def approve_within_s(config: Config) -> float | None:
+    """How long after its VEND request the controller still takes an approval: MDB only
+    (`vend.approve_within_s`); None for links that wait as long as the kiosk says."""
+    if config.vend.driver != "mdb":
+        return None
+    return float(getattr(config.vend, "approve_within_s", APPROVE_WITHIN_S))
+
+
+def payment_budget_s(config: Config) -> float:
+    """What a scan needs before the approval can go out: the pay's own timeout, two query
+    intervals for an unknown outcome, and the approval."""
+    a = config.alipay
+    return a.pay_timeout_s + 2 * a.query_interval_s + APPROVAL_MARGIN_S
+
+
 @dataclass
 class _Selection:
     """vmc mode: what the controller asked for, waiting for a scan."""
 
     request: VendRequest
-    deadline: float
+    deadline: float  # no scan after this: TIMEOUT
+    approve_by: float | None = None  # MDB: no approval after this (monotonic)
 
 
 def _recent_sales() -> deque[Sale]:
@@ -185,6 +216,9 @@ class KioskStatus:
     out_of_service: str | None = None  # the reason shown (the first of `reasons`)
     reasons: dict[str, str] = field(default_factory=dict)  # kind -> reason, every one present
     offline: bool = False
+    # The vend output's own reason it cannot take payments (an MDB board that refused its
+    # configuration or stopped answering): out of service while set, cleared by the driver.
+    vend_problem: str | None = None
     backlog: int = 0
     sales: deque[Sale] = field(default_factory=_recent_sales)  # the last SALES_KEPT
     sales_total: int = 0  # every sale since start
@@ -243,6 +277,11 @@ class Kiosk:
         self._sale_thread: threading.Thread | None = None
         self._sale_started = 0.0
         self._sale_vending = False
+        # Set when the controller dropped the request a sale is paying for (MDB), or its
+        # approve_within_s passed: the flow then vends nothing and reverses.
+        self._sale_abandoned: threading.Event | None = None
+        self._sale_approve_by: float | None = None
+        self._reader_available: bool | None = None  # what the vend output was last told
         self._declined_until: float | None = None
         self._selection: _Selection | None = None
         self._pending_config: Config | None = None  # a reload waiting for the sale to end
@@ -269,6 +308,9 @@ class Kiosk:
 
     def on_vend_cancel(self) -> None:
         self.events.put(("vend_cancel", None))
+
+    def on_vend_problem(self, problem: str | None) -> None:
+        self.events.put(("vend_problem", problem))
 
     def reachable(self) -> None:
         self.events.put(("gateway", "reachable"))
@@ -337,7 +379,10 @@ class Kiosk:
         self._build_flows()
         self.worker.start()
         self.scanner.start(self.on_scan)
+        # A kiosk that starts out of service keeps the reader off from the first moment.
+        self._update_reader()
         self.vend.start(self)
+        self.status.vend_problem = vend_problem(self.vend)
         self.notifier.ready(self._status_text())
         self.ready.set()
         event(
@@ -366,6 +411,7 @@ class Kiosk:
             if kind == "stop":
                 if not self._sale_busy():
                     return
+                self._update_reader()  # the machine sells for cash while the sale winds down
                 continue  # the sale finishes (or parks) and reports "sale_done"
             self._guarded(kind, payload, functools.partial(self._handle, kind, payload))
             if self.stopping.is_set() and not self._sale_busy():
@@ -441,6 +487,8 @@ class Kiosk:
                 steps.append(lambda: self._answer_vend("OUT_OF_SERVICE ERROR"))
         elif kind == "vend_cancel":
             steps.append(self._clear_selection)
+            if getattr(self.vend, "cancel_abandons_payment", False):
+                steps.append(self._abandon_sale)  # MDB: the request is gone either way
             if not self._said:
                 steps.append(lambda: self._answer_vend("CANCELLED"))
         elif kind == "probe":
@@ -489,6 +537,12 @@ class Kiosk:
                 self._guarded("timer.declined", None, self._refresh_lights)
             else:
                 waits.append(self._declined_until - now)
+        if self._sale_approve_by is not None and self._sale_busy():
+            if now >= self._sale_approve_by:
+                self._sale_approve_by = None
+                self._guarded("timer.approval", None, self._approval_too_late)
+            else:
+                waits.append(self._sale_approve_by - now)
         if self._selection is not None:
             if now >= self._selection.deadline and not self._sale_busy():
                 self._guarded("timer.selection", None, self._selection_timed_out)
@@ -530,6 +584,12 @@ class Kiosk:
         self._answer_vend("TIMEOUT")
         event(log, "vend.scan_timeout")
 
+    def _approval_too_late(self) -> None:
+        """approve_within_s has passed since the VEND this sale pays for: the machine no longer
+        takes an approval, so the sale must not vend (the driver refuses one all the same)."""
+        if not self._sale_vending:
+            self._abandon_sale("approve_within_s passed")
+
     def _healthy(self, now: float) -> bool:
         """Every part shows progress; otherwise let systemd's watchdog restart the kiosk."""
         a, v = self.config.alipay, self.config.vend
@@ -547,7 +607,9 @@ class Kiosk:
         if broken is not None:
             event(log, "watchdog.withheld", part=f"event loop ({broken})")
             return False
-        if not self.scanner.healthy() or not self.vend.healthy():
+        # A vend output's own problem (an MDB board refusing its configuration) is out of
+        # service, not a reason to restart: the driver retries by itself while it runs.
+        if not self.scanner.healthy() or not vend_running(self.vend):
             event(
                 log,
                 "watchdog.withheld",
@@ -564,6 +626,8 @@ class Kiosk:
                 self._handle_vend_request(payload)
             case "vend_cancel":
                 self._handle_vend_cancel()
+            case "vend_problem":
+                self._handle_vend_problem(payload)
             case "vending":
                 self._sale_vending = True
                 self._refresh_lights()
@@ -617,7 +681,7 @@ class Kiosk:
             self.indicator.sound(Sound.ERROR)
             event(log, "scan.ignored", reason="busy", code=code.masked)
             return
-        if self.status.out_of_service is not None or self.flow is None:
+        if self._unavailable() is not None or self.flow is None:
             self.indicator.sound(Sound.ERROR)
             event(log, "scan.ignored", reason="out of service", code=code.masked)
             return
@@ -627,7 +691,19 @@ class Kiosk:
                 event(log, "scan.ignored", reason="no selection on the machine", code=code.masked)
                 return
             amount, item = self._selection.request.amount, self._selection.request.item
+            approve_by = self._selection.approve_by
+            if approve_by is not None and approve_by - time.monotonic() < payment_budget_s(
+                self.config
+            ):
+                # The machine would stop waiting before a paid sale could be approved:
+                # refuse rather than charge.
+                self._selection = None
+                event(log, "scan.refused", reason="TIMEOUT", code=code.masked)
+                self._answer_vend("TIMEOUT")
+                self._hold_declined()
+                return
         else:
+            approve_by = None
             assert self.config.sale.price is not None
             amount, item = self.config.sale.price, self.config.sale.item
         if self.recent_codes.seen_recently(code):
@@ -637,15 +713,18 @@ class Kiosk:
             return
         self._selection = None
         self.indicator.sound(Sound.SCAN)
-        self._start_sale(code, amount, item)
+        self._start_sale(code, amount, item, approve_by)
 
-    def _start_sale(self, code: PaymentCode, amount: Decimal, item: str) -> None:
+    def _start_sale(
+        self, code: PaymentCode, amount: Decimal, item: str, approve_by: float | None = None
+    ) -> None:
         flow = self.flow
         assert flow is not None
+        abandoned = threading.Event()
 
         def sell() -> None:
             try:
-                sale = flow.sell(code, amount, item)
+                sale = flow.sell(code, amount, item, abandoned=abandoned)
             except JournalError as exc:
                 self.events.put(("journal_error", exc))
                 sale = None
@@ -656,6 +735,8 @@ class Kiosk:
 
         self._sale_started = time.monotonic()
         self._sale_vending = False
+        self._sale_abandoned = abandoned
+        self._sale_approve_by = approve_by
         self._sale_thread = threading.Thread(target=sell, name="sale", daemon=True)
         self._sale_thread.start()
         self._refresh_lights()
@@ -665,6 +746,8 @@ class Kiosk:
             self._sale_thread.join()
             self._sale_thread = None
         self._sale_vending = False
+        self._sale_abandoned = None
+        self._sale_approve_by = None
 
     def _handle_sale_done(self, sale: Sale | None) -> None:
         self._forget_finished_sale()
@@ -701,8 +784,8 @@ class Kiosk:
         max_price = self.config.sale.max_price
         if self.stopping.is_set():
             self._answer_vend("OUT_OF_SERVICE stopping")
-        elif self.status.out_of_service is not None or self.flow is None:
-            self._answer_vend(f"OUT_OF_SERVICE {self.status.out_of_service or 'starting'}")
+        elif self._unavailable() is not None or self.flow is None:
+            self._answer_vend(f"OUT_OF_SERVICE {self._unavailable() or 'starting'}")
         elif self._sale_busy():
             self._answer_vend("BUSY")
         elif max_price is not None and request.amount > max_price:
@@ -719,17 +802,53 @@ class Kiosk:
             )
             self._deny("MAX_PRICE")
         else:
-            deadline = time.monotonic() + self.config.sale.scan_timeout_s
-            self._selection = _Selection(request, deadline)
+            now = time.monotonic()
+            deadline = now + self.config.sale.scan_timeout_s
+            patience = approve_within_s(self.config)
+            approve_by = None if patience is None else now + patience
+            if approve_by is not None:
+                # A scan later than this could not be paid before the machine stops waiting.
+                deadline = min(deadline, approve_by - payment_budget_s(self.config))
+            self._selection = _Selection(request, deadline, approve_by)
             self._answer_vend("OK")
             event(log, "vend.selection", item=request.item, amount=str(request.amount))
 
     def _handle_vend_cancel(self) -> None:
         if self._sale_busy():
-            self._answer_vend("BUSY")  # too late: the payment is in flight
+            if getattr(self.vend, "cancel_abandons_payment", False):
+                # MDB: the machine dropped the request before approval. The payment in flight
+                # is cancelled (query, then cancel) and nothing is approved late.
+                self._abandon_sale("the controller dropped the request")
+                self._answer_vend("CANCELLED")
+            else:
+                # Serial link (SPEC section 4): too late, the payment is in flight and will be
+                # settled (a paid sale then vends or is reversed).
+                self._answer_vend("BUSY")
             return
         self._selection = None
         self._answer_vend("CANCELLED")
+
+    def _abandon_sale(self, why: str = "the controller dropped the request") -> None:
+        abandoned = self._sale_abandoned
+        if abandoned is None or abandoned.is_set():
+            return
+        abandoned.set()
+        event(log, "sale.abandoned", why=why)
+
+    def _handle_vend_problem(self, problem: str | None) -> None:
+        if problem == self.status.vend_problem:
+            return
+        self.status.vend_problem = problem
+        if problem is not None:
+            event(log, "kiosk.out_of_service", level=logging.ERROR, kind="vend", reason=problem)
+            if self.status.out_of_service is None:
+                self.notifier.status(f"out of service: {problem}")
+        else:
+            event(log, "kiosk.reason_cleared", kind="vend", still=self._unavailable())
+            if self._unavailable() is None:
+                event(log, "kiosk.back_in_service", cleared="vend")
+                self.notifier.status("ready")
+        self._refresh_lights()
 
     def _clear_selection(self) -> None:
         self._selection = None
@@ -1011,8 +1130,28 @@ class Kiosk:
         self._declined_until = time.monotonic() + self.config.indicators.declined_hold_s
         self._refresh_lights()
 
+    def _unavailable(self) -> str | None:
+        """Why no payment can be taken now: an out-of-service reason, or the vend output's."""
+        return self.status.out_of_service or self.status.vend_problem
+
+    def _update_reader(self) -> None:
+        """Tell a vend output with a reader switch (MDB) whether the kiosk can take payments
+        now, so the machine sells for cash meanwhile; only when that changes."""
+        if self.stopping.is_set():
+            reason: str | None = "stopping"
+        elif self.flow is None and self.status.out_of_service is None:
+            reason = "starting"
+        else:
+            reason = self._unavailable() or ("offline" if self.status.offline else None)
+        available = reason is None
+        if available == self._reader_available:
+            return
+        self._reader_available = available
+        set_available(self.vend, available, reason)
+
     def _refresh_lights(self) -> None:
-        if self.status.out_of_service is not None:
+        self._update_reader()
+        if self._unavailable() is not None:
             state = KioskState.OUT_OF_SERVICE
         elif self._sale_busy():
             state = KioskState.VENDING if self._sale_vending else KioskState.PAYING
@@ -1033,8 +1172,8 @@ class Kiosk:
         self.indicator.show(state)
 
     def _status_text(self) -> str:
-        if self.status.out_of_service:
-            return f"out of service: {self.status.out_of_service}"
+        if self._unavailable():
+            return f"out of service: {self._unavailable()}"
         return "ready"
 
 

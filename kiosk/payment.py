@@ -12,6 +12,8 @@ Read it top to bottom as a state machine (states are `TxnState`, SPEC section 5)
                                                                          │ TRADE_CLOSED ─► DECLINED
                                                                          └ deadline ────► CANCELLING
     VENDING ── vend failed / timed out ─► CANCELLING ──SUCCESS──► CANCELLED
+    abandoned (the machine dropped the request before approval): never VENDING; paid ─►
+      CANCELLING, QUERYING ─► CANCELLING at once
                                             │ retry_flag=Y / unknown: again later
                                             └ retry_flag=N: query ─ paid ─► REFUNDING ──► REFUNDED
                                                                   └ closed ► CANCELLED  └ refused ─►
@@ -22,9 +24,11 @@ code never reaches the journal (SPEC rule 6): the pay is sent once, from memory,
 whose answer was lost is resolved by query and cancel, never sent again. Only a signed answer
 that names this very request moves a transaction; anything less is unknown. Reversal always
 tries cancel first and follows Alipay's answer, so the local clock never picks the path alone.
-`sell()` runs a new scan in the foreground; `settle()` drives a journaled transaction one step
-on, for the background worker (which schedules the retries) and after a restart. The flow
-does no I/O of its own beyond the client, the journal and the vend output it is given.
+`sell()` runs a new scan in the foreground (its `abandoned` event, set when the controller
+drops its request mid-payment on MDB, stops it from vending late); `settle()` drives a
+journaled transaction one step on, for the background worker (which schedules the retries)
+and after a restart. The flow does no I/O of its own beyond the client, the journal and the
+vend output it is given.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ PAID_STATUSES = (TradeStatus.TRADE_SUCCESS, TradeStatus.TRADE_FINISHED)
 ABSENT = "TRADE_NOT_EXIST"  # a query's answer that no such trade exists (yet)
 BEIJING = timezone(timedelta(hours=8), "Beijing")
 CANCEL_GRACE = timedelta(minutes=15)
+ABANDON_POLL_S = 0.1  # while waiting on an abandon, how often a stop is looked for
 
 
 class SaleResult(enum.StrEnum):
@@ -198,8 +203,19 @@ class PaymentFlow:
 
     # -- the foreground: one new scan ------------------------------------------------------
 
-    def sell(self, code: PaymentCode, amount: Decimal, item: str) -> Sale:
-        """Charge a new scan and, once paid, vend. Blocks until the customer's answer is known."""
+    def sell(
+        self,
+        code: PaymentCode,
+        amount: Decimal,
+        item: str,
+        abandoned: threading.Event | None = None,
+    ) -> Sale:
+        """Charge a new scan and, once paid, vend. Blocks until the customer's answer is known.
+
+        `abandoned` is set when the controller dropped its request before approval (MDB: the
+        customer cancelled, or the machine gave up): from then on nothing is vended; a
+        confirmed charge is reversed (cancel first), an open one is cancelled, and the sale
+        ends with reason `CANCELLED`."""
         now = self._wall()
         ref = new_ref(self.settings.terminal_id, now)
         # Held before the row exists, so the worker never picks up a sale still in hand.
@@ -217,7 +233,7 @@ class PaymentFlow:
                 first_request=("pay", _public_pay(ref, amount, self.settings, stamp)),
             )
             event(log, "payment.start", ref=ref, amount=str(amount), item=item, code=code.masked)
-            sale = self._sell(txn, code)
+            sale = self._sell(txn, code, abandoned or threading.Event())
         event(
             log,
             "payment.result",
@@ -228,9 +244,9 @@ class PaymentFlow:
         )
         return sale
 
-    def _sell(self, txn: Transaction, code: PaymentCode) -> Sale:
+    def _sell(self, txn: Transaction, code: PaymentCode, abandoned: threading.Event) -> Sale:
         pay_started = self._clock()
-        txn, refusal = self._pay(txn, code)
+        txn, refusal = self._pay(txn, code, abandoned)
         if refusal is not None:
             # The customer hears the refusal now. A trade that may still be open behind it
             # (unproven refusal, or one naming a trade) is settled by the worker: query, cancel.
@@ -239,13 +255,17 @@ class PaymentFlow:
                 txn, SaleResult.OUT_OF_SERVICE if oos else SaleResult.DECLINED, refusal
             )
         if txn.state is TxnState.QUERYING:
-            txn = self._query_until_final(txn, pay_started + self.settings.query_deadline_s)
+            deadline = pay_started + self.settings.query_deadline_s
+            txn = self._query_until_final(txn, deadline, abandoned)
         if txn.state is TxnState.DECLINED:
             oos = reaction_for(txn.error_code).reaction is Reaction.OUT_OF_SERVICE
             return self._sale(txn, SaleResult.OUT_OF_SERVICE if oos else SaleResult.DECLINED)
         if txn.state is TxnState.QUERYING and self.stopping.is_set():
             # Parked at a journaled point; the restart queries, then cancels.
             return self._sale(txn, SaleResult.STOPPED, "STOPPING")
+        if abandoned.is_set():
+            # The request is gone (checked here, before the vend): nothing is approved late.
+            return self._abandon(txn)
         if txn.state is TxnState.VENDING:
             txn = self._vend(txn)
             if txn.state is TxnState.VENDED:
@@ -257,6 +277,20 @@ class PaymentFlow:
         if txn.state is TxnState.CANCELLED:
             return self._sale(txn, SaleResult.DECLINED, "TIMEOUT")
         return self._sale(txn, SaleResult.UNRESOLVED, "TIMEOUT")
+
+    def _abandon(self, txn: Transaction) -> Sale:
+        """The controller dropped the request before approval. A charge Alipay confirmed
+        (VENDING not yet vended, or turned to CANCELLING by `_paid`) is reversed like a failed
+        vend; an outcome still unknown (QUERYING) is cancelled now rather than queried on."""
+        charged = txn.state in (TxnState.VENDING, TxnState.CANCELLING)
+        if txn.state not in (TxnState.CANCELLING, TxnState.REFUNDING):
+            txn = self._start_reversal(txn, note="the customer cancelled before approval")
+        txn = self._reverse_in_foreground(txn)
+        if charged:
+            return self._sale(txn, SaleResult.REVERSED, "CANCELLED")
+        if txn.state is TxnState.CANCELLED:
+            return self._sale(txn, SaleResult.DECLINED, "CANCELLED")
+        return self._sale(txn, SaleResult.UNRESOLVED, "CANCELLED")
 
     def _sale(self, txn: Transaction, result: SaleResult, reason: str | None = None) -> Sale:
         return Sale(
@@ -292,7 +326,9 @@ class PaymentFlow:
             self.journal.after_request(txn, result.outcome.value, result.detail)
         return txn, result
 
-    def _pay(self, txn: Transaction, code: PaymentCode) -> tuple[Transaction, str | None]:
+    def _pay(
+        self, txn: Transaction, code: PaymentCode, abandoned: threading.Event
+    ) -> tuple[Transaction, str | None]:
         """PAYING (pay journaled with the transaction) → VENDING | DECLINED | CANCELLING |
         QUERYING. Also returns the code of a refusal the customer is shown now while the
         transaction stays open (an unproven refusal, or a refused trade still to be closed)."""
@@ -313,7 +349,7 @@ class PaymentFlow:
             return self.journal.update(txn, state=TxnState.DECLINED, error_code="OFFLINE"), None
         outcome = (result.outcome.value, result.detail)
         if result.outcome is Outcome.SUCCESS:
-            return self._paid(txn, outcome, alipay_trans_id=result.alipay_trans_id), None
+            return self._paid(txn, outcome, abandoned, alipay_trans_id=result.alipay_trans_id), None
         refusal = self._refusal(txn, result)
         if refusal is not None and result.outcome is Outcome.FAILED:
             # Signed and naming this pay: a proven refusal.
@@ -363,22 +399,37 @@ class PaymentFlow:
 
     # -- QUERYING --------------------------------------------------------------------------
 
-    def _query_until_final(self, txn: Transaction, deadline: float) -> Transaction:
+    def _query_until_final(
+        self, txn: Transaction, deadline: float, abandoned: threading.Event
+    ) -> Transaction:
         """Query every `query_interval_s` until paid, closed, or the deadline (→ CANCELLING).
-        Returns the transaction still QUERYING if the kiosk is stopping."""
+        Returns the transaction still QUERYING if the kiosk is stopping or the sale was
+        abandoned (the caller cancels it)."""
         while True:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 return txn
-            if self.stopping.wait(min(self.settings.query_interval_s, remaining)):
+            if self._pause(min(self.settings.query_interval_s, remaining), abandoned):
                 return txn
             txn, status = self._query(txn)
             if status in PAID_STATUSES:
-                return self._paid(txn, None)
+                return self._paid(txn, None, abandoned)
             if status is TradeStatus.TRADE_CLOSED:
                 return self.journal.update(
                     txn, state=TxnState.DECLINED, error_code=txn.error_code or "TRADE_CLOSED"
                 )
+
+    def _pause(self, seconds: float, abandoned: threading.Event) -> bool:
+        """Wait `seconds`; True at once when the kiosk is stopping or the sale is abandoned.
+        The abandon wakes it at once; a stop within ABANDON_POLL_S."""
+        deadline = self._clock() + seconds
+        while not self.stopping.is_set():
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return False
+            if abandoned.wait(min(remaining, ABANDON_POLL_S)):
+                return True
+        return True
 
     def _query(self, txn: Transaction) -> tuple[Transaction, TradeStatus | str | None]:
         """One query: the trade's status, `ABSENT`, or None when nothing certain came back.
@@ -418,10 +469,24 @@ class PaymentFlow:
     # -- VENDING ---------------------------------------------------------------------------
 
     def _paid(
-        self, txn: Transaction, outcome: tuple[str, str] | None, **changes: Any
+        self,
+        txn: Transaction,
+        outcome: tuple[str, str] | None,
+        abandoned: threading.Event | None = None,
+        **changes: Any,
     ) -> Transaction:
         """Alipay confirmed the charge: straight to VENDING, in one commit, before APPROVED
-        goes out (a crash after it is resolved by the controller's report, or reversed)."""
+        goes out (a crash after it is resolved by the controller's report, or reversed).
+        A sale already abandoned never becomes VENDING (a restart would wait for a report that
+        cannot be this sale's): CANCELLING, in the same one commit."""
+        if abandoned is not None and abandoned.is_set():
+            return self.journal.update(
+                txn,
+                state=TxnState.CANCELLING,
+                request_outcome=outcome,
+                note="paid after the customer cancelled",
+                **changes,
+            )
         return self.journal.update(txn, state=TxnState.VENDING, request_outcome=outcome, **changes)
 
     def _vend(self, txn: Transaction) -> Transaction:

@@ -108,7 +108,7 @@ class Rig:
         kiosk: Kiosk,
         scanner: FakeScanner,
         lights: FakeIndicator,
-        vend: FakeVendOutput,
+        vend: Any,  # a FakeVendOutput, or a real driver (MDB on a pty)
         log: EventLog,
     ) -> None:
         self.kiosk, self.scanner, self.lights, self.vend = kiosk, scanner, lights, vend
@@ -152,7 +152,7 @@ def rig_factory(
         wall: datetime | None = None,
         client_factory: Callable[[], AlipayClient] | None = None,
         notifier: Notifier | None = None,
-        vend: FakeVendOutput | None = None,
+        vend: Any = None,  # default FakeVendOutput(); any VendOutput (e.g. MDB on a pty)
         reload_config: Callable[[], Config] | None = None,
         clock_synced: Callable[[], bool] | None = None,
         clock_recheck_s: tuple[float, float] | None = None,

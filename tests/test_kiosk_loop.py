@@ -21,7 +21,7 @@ from kiosk.payment import Sale, SaleResult
 from kiosk.ports import KioskState, Sound
 from kiosk.simulator import GatewaySimulator
 from kiosk.systemd import Notifier
-from tests.conftest import payment_code
+from tests.conftest import PARTNER, payment_code
 from tests.loop_rig import ProtocolVendOutput, Rig, rig_config, rig_factory
 
 
@@ -179,7 +179,7 @@ def test_a_refusal_reason_that_is_not_a_protocol_token_reaches_the_controller_as
     flow = rig.kiosk.flow
     assert flow is not None
     odd = Sale("VM-odd-1", SaleResult.DECLINED, "BAD CODE ü", TxnState.DECLINED)
-    monkeypatch.setattr(flow, "sell", lambda code, amount, item: odd)
+    monkeypatch.setattr(flow, "sell", lambda code, amount, item, abandoned=None: odd)
     rig.scanner.scan(payment_code("0001"))
     assert rig.lights.wait_for(KioskState.DECLINED, 5)
     assert vend.denials == ["BAD-CODE--"]
@@ -333,4 +333,103 @@ def test_the_clock_check_is_skipped_where_the_config_says_so(
     assert rig.kiosk.status.out_of_service is None
     rig.scanner.scan(payment_code("0001"))
     assert rig.vend.wait_for_approval(10)
+    rig.stop()
+
+
+# -- a vend output with its own problem (an MDB board), and the machine's patience -------------
+
+
+class BoardVendOutput(ProtocolVendOutput):
+    """A vend output with a reader switch and a problem of its own, like the MDB driver."""
+
+    cancel_abandons_payment = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.switched: list[tuple[bool, str | None]] = []
+        self.board_problem: str | None = None
+
+    def set_available(self, available: bool, reason: str | None) -> None:
+        self.switched.append((available, reason))
+
+    def problem(self) -> str | None:
+        return self.board_problem
+
+    def running(self) -> bool:
+        return not self.closed
+
+    def healthy(self) -> bool:
+        return self.running() and self.board_problem is None
+
+
+def test_a_vend_problem_is_out_of_service_but_never_withholds_the_watchdog(
+    make_rig: Callable[..., Rig], tmp_path: Path, simulator: GatewaySimulator
+) -> None:
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    config = rig_config(tmp_path / "state", simulator.url, sale={"mode": "vmc", "price": None})
+    vend = BoardVendOutput()
+    rig = make_rig(
+        config,
+        vend=vend,
+        notifier=Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"}),
+    )
+    try:
+        assert vend.switched[-1] == (True, None)
+        vend.board_problem = "the MDB board refused mdb-addr=0x10: c,ERR,invalid parameter"
+        rig.kiosk.on_vend_problem(vend.board_problem)  # what the driver calls
+        assert rig.lights.wait_for(KioskState.OUT_OF_SERVICE, 5)
+        assert rig.kiosk.status.out_of_service is None  # a field of its own
+        assert rig.log.wait_until(lambda: vend.switched[-1][0] is False, 5)
+        vend.request_vend("tea", "1.50")
+        assert vend.wait_for_answer("OUT_OF_SERVICE the-MDB-board-refused-mdb-addr=0x10", 5)
+        sock.settimeout(0.1)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                sock.recv(100)  # what was already in flight
+        sock.settimeout(2)
+        assert b"WATCHDOG=1" in sock.recv(100)  # still fed: the driver retries by itself
+        assert rig.log.named("watchdog.withheld") == []
+        vend.board_problem = None
+        rig.kiosk.on_vend_problem(None)
+        rig.log.wait_for("kiosk.back_in_service", 5, cleared="vend")
+        assert rig.log.wait_until(lambda: vend.switched[-1] == (True, None), 5)
+        assert rig.lights.wait_for(KioskState.READY, 5)
+    finally:
+        rig.stop()
+        sock.close()
+    assert vend.closed
+
+
+def test_a_sale_still_unpaid_when_approve_within_s_passes_is_abandoned(
+    make_rig: Callable[..., Rig], tmp_path: Path, simulator: GatewaySimulator
+) -> None:
+    from dataclasses import dataclass, replace
+
+    from kiosk.config import VendSection
+
+    @dataclass(frozen=True)
+    class MdbVendSection(VendSection):
+        approve_within_s: float = 60.0
+
+    config = rig_config(
+        tmp_path / "state",
+        simulator.url,
+        sale={"mode": "vmc", "price": None},
+        alipay={"query_deadline_s": 30.0},  # without the abandon it would query for 30 s
+    )
+    config = replace(config, vend=MdbVendSection(driver="mdb", timeout_s=2.0, approve_within_s=4.0))
+    vend = BoardVendOutput()
+    rig = make_rig(config, vend=vend)
+    vend.request_vend("tea", "1.50")
+    assert vend.wait_for_answer("OK", 5)
+    rig.scanner.scan(payment_code("1002"))  # UNKNOW; the buyer never confirms
+    rig.log.wait_for("sale.abandoned", 10, why="approve_within_s passed")
+    index = rig.log.wait_for("payment.result", 10)
+    result = rig.log.events[index]
+    assert (result["outcome"], result["reason"]) == ("declined", "CANCELLED")
+    assert vend.approvals == []
+    trade = simulator.ledger.trade(PARTNER, result["ref"])
+    assert trade is None or not trade.holds_money
     rig.stop()

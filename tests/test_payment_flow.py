@@ -709,3 +709,107 @@ def test_refused_pay_naming_a_trade_is_cancelled_before_it_is_final(
     txn = journal.get(sale.ref)
     assert (txn.state, txn.error_code) == (TxnState.CANCELLED, "PAYMENT_FAIL")
     assert simulator.ledger.trade(PARTNER, sale.ref).status == "TRADE_CLOSED"
+
+
+# -- abandoned: the controller dropped the request before approval (MDB) ----------------------
+
+
+def test_a_sale_abandoned_while_the_pay_is_in_flight_is_reversed_and_never_vended(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    flow = make_flow()
+    abandoned = threading.Event()
+    real_pay = flow.client.pay
+
+    def pay_while_the_customer_walks_away(order: PayOrder) -> PayResult:
+        result = real_pay(order)  # Alipay takes the money ...
+        abandoned.set()  # ... while the machine drops the request
+        return result
+
+    flow.client.pay = pay_while_the_customer_walks_away  # type: ignore[method-assign]
+    states: list[TxnState] = []
+    real_update = journal.update
+
+    def update(txn: Transaction, **changes: object) -> Transaction:
+        updated = real_update(txn, **changes)  # type: ignore[arg-type]
+        states.append(updated.state)
+        return updated
+
+    journal.update = update  # type: ignore[method-assign]
+    sale = flow.sell(PaymentCode.parse(payment_code("0001")), PRICE, "coffee", abandoned)
+    assert (sale.result, sale.reason) == (SaleResult.REVERSED, "CANCELLED")
+    assert vend.approvals == []  # never dispensed
+    trade = simulator.ledger.trade(PARTNER, sale.ref)
+    assert trade is not None and trade.charged and not trade.holds_money
+    assert journal.get(sale.ref).state is TxnState.CANCELLED
+    # Never journaled as vending: a restart must not wait for a report that is not this sale's.
+    assert TxnState.VENDING not in states and states[-1] is TxnState.CANCELLED
+    services = [r.service for r in simulator.requests_seen]
+    assert services == ["pay", "cancel"]  # cancel first, as for a failed vend
+
+
+def test_a_sale_abandoned_while_querying_stops_querying_and_cancels(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    flow = make_flow(query_deadline_s=30.0)  # without the abandon it would query for 30 s
+    abandoned = threading.Event()
+    real_query = flow.client.query
+    queries = 0
+
+    def query(*args: object, **kwargs: object) -> object:
+        nonlocal queries
+        queries += 1
+        if queries == 2:
+            abandoned.set()  # the customer cancels while the buyer has not confirmed
+        return real_query(*args, **kwargs)  # type: ignore[arg-type]
+
+    flow.client.query = query  # type: ignore[method-assign]
+    # 1002: UNKNOW, and the buyer never confirms.
+    sale = flow.sell(PaymentCode.parse(payment_code("1002")), PRICE, "coffee", abandoned)
+    assert (sale.result, sale.reason) == (SaleResult.DECLINED, "CANCELLED")
+    assert queries == 2
+    assert vend.approvals == []
+    assert not held(simulator, sale.ref)
+    assert journal.get(sale.ref).state is TxnState.CANCELLED
+    assert [r.service for r in simulator.requests_seen][-1] == "cancel"
+
+
+def test_a_sale_abandoned_before_a_query_finds_it_paid_is_reversed(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    flow = make_flow(query_deadline_s=30.0)
+    abandoned = threading.Event()
+    real_query = flow.client.query
+
+    def query(*args: object, **kwargs: object) -> object:
+        result = real_query(*args, **kwargs)  # type: ignore[arg-type]
+        abandoned.set()  # dropped while this query was on its way back
+        return result
+
+    flow.client.query = query  # type: ignore[method-assign]
+    # 3003: charged, the pay answered SYSTEM_ERROR; the first query finds it paid.
+    sale = flow.sell(PaymentCode.parse(payment_code("3003")), PRICE, "coffee", abandoned)
+    assert (sale.result, sale.reason) == (SaleResult.REVERSED, "CANCELLED")
+    assert vend.approvals == []
+    assert not held(simulator, sale.ref)
+    assert simulator.ledger.trade(PARTNER, sale.ref).charged
+    assert journal.get(sale.ref).state is TxnState.CANCELLED
+
+
+def test_a_sale_not_abandoned_sells_as_before(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, vend: FakeVendOutput
+) -> None:
+    abandoned = threading.Event()
+    sale = make_flow().sell(PaymentCode.parse(payment_code("0001")), PRICE, "coffee", abandoned)
+    assert sale.result is SaleResult.VENDED
+    assert vend.approvals == [(sale.ref, PRICE)]
+    assert held(simulator, sale.ref)
