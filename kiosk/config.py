@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -1126,9 +1127,22 @@ def format_summary(config: Config) -> str:
     return "\n".join(lines)
 
 
-def run_check(path: Path) -> int:
-    """`kiosk check`: problems and warnings to stderr (exit 2 on any error), summary to stdout."""
+def run_check(path: Path, output: str = "text") -> int:
+    """`kiosk check`: problems and warnings to stderr (exit 2 on any error), summary to stdout.
+
+    With output "json", one object on stdout: {"file", "ok", "errors", "warnings", "problems"}.
+    """
     config, problems = check_config(path)
+    if output == "json":
+        report = {
+            "file": str(path),
+            "ok": config is not None,
+            "errors": sum(not p.warning for p in problems),
+            "warnings": sum(p.warning for p in problems),
+            "problems": [p.as_json() for p in problems],
+        }
+        print(json.dumps(report, indent=2))
+        return 0 if config is not None else 2
     for problem in problems:
         print(problem, file=sys.stderr)
     if config is None:
@@ -1139,4 +1153,21 @@ def run_check(path: Path) -> int:
         )
         return 2
     print(format_summary(config))
+    return 0
+
+
+def run_init(path: Path) -> int:
+    """`kiosk init [PATH]`: write the annotated example config; never over an existing file."""
+    from kiosk.config_docs import example
+
+    try:
+        with path.open("x", encoding="utf-8") as out:
+            out.write(example())
+    except FileExistsError:
+        print(f"kiosk: {path} exists; not overwritten", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"kiosk: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}; edit it, then run: kiosk check --config {path}")
     return 0
