@@ -69,7 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the daemon's log lines too (default: only the summary)",
     )
 
-    sub.add_parser("check", parents=[common], help="validate the config file")
+    check = sub.add_parser("check", parents=[common], help="validate the config file")
+    check.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one object with every problem, on stdout, for fleet tooling",
+    )
+    init = sub.add_parser("init", help="write the annotated example config")
+    init.add_argument("path", nargs="?", default="kiosk.toml", metavar="PATH")
 
     journal = sub.add_parser(
         "journal", parents=[common], help="list transactions and pending retries"
@@ -133,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             case "check":
                 from kiosk.config import run_check
 
-                return run_check(_config_path(args))
+                return run_check(_config_path(args), args.format)
+            case "init":
+                from kiosk.config import run_init
+
+                return run_init(Path(args.path))
             case "journal":
                 return cmd_journal(args)
             case "simulator":

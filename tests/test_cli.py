@@ -68,9 +68,9 @@ def test_check_prints_every_problem_as_file_line_and_exits_2(tmp_path: Path) -> 
     done = kiosk("check", "--config", str(path))
     assert done.returncode == 2
     lines = done.stderr.splitlines()
-    assert any(line.startswith(f"{path}:2: ") and "terminal_id" in line for line in lines)
-    assert any(line.startswith(f"{path}:6: ") and "partner" in line for line in lines)
-    assert any(line.startswith(f"{path}:7: ") and "currency" in line for line in lines)
+    assert any(line.startswith(f"{path}:2:1: error: ") and "terminal_id" in line for line in lines)
+    assert any(line.startswith(f"{path}:6:1: error: ") and "partner" in line for line in lines)
+    assert any(line.startswith(f"{path}:7:1: error: ") and "currency" in line for line in lines)
 
 
 def test_journal_json_on_an_empty_state_dir_is_an_empty_array(tmp_path: Path) -> None:
