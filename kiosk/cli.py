@@ -232,9 +232,15 @@ def _dispatch(argv: list[str] | None) -> int:
 
             return run_simulator(args)
         case "selftest":
-            from kiosk.selftest import run_selftest
+            from kiosk.selftest import ask_in_terminal, run_selftest
 
-            return run_selftest(_config_path(args), args.scan_timeout, args.vend)
+            person = sys.stdin.isatty() and sys.stdout.isatty()
+            return run_selftest(
+                _config_path(args),
+                args.scan_timeout,
+                args.vend,
+                ask=ask_in_terminal if person else None,
+            )
         case "provision":
             from kiosk.provision import run_provision
 

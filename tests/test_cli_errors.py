@@ -5,6 +5,7 @@ asserts the exact first line."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import select
@@ -16,10 +17,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kiosk.cli import build_parser
+from kiosk.config import IndicatorsSection, ScannerSection, VendSection
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import PARTNER
 from tests.daemon_rig import DaemonRig
@@ -372,3 +375,83 @@ def test_selftest_without_gpio_names_the_mock_pin_factory(tmp_path: Path) -> Non
         os.close(slave)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [NO_GPIO]
+
+
+def test_selftest_in_a_terminal_checks_the_gateway_first_and_asks_about_the_lights(
+    tmp_path: Path, simulator: GatewaySimulator
+) -> None:
+    scanner_master, scanner_slave = os.openpty()
+    config = selftest_config(tmp_path, os.ttyname(scanner_slave), simulator.url)
+    try:
+        with terminal(
+            "selftest",
+            "--config",
+            str(config),
+            "--scan-timeout",
+            "0.2",
+            env={"GPIOZERO_PIN_FACTORY": "mock"},
+        ) as term:
+            for question in (
+                "did the green light come on?",
+                "is the amber light blinking?",
+                "did the red light come on?",
+                "is the red light on steadily?",
+                "did the buzzer beep once?",
+                "did the buzzer sound the error pattern?",
+            ):
+                term.read_until(re.escape(f"{question} [y/n] ") + ".*")
+                os.write(term.master, b"y\n")
+            assert term.finish() == 1  # nobody scanned
+            lines = term.lines()
+    finally:
+        os.close(scanner_master)
+        os.close(scanner_slave)
+    assert lines[0] == "[ok] gateway DNS 127.0.0.1: 127.0.0.1"
+    assert "[ok] Alipay signed request: accepted; the answer's signature verified" in lines
+    assert "[ok] lights: ready: seen" in lines
+    assert "[ok] buzzer: error: heard" in lines
+    assert "[FAIL] scanner: no scan arrived" in lines
+
+
+# -- each hardware driver without its library -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("library", "module", "section", "build", "message"),
+    [
+        ("evdev", "drivers.scanner_evdev", ScannerSection(driver="evdev"), "build_scanner",
+         "the evdev scanner needs evdev"),
+        ("serial", "drivers.scanner_serial", ScannerSection(driver="serial", port="/dev/ttyS9"),
+         "build_scanner", "the serial scanner needs pyserial"),
+        ("gpiozero", "drivers.indicator_gpio",
+         IndicatorsSection(driver="gpio", green=17, red=27, amber=22),
+         "build_indicator", "the GPIO indicator needs gpiozero"),
+        ("serial", "drivers.vend_serial", VendSection(driver="serial", port="/dev/ttyS9"),
+         "build_vend_output", "the serial vend link needs pyserial"),
+        ("gpiozero", "drivers.vend_relay", VendSection(driver="relay", relay_pin=23),
+         "build_vend_output", "the GPIO vend relay needs gpiozero"),
+    ],
+)  # fmt: skip
+def test_a_driver_without_its_library_names_the_hardware_extra(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    library: str,
+    module: str,
+    section: object,
+    build: str,
+    message: str,
+) -> None:
+    import drivers
+    from kiosk.demo import demo_config
+
+    monkeypatch.setitem(sys.modules, library, None)  # `import library` fails, as uninstalled
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    field = {
+        ScannerSection: "scanner",
+        IndicatorsSection: "indicators",
+        VendSection: "vend",
+    }[type(section)]
+    config = dataclasses.replace(demo_config(tmp_path, "http://127.0.0.1:9"), **{field: section})
+    with pytest.raises(drivers.DriverUnavailable) as raised:
+        getattr(drivers, build)(config)
+    assert str(raised.value) == f"{message}, which is not installed: pip install 'kiosk[hardware]'"
