@@ -279,6 +279,28 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     assert (done.returncode, done.stderr) == (1, "")
 
 
+def test_check_into_a_closed_pipe_ends_quietly(tmp_path: Path, simulator: GatewaySimulator) -> None:
+    """`kiosk check | head -2` once the reader has gone: no BrokenPipeError."""
+    rig = DaemonRig(tmp_path, simulator)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "kiosk", "check", "--config", str(rig.config_path)],
+            cwd=ROOT,
+            env=_env(),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+        rig.close()
+    assert "Error" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1
+
+
 # -- kiosk journal --------------------------------------------------------------------------
 
 
