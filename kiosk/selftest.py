@@ -2,8 +2,9 @@
 reported — the gateway's DNS and TLS, the clock, a signed request Alipay accepts, every light,
 the buzzer, one scan, one vend output pulse.
 
-What the kiosk cannot see for itself (a light, the buzzer) is asked of the technician when a
-terminal is attached (`ask`); without one the step only says where to look.
+What the kiosk cannot see for itself (a light, the buzzer, a relay without a sense input) is
+asked of the technician when a terminal is attached (`ask`); without one the step only says
+where to look.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def run_selftest(
         scanner = drivers.build_scanner(config)
         scans: queue.SimpleQueue[str] = queue.SimpleQueue()
         scanner.start(scans.put)
-        out(f"scan any Alipay payment code within {scan_timeout_s:.0f} s (nothing is charged)...")
+        out(f"scan any Alipay payment code within {scan_timeout_s:g} s (nothing is charged)...")
         try:
             text = scans.get(timeout=scan_timeout_s)
         except queue.Empty:
@@ -123,11 +124,15 @@ def run_selftest(
             result = output.dispense(
                 ref, config.sale.price or Decimal("0.01"), config.vend.timeout_s
             )
-            step(
-                "vend output",
-                result is VendResult.VENDED,
-                f"{result.value} after {time.monotonic() - started:.1f} s",
-            )
+            detail = f"{result.value} after {time.monotonic() - started:.1f} s"
+            unseen = config.vend.driver == "relay" and config.vend.sense_pin is None
+            if ask is not None and unseen and result is VendResult.VENDED:
+                # Without a sense input "vended" only means the pulse went out.
+                seen = ask("did the relay click (or the machine dispense)?")
+                detail = f"pulse sent, {'seen' if seen else 'not seen'}"
+                step("vend output", seen, detail)
+            else:
+                step("vend output", result is VendResult.VENDED, detail)
         else:
             step(
                 "vend link",

@@ -184,7 +184,8 @@ def test_selftest_with_a_person_asks_what_it_cannot_see(
     config = _config(tmp_path, port, simulator.url)
     run_selftest(config, scan_timeout_s=0.1, out=lines.append, ask=ask, clock_synced=lambda: True)
     assert asked[0] == "did the green light come on?"
-    assert len(asked) == 6  # four light states, two sounds
+    assert len(asked) == 7  # four light states, two sounds, the relay (no sense input)
+    assert asked[-1] == "did the relay click (or the machine dispense)?"
     assert "[ok] lights: ready: seen" in lines
     assert "[FAIL] lights: declined: not seen" in lines
     assert "[ok] buzzer: error: heard" in lines
