@@ -19,7 +19,7 @@ from typing import NoReturn
 
 from kiosk import __version__
 from kiosk.errors import ConfigError, JournalError, KioskError
-from kiosk.log import event, setup_logging
+from kiosk.log import event, setup_logging, under_systemd
 
 log = logging.getLogger("kiosk")
 
@@ -358,7 +358,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def in_terminal() -> bool:
     """A person at a terminal, not systemd: problems are reported and the command ends,
     rather than waiting out of service for a SIGHUP nobody will send."""
-    if os.environ.get("NOTIFY_SOCKET") or os.environ.get("INVOCATION_ID"):
+    if under_systemd():
         return False
     return sys.stdin.isatty() or sys.stderr.isatty()
 

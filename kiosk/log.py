@@ -77,9 +77,14 @@ def _text(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if (" " in text or text == "") else text
 
 
+def under_systemd() -> bool:
+    """Started by systemd (a service: journald stamps and keeps what we print)."""
+    return bool(os.environ.get("NOTIFY_SOCKET") or os.environ.get("INVOCATION_ID"))
+
+
 def _in_terminal() -> bool:
-    if os.environ.get("NOTIFY_SOCKET") or os.environ.get("INVOCATION_ID"):
-        return False  # under systemd: journald has the time
+    if under_systemd():
+        return False  # journald has the time
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):

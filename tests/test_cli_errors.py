@@ -152,6 +152,14 @@ def test_simulator_with_a_missing_merchant_key_names_the_absolute_path(tmp_path:
     ]
 
 
+def test_simulator_with_a_missing_config_says_so_instead_of_ignoring_it(tmp_path: Path) -> None:
+    done = kiosk("simulator", "--config", "kiosk.toml", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"kiosk: --config {tmp_path / 'kiosk.toml'}: No such file or directory"
+    ]
+
+
 def test_simulator_with_an_unwritable_public_key_path_says_why(tmp_path: Path) -> None:
     target = tmp_path / "no" / "such" / "alipay_public.pem"
     done = kiosk(
@@ -420,6 +428,7 @@ def test_selftest_in_a_terminal_checks_the_gateway_first_and_asks_about_the_ligh
                 "is the red light on steadily?",
                 "did the buzzer beep once?",
                 "did the buzzer sound the error pattern?",
+                "did the relay click (or the machine dispense)?",
             ):
                 term.read_until(re.escape(f"{question} [y/n] ") + ".*")
                 os.write(term.master, b"y\n")
@@ -433,6 +442,7 @@ def test_selftest_in_a_terminal_checks_the_gateway_first_and_asks_about_the_ligh
     assert "[ok] lights: ready: seen" in lines
     assert "[ok] buzzer: error: heard" in lines
     assert "[FAIL] scanner: no scan arrived" in lines
+    assert "[ok] vend output: pulse sent, seen" in lines
 
 
 # -- each hardware driver without its library -----------------------------------------------

@@ -19,12 +19,14 @@ from kiosk.simulator.gateway import GatewaySimulator, MerchantAccount, log
 
 
 def _merchant_from_config(path: Path | None) -> dict[str, str]:
-    if path is None or not path.exists():
+    if path is None:
         return {}
     try:
         alipay = tomllib.loads(path.read_text(encoding="utf-8")).get("alipay", {})
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    except OSError as exc:  # a --config that is not there is a mistake, not "no config"
+        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
     found: dict[str, str] = {}
     for key in ("partner", "private_key_file", "md5_key_file"):
         if key in alipay:
