@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench lint soak image-test host-dev-packages fresh-check clean
+.PHONY: demo test bench lint soak image-test host-dev-packages fresh-check clean config-docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+config-docs: $(VENV)/.installed  # docs/config.md, examples/kiosk.toml, docs/kiosk.schema.json
+	$(PY) -m kiosk.config_docs
 
 bench: $(VENV)/.installed
 	$(PY) bench/run_all.py

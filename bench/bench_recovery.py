@@ -47,7 +47,7 @@ def build_journal(
             amount=PRICE,
             currency="USD",
             item="coffee",
-            buyer_code=unique_code(i + 1),
+            code_last4=unique_code(i + 1)[-4:],
             trans_create_time=stamp,
         )
         txn = journal.before_request(txn, "pay", {"partner_trans_id": txn.ref})
@@ -64,7 +64,7 @@ def build_journal(
             amount=PRICE,
             currency="USD",
             item="coffee",
-            buyer_code=code,
+            code_last4=code[-4:],
             trans_create_time=stamp,
         )
         txn = journal.before_request(txn, "pay", {"partner_trans_id": txn.ref})
@@ -74,12 +74,7 @@ def build_journal(
         if j < cancelling:  # the vend failed; the cancel was journaled, never answered
             journal.after_request(txn, "success", "SUCCESS")
             txn = journal.update(txn, state=TxnState.PAID, alipay_trans_id=result.alipay_trans_id)
-            journal.update(
-                txn,
-                state=TxnState.CANCELLING,
-                note="vend failed",
-                cancel_timestamp_ms=int(time.time() * 1000),
-            )
+            journal.update(txn, state=TxnState.CANCELLING, note="vend failed")
             kinds["cancelling"] += 1
         else:  # killed while the pay was in flight
             kinds["paying"] += 1

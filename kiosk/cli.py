@@ -4,35 +4,58 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from kiosk import __version__
 from kiosk.errors import ConfigError, JournalError, KioskError
-from kiosk.log import event, setup_logging
+from kiosk.log import event, setup_logging, under_systemd
 
 log = logging.getLogger("kiosk")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+LOCK_FILE = "kiosk.lock"
+
+
+class StateDirInUse(KioskError):
+    """Another `kiosk run` holds the state directory's lock."""
+
+
+class UsageError(KioskError, ValueError):
+    """The command line itself is wrong (exit 2)."""
+
+
+class KioskArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors as one `kiosk: ...` line through `main`'s boundary."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def _config_path(args: argparse.Namespace) -> Path:
     from kiosk.config import default_config_path
 
-    return Path(args.config) if args.config else default_config_path()
+    return (Path(args.config) if args.config else default_config_path()).absolute()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = KioskArgumentParser(
         prog="kiosk", description="Alipay barcode payment firmware for vending kiosks."
     )
-    parser.add_argument("--version", action="version", version=f"kiosk {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    parser.add_argument(
+        "--version", action="version", version=f"kiosk {__version__}", help="print the version"
+    )
+    common = KioskArgumentParser(add_help=False)
     common.add_argument(
         "--config",
         metavar="PATH",
@@ -41,12 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", parents=[common], help="the daemon, in the foreground")
-    run.add_argument("--log-format", choices=("text", "json"), default="text")
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text (with timestamps in a terminal) or one JSON object per line",
+    )
 
+    # The demo builds its own config: no --config, so none is silently ignored.
     demo = sub.add_parser(
-        "demo",
-        parents=[common],
-        help="play the scenarios with fake devices and a gateway simulator",
+        "demo", help="play the scenarios with fake devices and a gateway simulator"
     )
     demo.add_argument(
         "--interactive",
@@ -59,20 +86,42 @@ def build_parser() -> argparse.ArgumentParser:
         default="none",
         help="show the daemon's log lines too (default: only the summary)",
     )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the demo's journal and print where it is (default: deleted at exit)",
+    )
 
-    sub.add_parser("check", parents=[common], help="validate the config file")
+    check = sub.add_parser("check", parents=[common], help="validate the config file")
+    check.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one object with every problem, on stdout, for fleet tooling",
+    )
+    init = sub.add_parser("init", help="write the annotated example config")
+    init.add_argument(
+        "path", nargs="?", default="kiosk.toml", metavar="PATH", help="where to write it"
+    )
 
     journal = sub.add_parser(
         "journal", parents=[common], help="list transactions and pending retries"
     )
     journal.add_argument("--json", action="store_true", help="a JSON array (SPEC section 5)")
     journal.add_argument("--all", action="store_true", help="include every finished one")
-    journal.add_argument("--state-dir", metavar="DIR", help="read the journal from here")
+    journal.add_argument(
+        "--state-dir", metavar="DIR", help="read the journal from here (default: the config's)"
+    )
 
     sim = sub.add_parser(
         "simulator", parents=[common], help="run the Alipay MAPI gateway simulator"
     )
-    sim.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT")
+    sim.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="address to serve on (default: 127.0.0.1:8080)",
+    )
     sim.add_argument("--partner", help="merchant partner id (default: from --config)")
     sim.add_argument(
         "--merchant-key",
@@ -86,68 +135,147 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--alipay-private-key",
         metavar="PEM",
-        help="the key the simulator signs answers with; generated when absent",
+        help="the key the simulator signs answers with; generated (and kept here) when absent",
     )
     sim.add_argument(
         "--write-alipay-public-key",
         metavar="PEM",
         help="write the simulator's public key here, for the kiosk's config",
     )
-    sim.add_argument("--log-format", choices=("text", "json"), default="text")
+    sim.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text (with timestamps in a terminal) or one JSON object per line",
+    )
 
     selftest = sub.add_parser(
-        "selftest", parents=[common], help="check each light, the buzzer, a scan and a vend"
+        "selftest",
+        parents=[common],
+        help="check the gateway, the clock, the keys, each light, the buzzer, a scan and a vend",
     )
-    selftest.add_argument("--scan-timeout", type=float, default=30.0, metavar="S")
+    selftest.add_argument(
+        "--scan-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="how long to wait for the test scan (default: 30)",
+    )
     selftest.add_argument(
         "--vend", action="store_true", help="also approve one test vend on a serial controller"
     )
 
     provision = sub.add_parser(
-        "provision", parents=[common], help="install a config dropped on the boot partition"
+        "provision",
+        parents=[common],
+        help="install a config dropped on the boot partition",
+        description="--config, if given, is where the installed config goes "
+        "(a kiosk.toml; its folder is the install directory)",
     )
-    provision.add_argument("--from", dest="source", required=True, metavar="PATH")
-    provision.add_argument("--etc-dir", default="/etc/kiosk", metavar="DIR")
+    provision.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="PATH",
+        help="the config on the boot partition",
+    )
+    provision.add_argument(
+        "--etc-dir",
+        metavar="DIR",
+        help="install directory (default: the folder of --config, else /etc/kiosk)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The one error boundary: a user's mistake is one line, `kiosk: ...`, never a traceback.
+    Exceptions not named here are bugs, and keep their traceback."""
     try:
-        match args.command:
-            case "run":
-                return cmd_run(args)
-            case "demo":
-                from kiosk.demo import run_demo
-
-                return run_demo(interactive=args.interactive, log_format=args.log_format)
-            case "check":
-                from kiosk.config import run_check
-
-                return run_check(_config_path(args))
-            case "journal":
-                return cmd_journal(args)
-            case "simulator":
-                from kiosk.simulator.serve import run_simulator
-
-                return run_simulator(args)
-            case "selftest":
-                from kiosk.selftest import run_selftest
-
-                return run_selftest(_config_path(args), args.scan_timeout, args.vend)
-            case "provision":
-                from kiosk.provision import run_provision
-
-                return run_provision(Path(args.source), Path(args.etc_dir))
-    except ConfigError as exc:
-        print(f"kiosk: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        status = _dispatch(argv)
+        sys.stdout.flush()  # a closed pipe shows here, inside the boundary, not at exit
+        return status
+    except BrokenPipeError:
+        # `kiosk journal | head -2`: the reader has all it wanted. Point stdout at devnull so
+        # the interpreter's own flush at exit does not fail a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    except (UsageError, ConfigError) as exc:
+        _say(exc)
+        return EXIT_USAGE
     except KioskError as exc:
-        print(f"kiosk: {exc}", file=sys.stderr)
+        _say(exc)
         return EXIT_FAILURE
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a file: a bug, keep the traceback
+        print(f"kiosk: {Path(exc.filename).absolute()}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _say(exc: BaseException) -> None:
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        print(f"kiosk: {line}", file=sys.stderr)
+
+
+def _dispatch(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    match args.command:
+        case "run":
+            return cmd_run(args)
+        case "demo":
+            from kiosk.demo import run_demo
+
+            return run_demo(
+                interactive=args.interactive, log_format=args.log_format, keep=args.keep
+            )
+        case "check":
+            from kiosk.config import run_check
+
+            return run_check(_config_path(args), args.format)
+        case "init":
+            from kiosk.config import run_init
+
+            return run_init(Path(args.path))
+        case "journal":
+            return cmd_journal(args)
+        case "simulator":
+            from kiosk.simulator.serve import run_simulator
+
+            return run_simulator(args)
+        case "selftest":
+            from kiosk.selftest import ask_in_terminal, run_selftest
+
+            person = sys.stdin.isatty() and sys.stdout.isatty()
+            return run_selftest(
+                _config_path(args),
+                args.scan_timeout,
+                args.vend,
+                ask=ask_in_terminal if person else None,
+            )
+        case "provision":
+            from kiosk.provision import run_provision
+
+            return run_provision(Path(args.source).absolute(), _etc_dir(args))
     return EXIT_USAGE
+
+
+def _etc_dir(args: argparse.Namespace) -> Path:
+    """`provision --config` names where the installed config goes; its folder is the
+    install directory, so it must be called kiosk.toml (the name the unit reads)."""
+    if args.config is None:
+        return Path(args.etc_dir or "/etc/kiosk").absolute()
+    config = Path(args.config).absolute()
+    if config.name != "kiosk.toml":
+        raise UsageError(f"provision --config must name a kiosk.toml, not {config}")
+    if args.etc_dir is not None and Path(args.etc_dir).absolute() != config.parent:
+        raise UsageError(
+            f"provision --config {config} and --etc-dir {Path(args.etc_dir).absolute()} "
+            "disagree: give one"
+        )
+    return config.parent
 
 
 # -- kiosk journal -------------------------------------------------------------------------
@@ -155,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _state_dir(args: argparse.Namespace) -> Path:
     if getattr(args, "state_dir", None):
-        return Path(args.state_dir)
+        return Path(args.state_dir).absolute()
     path = _config_path(args)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -166,16 +294,23 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_journal(args: argparse.Namespace) -> int:
-    from kiosk.journal import Journal
+    from kiosk.journal import JOURNAL_FILE, Journal
 
     state_dir = _state_dir(args)
+    if not (state_dir / JOURNAL_FILE).exists():
+        # Before the first `kiosk run` there is no journal: nothing has happened, no fault.
+        if args.json:
+            print("[]")
+        else:
+            print(f"no transactions yet (no journal in {state_dir})")
+        return EXIT_OK
     with Journal(state_dir, read_only=True) as journal:
         rows = [t.export() for t in journal.listing(include_all=args.all)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     if not rows:
-        print(f"no transactions in {state_dir}")
+        print(f"no transactions yet in {state_dir / JOURNAL_FILE}")
         return EXIT_OK
     header = ("created_at", "ref", "amount", "state", "code", "attempts", "buyer_code")
     table = [header] + [
@@ -203,7 +338,8 @@ def cmd_journal(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon. A bad config or an unreadable journal does not crash-loop the service: the
-    kiosk reports itself out of service and waits for SIGHUP (config fixed) or SIGTERM."""
+    kiosk reports itself out of service and waits for SIGHUP (config fixed) or SIGTERM. In a
+    terminal it says what is wrong and exits instead (2 for the config, 1 for the journal)."""
     from kiosk.config import load_config
     from kiosk.systemd import Notifier
 
@@ -214,11 +350,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     notifier = Notifier()
     while True:
         try:
+            if not path.exists():
+                raise ConfigError(f"no config at {path} (give --config PATH or set $KIOSK_CONFIG)")
             config = load_config(path)
             from kiosk.journal import Journal
 
+            lock_state_dir(config.kiosk.state_dir)
             journal = Journal(config.kiosk.state_dir)
         except (ConfigError, JournalError) as exc:
+            if in_terminal():
+                raise  # a person is watching: say what is wrong and stop (main prints it)
             what = "config" if isinstance(exc, ConfigError) else "journal"
             for line in str(exc).splitlines():
                 event(log, f"{what}.invalid", level=logging.ERROR, problem=line)
@@ -226,6 +367,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 continue  # SIGHUP: try again
             return EXIT_OK
         return _run_kiosk(config, journal, path, notifier)
+
+
+def in_terminal() -> bool:
+    """A person at a terminal, not systemd: problems are reported and the command ends,
+    rather than waiting out of service for a SIGHUP nobody will send."""
+    if under_systemd():
+        return False
+    return sys.stdin.isatty() or sys.stderr.isatty()
 
 
 def _wait_out_of_service(notifier: object, reason: str) -> bool:
@@ -270,6 +419,10 @@ def _run_kiosk(config: object, journal: object, path: Path, notifier: object) ->
         vend = drivers.build_vend_output(config)
     except Exception as exc:  # a driver library missing, a pin busy: say which, stay up
         journal.close()
+        if in_terminal():
+            if isinstance(exc, KioskError):
+                raise
+            raise KioskError(f"driver: {exc}") from exc
         event(log, "driver.failed", level=logging.ERROR, error=str(exc))
         if _wait_out_of_service(notifier, f"driver: {exc}"):
             return cmd_run(argparse.Namespace(config=str(path), log_format=_log_format()))
@@ -287,9 +440,89 @@ def _run_kiosk(config: object, journal: object, path: Path, notifier: object) ->
     signal.signal(signal.SIGINT, lambda s, f: kiosk.stop())
     signal.signal(signal.SIGHUP, lambda s, f: kiosk.reload())
     try:
-        return kiosk.run()
+        with _signals_wake(lambda: kiosk.events.put(("wake", None))):
+            return kiosk.run()
     finally:
         journal.close()
+
+
+@contextlib.contextmanager
+def _signals_wake(wake: Callable[[], None]) -> Iterator[None]:
+    """Wake the loop for every signal. Python runs a signal's handler on the main thread, but
+    the kernel may deliver the signal to any thread; the main thread, blocked waiting on its
+    queue, would then run the handler only when something else woke it (seen: SIGHUP taken
+    ten seconds late). The C handler writes to the wakeup fd whichever thread took it."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def relay() -> None:
+        while True:
+            try:
+                data = os.read(read_fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            wake()
+
+    thread = threading.Thread(target=relay, name="signal-wakeup", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write_fd)  # the relay reads end-of-file and returns
+        thread.join(5)
+        os.close(read_fd)
+
+
+# -- one `kiosk run` per state directory ---------------------------------------------------
+
+_held_locks: dict[Path, int] = {}  # lock file -> open descriptor, for the process's life
+
+
+def lock_state_dir(state_dir: Path) -> None:
+    """Take `state_dir/kiosk.lock` exclusively (flock) for the rest of the process's life, or
+    raise StateDirInUse naming the holder: two daemons on one journal would each resume the
+    other's sales. The kernel drops the lock when the process ends, however it ends.
+    `kiosk journal` reads without it."""
+    path = (Path(state_dir) / LOCK_FILE).absolute()
+    if path in _held_locks:
+        return
+    with contextlib.suppress(OSError):  # if it cannot be made, the journal says why
+        path.parent.mkdir(parents=True, exist_ok=True)
+    writable = True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        writable = False  # a read-only state directory: a read descriptor locks as well
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            # Nothing can be written there, by this kiosk or a second one: the journal
+            # reports the fault and the kiosk stays out of service.
+            event(log, "kiosk.lock_unavailable", path=str(path), error=exc.strerror or str(exc))
+            return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        pid = f" (pid {holder})" if holder else ""
+        raise StateDirInUse(f"another kiosk run{pid} holds {path}") from None
+    if writable:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[path] = fd
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
 
 
 def _log_format() -> str:

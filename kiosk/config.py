@@ -1,13 +1,17 @@
 """The kiosk's TOML config file (SPEC section 3): typed sections, validation, `kiosk check`.
 
-Validation collects every problem as a `ConfigProblem` with the file's line number, so
-`kiosk check` can print them all as `FILE:LINE: message` with a hint.
+Each key is declared once, as a field of its section's dataclass with a `Key` (kind, range,
+doc, hint) from kiosk/config_keys.py; the checker below, docs/config.md, examples/kiosk.toml
+and docs/kiosk.schema.json are all derived from those fields. What no declaration can say
+(key files, gateways, driver requirements, pins used twice) is checked by hand, with the
+file's line and column, so `kiosk check` prints `FILE:LINE:COL: error: message (hint: ...)`.
 """
 
 from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -16,181 +20,137 @@ import stat
 import sys
 import tomllib
 import urllib.parse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from kiosk.alipay.signing import SignType, load_private_key, load_public_key
+from kiosk.config_keys import (
+    KNOWN_LAYOUTS as KNOWN_LAYOUTS,
+)
+from kiosk.config_keys import (
+    ROWS as ROWS,
+)
+from kiosk.config_keys import (
+    SECTIONS as SECTIONS,
+)
+from kiosk.config_keys import (
+    AlipaySection as AlipaySection,
+)
+from kiosk.config_keys import (
+    Config as Config,
+)
+from kiosk.config_keys import (
+    IndicatorsSection as IndicatorsSection,
+)
+from kiosk.config_keys import (
+    JournalSection as JournalSection,
+)
+from kiosk.config_keys import (
+    KioskSection as KioskSection,
+)
+from kiosk.config_keys import (
+    MerchantSection as MerchantSection,
+)
+from kiosk.config_keys import (
+    Row,
+)
+from kiosk.config_keys import (
+    SaleSection as SaleSection,
+)
+from kiosk.config_keys import (
+    ScannerSection as ScannerSection,
+)
+from kiosk.config_keys import (
+    VendSection as VendSection,
+)
 from kiosk.errors import ConfigError, KeyFileError
+from kiosk.iso4217 import CURRENCIES, ISO_CODES, SETTLED
 from kiosk.log import event
-from kiosk.money import CURRENCY_RE, format_amount, parse_amount
+from kiosk.money import format_amount, parse_amount
 
 DEFAULT_CONFIG_PATH = Path("/etc/kiosk/kiosk.toml")
-
-
-@dataclass(frozen=True)
-class KioskSection:
-    terminal_id: str
-    state_dir: Path = Path("/var/lib/kiosk")
-
-
-@dataclass(frozen=True)
-class AlipaySection:
-    gateway: str
-    partner: str
-    backup_gateway: str | None = None
-    allow_http: bool = False
-    seller_id: str = ""  # "" means: the partner
-    sign_type: SignType = SignType.RSA2
-    private_key_file: Path | None = None
-    alipay_public_key_file: Path | None = None
-    md5_key_file: Path | None = None
-    ca_bundle: str = ""  # "" means: the system's trust store
-    currency: str = "USD"
-    trans_name: str = "Vending purchase"
-    pay_timeout_s: float = 10.0
-    query_interval_s: float = 3.0
-    query_deadline_s: float = 60.0
-    probe_interval_s: float = 300.0
-
-    @property
-    def effective_seller_id(self) -> str:
-        return self.seller_id or self.partner
-
-
-@dataclass(frozen=True)
-class MerchantSection:
-    secondary_merchant_id: str
-    store_id: str
-    secondary_merchant_name: str = ""
-    secondary_merchant_industry: str = ""
-    store_name: str = ""
-
-
-@dataclass(frozen=True)
-class SaleSection:
-    mode: str = "fixed"  # fixed | vmc
-    price: Decimal | None = None  # required in fixed mode
-    item: str = "item"
-    scan_timeout_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class ScannerSection:
-    driver: str = "evdev"  # evdev | serial | fake
-    device: str | None = None  # evdev: a path
-    match: str | None = None  # evdev: vendor:product, or a substring of the device name
-    grab: bool = True
-    layout: str = "us"  # evdev keymap
-    port: str | None = None  # serial
-    baud: int = 9600
-
-
-@dataclass(frozen=True)
-class IndicatorsSection:
-    driver: str = "none"  # gpio | fake | none
-    green: int | None = None
-    red: int | None = None
-    amber: int | None = None
-    buzzer: int | None = None
-    buzzer_type: str = "active"  # active | passive
-    active_high: bool = True
-    declined_hold_s: float = 3.0  # how long red stays on after a refusal (SPEC: 3 s)
-
-
-@dataclass(frozen=True)
-class VendSection:
-    driver: str = "serial"  # serial | relay | fake
-    port: str | None = None
-    baud: int = 9600
-    timeout_s: float = 30.0
-    relay_pin: int | None = None
-    pulse_ms: float = 500.0
-    sense_pin: int | None = None
-    sense_timeout_s: float = 10.0
-    relay_active_high: bool = True  # many opto-isolated relay modules switch on a low pin
-
-
-@dataclass(frozen=True)
-class Config:
-    kiosk: KioskSection
-    alipay: AlipaySection
-    merchant: MerchantSection
-    sale: SaleSection = field(default_factory=SaleSection)
-    scanner: ScannerSection = field(default_factory=ScannerSection)
-    indicators: IndicatorsSection = field(default_factory=IndicatorsSection)
-    vend: VendSection = field(default_factory=VendSection)
-    source: Path | None = None  # the file it was read from
+KEY_DIR = "/etc/kiosk/keys/"
 
 
 @dataclass(frozen=True)
 class ConfigProblem:
-    """One problem in the config file, printed as `FILE:LINE: message (hint)`."""
+    """One problem in the config file, printed as `FILE:LINE:COL: error: message (hint: ...)`."""
 
     file: str
-    line: int  # 1-based; 0 when the problem is not tied to a line (a missing section)
+    line: int  # 1-based
     message: str
     hint: str = ""
     warning: bool = False  # warnings are printed but do not fail `kiosk check`
+    column: int = 1  # 1-based
+
+    @property
+    def severity(self) -> str:
+        return "warning" if self.warning else "error"
 
     def __str__(self) -> str:
-        text = f"{self.file}:{self.line}: {'warning: ' if self.warning else ''}{self.message}"
+        text = f"{self.file}:{self.line}:{self.column}: {self.severity}: {self.message}"
         text = f"{text} (hint: {self.hint})" if self.hint else text
         # A value can hold a newline or a control character; escaped, one problem is one line.
         return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "line": self.line,
+            "column": self.column,
+            "severity": self.severity,
+            "message": self.message,
+            "hint": self.hint,
+        }
 
 
 # --- loading and validation -------------------------------------------------------------------
 
 log = logging.getLogger(__name__)
 
-ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
-PARTNER_RE = re.compile(r"2088\d{12}")
-MCC_RE = re.compile(r"\d{4}")
 MAX_PIN = 27  # BCM GPIO numbers on the 40-pin header
 MAX_DURATION_S = 86400.0  # one day; far beyond any sane timeout, and what timers can take
-# The layouts drivers/keymap.py can decode; the core must not import drivers, so a test keeps
-# this in step with drivers.keymap.LAYOUTS.
-KNOWN_LAYOUTS = ("us", "de", "fr")
 PI5_DEBUG_UART = "/dev/ttyAMA10"
-
-_SECTIONS: dict[str, type] = {
-    "kiosk": KioskSection,
-    "alipay": AlipaySection,
-    "merchant": MerchantSection,
-    "sale": SaleSection,
-    "scanner": ScannerSection,
-    "indicators": IndicatorsSection,
-    "vend": VendSection,
-}
-_KEYS: dict[str, list[str]] = {
-    name: [f.name for f in fields(cls)] for name, cls in _SECTIONS.items()
-}
-_REQUIRED_KEYS = {
-    "kiosk": ["terminal_id"],
-    "alipay": ["gateway", "partner"],
-    "merchant": ["secondary_merchant_id", "store_id"],
-}
+# The 40-pin header's GPIO pins, header number -> BCM number (gpiozero's BOARD and J8 names).
+HEADER_TO_BCM = {
+    3: 2, 5: 3, 7: 4, 8: 14, 10: 15, 11: 17, 12: 18, 13: 27, 15: 22, 16: 23, 18: 24, 19: 10,
+    21: 9, 22: 25, 23: 11, 24: 8, 26: 7, 27: 0, 28: 1, 29: 5, 31: 6, 32: 12, 33: 13, 35: 19,
+    36: 16, 37: 26, 38: 20, 40: 21,
+}  # fmt: skip
+PIN_NAME_RE = re.compile(r"(GPIO|BCM|BOARD|J8:)(\d{1,2})", re.IGNORECASE)
 _MISSING = object()
+_BAD = object()
 
 
 class LineIndex:
     """Where each `[section]` and `key =` sits in the text; tomllib keeps no line numbers.
 
-    Good enough for the flat two-level format of SPEC section 3; multi-line strings are skipped.
+    Good enough for the flat two-level format of SPEC section 3: keys inside an inline table
+    (`sale = { price = "1.50" }`) and dotted keys (`sale.price = ...`) are found too;
+    multi-line strings are skipped.
     """
 
     _HEADER = re.compile(r"\[\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]")
-    _KEY = re.compile(r"""([A-Za-z0-9_-]+|"[^"]*"|'[^']*')\s*=""")
+    _KEY = re.compile(
+        r"""((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
+    )
+    _INLINE_KEY = re.compile(r"""[{,]\s*([A-Za-z0-9_-]+|"[^"]*"|'[^']*')\s*=""")
 
     def __init__(self, text: str) -> None:
         self.sections: dict[str, int] = {}
         self.keys: dict[tuple[str, str], int] = {}
+        self.columns: dict[tuple[str, str], int] = {}
+        lines = text.splitlines()
+        self.last_line = max(1, len(lines))
         section = ""
         in_multiline: str | None = None
-        for number, raw in enumerate(text.splitlines(), start=1):
+        for number, raw in enumerate(lines, start=1):
             line = raw.strip()
+            indent = len(raw) - len(raw.lstrip())
             if in_multiline:
                 if line.count(in_multiline) % 2 == 1:
                     in_multiline = None
@@ -198,21 +158,48 @@ class LineIndex:
             if line.startswith("[") and not line.startswith("[["):
                 header = self._HEADER.match(line)
                 if header:
-                    section = header.group(1).replace('"', "").replace("'", "").strip()
+                    section = _unquote(header.group(1))
                     self.sections.setdefault(section, number)
                 continue
             key = self._KEY.match(line)
             if key:
-                self.keys.setdefault((section, key.group(1).strip("\"'")), number)
+                *table, name = [_unquote(part) for part in key.group(1).split(".")]
+                home = ".".join([section, *table] if section else table)
+                self.add(home, name, number, indent + 1)
+                if table:
+                    self.sections.setdefault(home, number)
+                rest = line[key.end() :].lstrip()
+                if rest.startswith("{"):  # an inline table: its keys are on this line
+                    inner = ".".join(filter(None, [home, name]))
+                    self.sections.setdefault(inner, number)
+                    start = len(line) - len(rest)
+                    for found in self._INLINE_KEY.finditer(rest):
+                        column = indent + start + found.start(1) + 1
+                        self.add(inner, _unquote(found.group(1)), number, column)
             for quote in ('"""', "'''"):
                 if line.count(quote) % 2 == 1:
                     in_multiline = quote
                     break
 
+    def add(self, section: str, key: str, line: int, column: int) -> None:
+        if (section, key) not in self.keys:
+            self.keys[(section, key)] = line
+            self.columns[(section, key)] = column
+
     def line(self, section: str, key: str | None = None) -> int:
+        return self.position(section, key)[0]
+
+    def position(self, section: str, key: str | None = None) -> tuple[int, int]:
+        """(line, column) of the key, else of its section, else of the end of the file."""
         if key is not None and (section, key) in self.keys:
-            return self.keys[(section, key)]
-        return self.sections.get(section, 0)
+            return self.keys[(section, key)], self.columns[(section, key)]
+        if section in self.sections:
+            return self.sections[section], 1
+        return self.last_line, 1
+
+
+def _unquote(name: str) -> str:
+    return name.strip().strip("\"'").strip()
 
 
 def _is_number(value: object) -> bool:
@@ -260,8 +247,9 @@ _LONG_NUMBER = re.compile(r"\d(?:_?\d){4300,}")  # str/int refuse more digits th
 
 def _nesting_line(text: str) -> int:
     """The line where `[`/`{` nesting first gets deepest (quoted strings and comments skipped),
-    or 0: where to point a "nested too deeply" problem, as tomllib cannot say."""
-    depth = deepest = best = 0
+    or 1: where to point a "nested too deeply" problem, as tomllib cannot say."""
+    depth = deepest = 0
+    best = 1
     for number, raw in enumerate(text.split("\n"), start=1):  # TOML's lines, as tomllib counts
         line = _QUOTED.sub("", raw).split("#", 1)[0]
         for ch in line:
@@ -291,7 +279,11 @@ def _toml_type(value: object) -> str:
 
 
 class _Checker:
-    """Turns parsed TOML into a `Config`, collecting every problem instead of stopping."""
+    """Turns parsed TOML into a `Config`, collecting every problem instead of stopping.
+
+    Each key is read by the validator of its declared kind (`kind_<kind>`); a wrong value is
+    reported once and marked bad, so checks that depend on it stay quiet (no knock-on errors).
+    """
 
     def __init__(
         self, file: str, index: LineIndex, base: Path, check_key_modes: bool, check_devices: bool
@@ -303,19 +295,25 @@ class _Checker:
         self.check_devices = check_devices
         self.problems: list[ConfigProblem] = []
         self.tables: dict[str, dict[str, Any]] = {}
+        self.bad: set[tuple[str, str]] = set()
+        self.currency = "USD"
 
     # -- reporting
 
     def problem(
         self, section: str, key: str | None, message: str, hint: str = "", warning: bool = False
     ) -> None:
-        line = self.index.line(section, key)
-        self.problems.append(ConfigProblem(self.file, line, message, hint, warning))
+        line, column = self.index.position(section, key)
+        self.problems.append(ConfigProblem(self.file, line, message, hint, warning, column))
 
     def warn(self, section: str, key: str | None, message: str, hint: str = "") -> None:
         self.problem(section, key, message, hint, warning=True)
 
-    # -- typed getters: report a wrong value and fall back to the default
+    def refuse(self, row: Row, message: str, hint: str = "") -> object:
+        self.problem(row.section, row.name, f"{row.dotted} {message}", hint or row.key.hint)
+        return _BAD
+
+    # -- reading a key by its declaration
 
     def raw(self, section: str, key: str) -> Any:
         return self.tables.get(section, {}).get(key, _MISSING)
@@ -323,174 +321,237 @@ class _Checker:
     def has(self, section: str, key: str) -> bool:
         return self.raw(section, key) is not _MISSING
 
-    def string(self, section: str, key: str, default: str | None, required: bool = False) -> Any:
-        value = self.raw(section, key)
-        if value is _MISSING:
+    def ok(self, section: str, key: str) -> bool:
+        """Present and valid: a check that builds on it may speak."""
+        return self.has(section, key) and (section, key) not in self.bad
+
+    def section(self, name: str) -> dict[str, Any]:
+        """Every key of the section, read and validated; defaults for the absent ones."""
+        return {key: self.value(row) for key, row in ROWS[name].items()}
+
+    def value(self, row: Row) -> Any:
+        raw = self.raw(row.section, row.name)
+        default = None if row.required else row.default
+        if raw is _MISSING:
             # A missing required section is reported once, not once per key.
-            if required and section in self.tables:
+            if row.required and row.section in self.tables:
                 self.problem(
-                    section,
+                    row.section,
                     None,
-                    f"{section}.{key} is required",
-                    f'add  {key} = "..."  under [{section}]',
+                    f"{row.dotted} is required",
+                    f'add  {row.name} = "..."  under [{row.section}]',
                 )
             return default
-        if not isinstance(value, str):
-            self.problem(
-                section,
-                key,
-                f"{section}.{key} must be a string, not {_toml_type(value)}",
-                f'like  {key} = "..."'
-                if isinstance(value, int) and value.bit_length() > 64
-                else f'put the value in quotes: {key} = "{value}"',
-            )
+        result = getattr(self, f"kind_{row.key.kind}")(row, raw)
+        if result is _BAD:
+            self.bad.add((row.section, row.name))
             return default
+        return result
+
+    def string(self, row: Row, value: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        big = isinstance(value, int) and value.bit_length() > 64
+        return self.refuse(
+            row,
+            f"must be a string, not {_toml_type(value)}",
+            f'like  {row.name} = "..."'
+            if big
+            else f'put the value in quotes: {row.name} = "{value}"',
+        )
+
+    def kind_text(self, row: Row, value: Any) -> Any:
+        value = self.string(row, value)
+        if value is _BAD or not row.key.pattern or value == row.default == "":
+            return value
+        if not re.fullmatch(row.key.pattern, value):
+            return self.refuse(row, f"{value!r} must be {row.key.must}")
         return value
 
-    def choice(self, section: str, key: str, default: str, allowed: tuple[str, ...]) -> str:
-        value = self.string(section, key, default)
-        if value not in allowed:
-            close = [a for a in allowed if a.lower() == str(value).lower()]
-            close = close or difflib.get_close_matches(str(value), allowed, n=1)
-            hint = (
-                f'did you mean "{close[0]}"?'
-                if close
-                else "write one of: " + ", ".join(f'"{a}"' for a in allowed)
-            )
-            self.problem(
-                section,
-                key,
-                f"{section}.{key} must be one of {', '.join(allowed)}, not {value!r}",
-                hint,
-            )
-            return default
-        return str(value)
+    def kind_choice(self, row: Row, value: Any) -> Any:
+        value = self.string(row, value)
+        allowed = row.key.choices
+        if value is _BAD or value in allowed:
+            return value
+        close = [a for a in allowed if a.lower() == value.lower()]
+        close = close or difflib.get_close_matches(value, allowed, n=1)
+        hint = (
+            f'did you mean "{close[0]}"?'
+            if close
+            else "write one of: " + ", ".join(f'"{a}"' for a in allowed)
+        )
+        return self.refuse(row, f"must be one of {', '.join(allowed)}, not {value!r}", hint)
 
-    def boolean(self, section: str, key: str, default: bool) -> bool:
-        value = self.raw(section, key)
-        if value is _MISSING:
-            return default
-        if not isinstance(value, bool):
-            self.problem(
-                section,
-                key,
-                f"{section}.{key} must be true or false, not {_toml_type(value)}",
-                f"write  {key} = true  or  {key} = false  (no quotes)",
-            )
-            return default
-        return value
+    def kind_bool(self, row: Row, value: Any) -> Any:
+        if isinstance(value, bool):
+            return value
+        return self.refuse(
+            row,
+            f"must be true or false, not {_toml_type(value)}",
+            f"write  {row.name} = true  or  {row.name} = false  (no quotes)",
+        )
 
-    def duration(self, section: str, key: str, default: float) -> float:
-        value = self.raw(section, key)
-        if value is _MISSING:
-            return default
-        unit = "milliseconds" if key.endswith("_ms") else "seconds"
+    def kind_duration(self, row: Row, value: Any) -> Any:
+        unit = "milliseconds" if row.key.unit == "ms" else "seconds"
         if not _is_number(value):
-            self.problem(
-                section,
-                key,
-                f"{section}.{key} must be a number of {unit}, not {_toml_type(value)}",
-                f"write a number without quotes, like  {key} = {default:g}",
+            return self.refuse(
+                row,
+                f"must be a number of {unit}, not {_toml_type(value)}",
+                f"write a number without quotes, like  {row.name} = {row.default:g}",
             )
-            return default
         try:
             number = float(value)
         except OverflowError:  # an integer too large for a float
             number = math.inf
         if math.isnan(number) or number <= 0:
-            self.problem(
-                section,
-                key,
-                f"{section}.{key} must be greater than 0 {unit}, not {_number_text(value)}",
+            return self.refuse(
+                row,
+                f"must be greater than 0 {unit}, not {_number_text(value)}",
                 "fractions are allowed, like 0.5",
             )
-            return default
         limit = MAX_DURATION_S * (1000 if unit == "milliseconds" else 1)
         if number > limit:
-            self.problem(
-                section,
-                key,
-                f"{section}.{key} must be at most {limit:g} {unit} (one day), "
-                f"not {_number_text(value)}",
-                f"like  {key} = {default:g}",
+            return self.refuse(
+                row,
+                f"must be at most {limit:g} {unit} (one day), not {_number_text(value)}",
+                f"like  {row.name} = {row.default:g}",
             )
-            return default
         return number
 
-    def positive_int(self, section: str, key: str, default: int) -> int:
-        value = self.raw(section, key)
-        if value is _MISSING:
-            return default
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            self.problem(
-                section,
-                key,
-                f"{section}.{key} must be a whole number greater than 0, not {_toml_type(value)}",
-                f"like  {key} = {default}",
-            )
-            return default
-        return value
-
-    def pin(self, section: str, key: str) -> int | None:
-        value = self.raw(section, key)
-        if value is _MISSING:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_PIN:
-            self.problem(
-                section,
-                key,
-                f"{section}.{key} must be a BCM GPIO number from 0 to {MAX_PIN}, "
-                f"not {_toml_type(value)}",
-                "use the GPIO number (GPIO17 is 17), not the header pin number",
-            )
-            return None
-        return value
-
-    def identifier(self, section: str, key: str, default: str | None, required: bool) -> Any:
-        value = self.string(section, key, default, required)
-        if isinstance(value, str) and self.has(section, key) and not ID_RE.fullmatch(value):
-            self.problem(
-                section,
-                key,
-                f"{section}.{key} {value!r} must be 1 to 32 letters, digits, '_' or '-'",
-                "no spaces or other characters",
-            )
-            return default
-        return value
-
-    def device_path(self, section: str, key: str) -> str | None:
-        """A device path (not resolved: /dev paths are absolute), or None."""
-        value = self.string(section, key, None)
-        if not value or self.has_nul(section, key, value):
-            return None
-        return str(value)
-
-    def has_nul(self, section: str, key: str, value: str) -> bool:
-        if "\0" not in value:
-            return False
-        self.problem(
-            section,
-            key,
-            f"{section}.{key} {value!r} holds a NUL character, which no path can",
-            "remove the \\u0000 from it",
+    def kind_int(self, row: Row, value: Any) -> Any:
+        low, high = row.key.minimum, row.key.maximum
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if whole and (low is None or value >= low) and (high is None or value <= high):
+            return value
+        span = f"from {low} to {high}" if high is not None else f"greater than {(low or 1) - 1}"
+        return self.refuse(
+            row,
+            f"must be a whole number {span}, not {_toml_type(value)}",
+            f"like  {row.name} = {row.default}",
         )
-        return True
 
-    def path(self, section: str, key: str) -> Path | None:
-        value = self.string(section, key, None)
-        if not value or self.has_nul(section, key, value):
-            return None
+    def kind_pin(self, row: Row, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_PIN:
+            return value
+        name = PIN_NAME_RE.fullmatch(value.strip()) if isinstance(value, str) else None
+        if name:
+            scheme, number = name.group(1).upper(), int(name.group(2))
+            if scheme in ("GPIO", "BCM") and number <= MAX_PIN:
+                return number
+            if scheme in ("BOARD", "J8:") and number in HEADER_TO_BCM:
+                return HEADER_TO_BCM[number]
+            if scheme in ("BOARD", "J8:") and 1 <= number <= 40:
+                return self.refuse(
+                    row,
+                    f"{value!r} is header pin {number}, which is power or ground, not a GPIO",
+                    "see pinout.xyz for the header's GPIO pins",
+                )
+        return self.refuse(
+            row,
+            f"must be a BCM GPIO number from 0 to {MAX_PIN}, or a pin name like "
+            f'"GPIO17" or "BOARD11", not {_toml_type(value)}',
+            "use the GPIO number (GPIO17 is 17), not the header pin number (or write BOARD11)",
+        )
+
+    def no_nul(self, row: Row, value: Any) -> Any:
+        value = self.string(row, value)
+        if value is _BAD or "\0" not in value:
+            return value
+        return self.refuse(
+            row, f"{value!r} holds a NUL character, which no path can", "remove the \\u0000 from it"
+        )
+
+    def kind_device(self, row: Row, value: Any) -> Any:
+        """A device path (not resolved: /dev paths are absolute), or the default for ""."""
+        value = self.no_nul(row, value)
+        return value if value != "" else row.default
+
+    def kind_path(self, row: Row, value: Any) -> Any:
+        value = self.no_nul(row, value)
+        if value is _BAD or value == "":
+            return row.default if value == "" else value
         try:
             expanded = Path(value).expanduser()
         except RuntimeError:  # ~user for a user this machine does not have, or no home at all
-            self.problem(
-                section,
-                key,
-                f"{section}.{key} {value!r}: no home directory for its {value.split('/')[0]}",
+            return self.refuse(
+                row,
+                f"{value!r}: no home directory for its {value.split('/')[0]}",
                 "write the full path, like /etc/kiosk/keys/...",
             )
-            return None
         return self.base / expanded  # an absolute value stays absolute
+
+    def kind_url(self, row: Row, url: Any) -> Any:
+        url = self.string(row, url)
+        if url is _BAD or url == "":
+            return row.default if url == "" else url
+        like = 'like "https://globalmapi.alipay.com/gateway.do"'
+        # urlsplit silently drops tabs and newlines; the kiosk would then call another URL.
+        if any(ch.isspace() or not ch.isprintable() for ch in url):
+            return self.refuse(row, f"{url!r} holds spaces or control characters", like)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            host = parts.hostname
+        except ValueError as exc:  # a broken [IPv6] host, or one that NFKC turns into '/'
+            return self.refuse(row, f"{url!r} is not a valid URL: {exc}", like)
+        if parts.scheme not in ("https", "http") or not host:
+            return self.refuse(row, f"{url!r} is not an https URL", like)
+        if parts.scheme == "https":
+            return url
+        if self.raw(row.section, "allow_http") is not True:
+            return self.refuse(
+                row,
+                "uses http, which needs allow_http = true",
+                "use https; plain http is only for a gateway simulator on this machine",
+            )
+        if not _is_loopback(host):
+            return self.refuse(
+                row,
+                f"allow_http only works for a loopback host (127.0.0.0/8, ::1, localhost), "
+                f"not {host!r}",
+                "over a network, payment codes and signed requests would travel in clear text "
+                "and could be read or altered; use https",
+            )
+        return url
+
+    def kind_money(self, row: Row, raw: Any) -> Any:
+        """An amount of money: a string with exactly the currency's minor digits."""
+        example = format_amount(Decimal(1 if row.name == "price" else 20), self.currency)
+        if not isinstance(raw, str):
+            return self.refuse(
+                row,
+                f"must be a string, not {_toml_type(raw)}",
+                f'write it in quotes, like  {row.name} = "{example}": '
+                "a TOML number would pass through float, and money must not",
+            )
+        try:
+            return parse_amount(raw, self.currency)
+        except ValueError as exc:
+            self.problem(
+                row.section, row.name, f"{row.dotted}: {exc}", f"the currency is {self.currency}"
+            )
+            return _BAD
+
+    def kind_currency(self, row: Row, code: Any) -> Any:
+        code = self.string(row, code)
+        if code is _BAD:
+            return code
+        settled = "Alipay settles " + ", ".join(SETTLED)
+        if not re.fullmatch(r"[A-Z]{3}", code):
+            like = f'like "{code.upper()}"' if code.upper() in ISO_CODES else 'like "USD"'
+            return self.refuse(row, f"{code!r} must be an ISO 4217 code in upper case", like)
+        if code not in ISO_CODES:
+            return self.refuse(row, f"{code!r} is not an ISO 4217 currency code", settled)
+        known = CURRENCIES.get(code)
+        if known is not None and known.minor_digits > 2:
+            return self.refuse(
+                row,
+                f"{code!r} has {known.minor_digits} minor digits; the kiosk takes currencies "
+                "with 0 or 2",
+                settled,
+            )
+        if known is None or not known.settled:
+            return self.refuse(row, f"{code!r} is not a currency Alipay settles", settled)
+        return code
 
     # -- the checks
 
@@ -499,189 +560,104 @@ class _Checker:
         kiosk = self.check_kiosk()
         alipay = self.check_alipay()
         merchant = self.check_merchant()
-        sale = self.check_sale(alipay.currency if alipay else "USD")
+        sale = self.check_sale()
         scanner = self.check_scanner()
         indicators = self.check_indicators()
         vend = self.check_vend(sale.mode)
+        journal = JournalSection(**self.section("journal"))
         self.check_pins(indicators, vend)
         if kiosk is None or alipay is None or merchant is None:
             return None
-        return Config(kiosk, alipay, merchant, sale, scanner, indicators, vend, source=source)
+        return Config(
+            kiosk, alipay, merchant, sale, scanner, indicators, vend, source, journal=journal
+        )
 
     def check_names(self, data: dict[str, Any]) -> None:
-        all_keys = {key: section for section, keys in _KEYS.items() for key in keys}
+        all_keys = {key: section for section, keys in ROWS.items() for key in keys}
         for name, value in data.items():
             if not isinstance(value, dict):
                 home = all_keys.get(name)
                 hint = f"put it under [{home}]" if home else "every key belongs under a [section]"
                 self.problem("", name, f"{name!r} is outside any [section]", hint)
                 continue
-            if name not in _SECTIONS:
-                close = difflib.get_close_matches(name, list(_SECTIONS), n=1)
+            if name not in SECTIONS:
+                close = difflib.get_close_matches(name, list(SECTIONS), n=1)
                 hint = (
                     f"did you mean [{close[0]}]?"
                     if close
-                    else "sections: " + ", ".join(f"[{s}]" for s in _SECTIONS)
+                    else "sections: " + ", ".join(f"[{s}]" for s in SECTIONS)
                 )
                 self.problem(name, None, f"unknown section [{name}]", hint)
                 continue
             self.tables[name] = value
             for key in value:
-                if key in _KEYS[name]:
+                if key in ROWS[name]:
                     continue
-                close = difflib.get_close_matches(key, _KEYS[name], n=1)
+                close = difflib.get_close_matches(key, list(ROWS[name]), n=1)
                 if close:
                     hint = f"did you mean {close[0]}?"
                 elif key in all_keys:
                     hint = f"{key} belongs under [{all_keys[key]}]"
                 else:
-                    hint = f"keys of [{name}]: " + ", ".join(_KEYS[name])
+                    hint = f"keys of [{name}]: " + ", ".join(ROWS[name])
                 self.problem(name, key, f"unknown key {key!r} in [{name}]", hint)
-        for name, required in _REQUIRED_KEYS.items():
-            if name not in data:
+        for name, (section, _) in SECTIONS.items():
+            if section.required and name not in data:
+                required = [r.name for r in ROWS[name].values() if r.required]
+                where = "at the top of the file" if self.index.last_line == 1 else "at the end"
                 self.problem(
                     name,
                     None,
                     f"section [{name}] is missing",
-                    f"add [{name}] with {', '.join(required)}",
+                    f"add [{name}] with {', '.join(required)} {where}",
                 )
 
     def check_kiosk(self) -> KioskSection | None:
-        terminal_id = self.identifier("kiosk", "terminal_id", None, required=True)
-        state_dir = self.path("kiosk", "state_dir") or KioskSection.state_dir
-        if terminal_id is None:
+        values = self.section("kiosk")
+        if values["terminal_id"] is None:
             return None
-        return KioskSection(terminal_id=terminal_id, state_dir=state_dir)
+        return KioskSection(**values)
 
     def check_alipay(self) -> AlipaySection | None:
         s = "alipay"
-        allow_http = self.boolean(s, "allow_http", False)
-        gateway = self.string(s, "gateway", None, required=True)
-        if gateway is not None and not self.gateway_ok("gateway", gateway, allow_http):
-            gateway = None
-        backup = self.string(s, "backup_gateway", None) or None
-        if backup is not None and not self.gateway_ok("backup_gateway", backup, allow_http):
-            backup = None
-        partner = self.string(s, "partner", None, required=True)
-        if partner is not None and not PARTNER_RE.fullmatch(partner):
-            self.problem(
-                s,
-                "partner",
-                f"alipay.partner {partner!r} must be 16 digits starting with 2088",
-                "the partner ID (PID) from the Alipay merchant portal",
-            )
-            partner = None
-        seller_id = self.string(s, "seller_id", "") or ""
-        if seller_id and not PARTNER_RE.fullmatch(seller_id):
-            self.problem(
-                s,
-                "seller_id",
-                f"alipay.seller_id {seller_id!r} must be 16 digits starting with 2088",
-                "leave it out to use the partner ID",
-            )
-        currency = self.string(s, "currency", "USD")
-        if not CURRENCY_RE.fullmatch(currency):
-            self.problem(
-                s,
-                "currency",
-                f"alipay.currency {currency!r} must be an ISO 4217 code in upper case",
-                f'like "{currency.upper()}"' if len(currency) == 3 else 'like "USD"',
-            )
-            currency = "USD"
-        trans_name = self.string(s, "trans_name", "Vending purchase")
-        if not trans_name.strip() or len(trans_name) > 256:
+        values = self.section(s)
+        self.currency = values["currency"]
+        trans_name = values["trans_name"]
+        if self.ok(s, "trans_name") and (not trans_name.strip() or len(trans_name) > 256):
             self.problem(
                 s,
                 "trans_name",
                 "alipay.trans_name must be 1 to 256 characters",
                 "it is shown in the buyer's Alipay app",
             )
-        sign_type = SignType(self.choice(s, "sign_type", "RSA2", tuple(t.value for t in SignType)))
-        keys = self.check_keys(sign_type)
-        ca_bundle = self.path(s, "ca_bundle")
-        if ca_bundle is not None:
+        values["sign_type"] = SignType(values["sign_type"])
+        values.update(self.check_keys(values["sign_type"], values))
+        ca_bundle = values["ca_bundle"]
+        if self.ok(s, "ca_bundle") and ca_bundle:
             found, why = _stat(ca_bundle)
             if found is None or not stat.S_ISREG(found.st_mode):
                 self.problem(
                     s,
                     "ca_bundle",
                     f"alipay.ca_bundle {ca_bundle}: {why or 'not a file'}",
-                    'leave it out (or "") to use the system\'s trust store',
+                    ROWS[s]["ca_bundle"].key.hint,
                 )
-                ca_bundle = None
-        durations = {
-            key: self.duration(s, key, getattr(AlipaySection, key))
-            for key in ("pay_timeout_s", "query_interval_s", "query_deadline_s", "probe_interval_s")
-        }
-        if durations["query_interval_s"] >= durations["query_deadline_s"]:
+                ca_bundle = ""
+        values["ca_bundle"] = str(ca_bundle) if ca_bundle else ""
+        interval, deadline = values["query_interval_s"], values["query_deadline_s"]
+        if interval >= deadline:
             self.problem(
                 s,
                 "query_interval_s",
-                f"alipay.query_interval_s ({durations['query_interval_s']:g}) must be less than "
-                f"query_deadline_s ({durations['query_deadline_s']:g})",
+                f"alipay.query_interval_s ({interval:g}) must be less than "
+                f"query_deadline_s ({deadline:g})",
                 "Alipay's guidance: query every 3 s for about 60 s, then cancel",
             )
-        if gateway is None or partner is None:
+        if values["gateway"] is None or values["partner"] is None:
             return None
-        return AlipaySection(
-            gateway=gateway,
-            partner=partner,
-            backup_gateway=backup,
-            allow_http=allow_http,
-            seller_id=seller_id,
-            sign_type=sign_type,
-            private_key_file=keys.get("private_key_file"),
-            alipay_public_key_file=keys.get("alipay_public_key_file"),
-            md5_key_file=keys.get("md5_key_file"),
-            ca_bundle=str(ca_bundle) if ca_bundle else "",
-            currency=currency,
-            trans_name=trans_name,
-            pay_timeout_s=durations["pay_timeout_s"],
-            query_interval_s=durations["query_interval_s"],
-            query_deadline_s=durations["query_deadline_s"],
-            probe_interval_s=durations["probe_interval_s"],
-        )
+        return AlipaySection(**values)
 
-    def gateway_ok(self, key: str, url: str, allow_http: bool) -> bool:
-        like = 'like "https://globalmapi.alipay.com/gateway.do"'
-        # urlsplit silently drops tabs and newlines; the kiosk would then call another URL.
-        if any(ch.isspace() or not ch.isprintable() for ch in url):
-            self.problem(
-                "alipay", key, f"alipay.{key} {url!r} holds spaces or control characters", like
-            )
-            return False
-        try:
-            parts = urllib.parse.urlsplit(url)
-            host = parts.hostname
-        except ValueError as exc:  # a broken [IPv6] host, or one that NFKC turns into '/'
-            self.problem("alipay", key, f"alipay.{key} {url!r} is not a valid URL: {exc}", like)
-            return False
-        if parts.scheme not in ("https", "http") or not host:
-            self.problem("alipay", key, f"alipay.{key} {url!r} is not an https URL", like)
-            return False
-        if parts.scheme == "https":
-            return True
-        if not allow_http:
-            self.problem(
-                "alipay",
-                key,
-                f"alipay.{key} uses http, which needs allow_http = true",
-                "use https; plain http is only for a gateway simulator on this machine",
-            )
-            return False
-        if not _is_loopback(host):
-            self.problem(
-                "alipay",
-                key,
-                f"alipay.{key}: allow_http only works for a loopback host "
-                f"(127.0.0.0/8, ::1, localhost), not {host!r}",
-                "over a network, payment codes and signed requests would travel in clear text "
-                "and could be read or altered; use https",
-            )
-            return False
-        return True
-
-    def check_keys(self, sign_type: SignType) -> dict[str, Path]:
+    def check_keys(self, sign_type: SignType, values: dict[str, Any]) -> dict[str, Path | None]:
         """Which key files this sign type needs, and whether each named file is a usable key."""
         s = "alipay"
         needed = (
@@ -689,12 +665,13 @@ class _Checker:
             if sign_type is SignType.MD5
             else ("private_key_file", "alipay_public_key_file")
         )
-        found: dict[str, Path] = {}
+        found: dict[str, Path | None] = {}
         loaded: dict[str, Any] = {}
         for key in ("private_key_file", "alipay_public_key_file", "md5_key_file"):
-            path = self.path(s, key)
+            path = values[key]
+            found[key] = None
             if path is None:
-                if key in needed:
+                if key in needed and (s, key) not in self.bad:
                     self.problem(
                         s,
                         key if self.has(s, key) else None,
@@ -729,7 +706,7 @@ class _Checker:
     def key_file_ok(self, key: str, path: Path) -> Any:
         """The loaded key (an RSA key object, or the MD5 key's bytes), or None after a problem."""
         s = "alipay"
-        secret = key != "alipay_public_key_file"
+        secret = ROWS[s][key].key.secret
         found, why = _stat(path)
         if found is None:
             self.problem(s, key, f"alipay.{key} {path}: {why}", "check the path")
@@ -759,95 +736,113 @@ class _Checker:
             return None
         what = f"alipay.{key} {path}"
         try:
-            if key == "private_key_file":
-                return load_private_key(data, what)
-            if key == "alipay_public_key_file":
-                return load_public_key(data, what)
-            md5_key = data.strip()
-            if len(md5_key) != 32:
-                # Say how long it is, never what it holds.
-                raise KeyFileError(
-                    f"{what} must hold the 32-character MD5 key, it holds {len(md5_key)} characters"
-                    if md5_key
-                    else f"{what} is empty"
-                )
-            return md5_key
+            if key == "md5_key_file":
+                md5_key = data.strip()
+                if len(md5_key) != 32:
+                    # Say how long it is, never what it holds.
+                    raise KeyFileError(
+                        f"{what} must hold the 32-character MD5 key, "
+                        f"it holds {len(md5_key)} characters"
+                        if md5_key
+                        else f"{what} is empty"
+                    )
+                return md5_key
+            return self.rsa_key(key, what, data)
         except KeyFileError as exc:
             self.problem(s, key, str(exc), "check that the right file is named here")
             return None
 
+    def rsa_key(self, key: str, what: str, data: bytes) -> Any:
+        """The RSA key in the file; what is wrong with it said plainly (never its contents)."""
+        s, private = "alipay", key == "private_key_file"
+        if private and (b"ENCRYPTED" in data):
+            self.problem(
+                s,
+                key,
+                f"{what}: this key is encrypted (it has a passphrase)",
+                f"the kiosk cannot type one; write it out unencrypted: openssl pkey -in KEY "
+                f"-out {KEY_DIR}merchant_private_key.pem, then chmod 600 it",
+            )
+            return None
+        if private and b"PUBLIC KEY-----" in data:
+            self.problem(
+                s,
+                key,
+                f"{what}: this is a public key; the merchant's private key goes here",
+                "name the merchant private key file you generated (BEGIN PRIVATE KEY)",
+            )
+            return None
+        if not private and b"PRIVATE KEY-----" in data:
+            self.problem(
+                s,
+                key,
+                f"{what}: this is a private key; Alipay's public key goes here",
+                "download Alipay's public key from the merchant portal",
+            )
+            return None
+        loaded = load_private_key(data, what) if private else load_public_key(data, what)
+        size = loaded.key_size
+        if size < 2048:
+            self.problem(
+                s,
+                key,
+                f"{what}: an RSA key of {size} bits is too weak; the kiosk needs 2048 or more",
+                "generate a new pair: openssl genrsa -out merchant_private_key.pem 2048, and "
+                "upload its public key to the merchant portal"
+                if private
+                else "download Alipay's current public key from the merchant portal",
+            )
+            return None
+        assert isinstance(loaded, rsa.RSAPrivateKey | rsa.RSAPublicKey)
+        return loaded
+
     def check_merchant(self) -> MerchantSection | None:
         s = "merchant"
-        merchant_id = self.string(s, "secondary_merchant_id", None, required=True)
-        store_id = self.string(s, "store_id", None, required=True)
-        for key, value in (("secondary_merchant_id", merchant_id), ("store_id", store_id)):
-            if value is not None and not value.strip():
+        values = self.section(s)
+        for key in ("secondary_merchant_id", "store_id"):
+            if self.ok(s, key) and not values[key].strip():
                 self.problem(s, key, f"merchant.{key} must not be empty", "Alipay requires it")
-        industry = self.string(s, "secondary_merchant_industry", "")
-        if industry and not MCC_RE.fullmatch(industry):
+        if values["secondary_merchant_id"] is None or values["store_id"] is None:
+            return None
+        return MerchantSection(**values)
+
+    def check_sale(self) -> SaleSection:
+        s, currency = "sale", self.currency
+        values = self.section(s)
+        price, max_price = values["price"], values["max_price"]
+        if values["mode"] == "fixed" and not self.has(s, "price") and self.ok(s, "mode"):
             self.problem(
                 s,
-                "secondary_merchant_industry",
-                f"merchant.secondary_merchant_industry {industry!r} must be a 4-digit MCC",
-                'vending machines are usually "5814" or "5499"',
+                None,
+                "sale.price is required in fixed mode",
+                f'add  price = "{format_amount(Decimal(1), currency)}"  under [sale]',
             )
-        name = self.string(s, "secondary_merchant_name", "")
-        store_name = self.string(s, "store_name", "")
-        if merchant_id is None or store_id is None:
-            return None
-        return MerchantSection(
-            secondary_merchant_id=merchant_id,
-            store_id=store_id,
-            secondary_merchant_name=name,
-            secondary_merchant_industry=industry,
-            store_name=store_name,
-        )
-
-    def check_sale(self, currency: str) -> SaleSection:
-        s = "sale"
-        mode = self.choice(s, "mode", "fixed", ("fixed", "vmc"))
-        item = self.identifier(s, "item", SaleSection.item, required=False)
-        scan_timeout_s = self.duration(s, "scan_timeout_s", SaleSection.scan_timeout_s)
-        price: Decimal | None = None
-        raw = self.raw(s, "price")
-        if raw is _MISSING:
-            if mode == "fixed":
-                self.problem(
-                    s,
-                    None,
-                    "sale.price is required in fixed mode",
-                    f'add  price = "{format_amount(Decimal(1), currency)}"  under [sale]',
-                )
-        elif not isinstance(raw, str):
-            self.problem(
+        if values["mode"] == "vmc" and self.has(s, "price"):
+            self.warn(
                 s,
                 "price",
-                f"sale.price must be a string, not {_toml_type(raw)}",
-                f'write it in quotes, like  price = "{format_amount(Decimal(1), currency)}": '
-                "a TOML number would pass through float, and money must not",
+                "sale.price is ignored in vmc mode: the amount in VEND wins",
+                "remove it",
             )
-        else:
-            try:
-                price = parse_amount(raw, currency)
-            except ValueError as exc:
-                self.problem(s, "price", f"sale.price: {exc}", f"the currency is {currency}")
-            if mode == "vmc":
-                self.warn(
-                    s,
-                    "price",
-                    "sale.price is ignored in vmc mode: the amount in VEND wins",
-                    "remove it",
-                )
-                price = None
-        return SaleSection(mode=mode, price=price, item=item, scan_timeout_s=scan_timeout_s)
+            values["price"] = price = None
+        if price is not None and max_price is not None and price > max_price:
+            self.warn(
+                s,
+                "price",
+                f"sale.price {format_amount(price, currency)} is above sale.max_price "
+                f"{format_amount(max_price, currency)}",
+                "max_price caps what a vending controller may ask; raise it or lower the price",
+            )
+        return SaleSection(**values)
 
     def check_scanner(self) -> ScannerSection:
         s = "scanner"
-        driver = self.choice(s, "driver", "evdev", ("evdev", "serial", "fake"))
-        device = self.device_path(s, "device")
-        match = self.string(s, "match", None) or None
-        port = self.device_path(s, "port")
-        if driver == "evdev" and device is None and match is None:
+        values = self.section(s)
+        driver, device, port = values["driver"], values["device"], values["port"]
+        if not self.ok(s, "driver") and self.has(s, "driver"):
+            driver = None  # wrong, and already said: no knock-on "evdev needs ..."
+        quiet = {(s, "device"), (s, "match")} & self.bad  # already said what is wrong
+        if driver == "evdev" and device is None and values["match"] is None and not quiet:
             self.problem(
                 s,
                 "driver",
@@ -857,64 +852,50 @@ class _Checker:
         if driver == "evdev" and device is not None:
             self.device_exists(s, "device", device)
         if driver == "serial":
-            if port is None:
+            if port is None and (s, "port") not in self.bad:
                 self.problem(
                     s,
                     "driver",
                     "scanner.driver serial needs scanner.port",
                     'like  port = "/dev/ttyACM0"',
                 )
-            else:
+            elif port is not None:
                 self.serial_port_ok(s, port)
-        layout = self.choice(s, "layout", ScannerSection.layout, KNOWN_LAYOUTS)
-        return ScannerSection(
-            driver=driver,
-            device=device,
-            match=match,
-            grab=self.boolean(s, "grab", True),
-            layout=layout,
-            port=port,
-            baud=self.positive_int(s, "baud", ScannerSection.baud),
-        )
+        values["match"] = values["match"] or None
+        return ScannerSection(**values)
 
     def check_indicators(self) -> IndicatorsSection:
         s = "indicators"
-        driver = self.choice(s, "driver", "none", ("gpio", "fake", "none"))
-        pins = {key: self.pin(s, key) for key in ("green", "red", "amber", "buzzer")}
-        if driver == "gpio" and all(pin is None for pin in pins.values()):
+        values = self.section(s)
+        pins = ("green", "red", "amber", "buzzer")
+        if values["driver"] == "gpio" and not any(self.has(s, pin) for pin in pins):
             self.problem(
                 s,
                 "driver",
                 "indicators.driver gpio needs at least one pin (green, red, amber, buzzer)",
                 "BCM numbers, like  green = 17",
             )
-        return IndicatorsSection(
-            driver=driver,
-            buzzer_type=self.choice(s, "buzzer_type", "active", ("active", "passive")),
-            active_high=self.boolean(s, "active_high", True),
-            declined_hold_s=self.duration(s, "declined_hold_s", 3.0),
-            green=pins["green"],
-            red=pins["red"],
-            amber=pins["amber"],
-            buzzer=pins["buzzer"],
-        )
+        return IndicatorsSection(**values)
 
     def check_vend(self, sale_mode: str) -> VendSection:
         s = "vend"
-        driver = self.choice(s, "driver", "serial", ("serial", "relay", "fake"))
-        port = self.device_path(s, "port")
-        relay_pin = self.pin(s, "relay_pin")
-        if driver == "serial":
-            if port is None:
+        values = self.section(s)
+        driver, port = values["driver"], values["port"]
+        if self.has(s, "driver") and not self.ok(s, "driver"):
+            driver = None
+        if driver in ("serial", "mdb"):
+            if port is None and (s, "port") not in self.bad:
                 self.problem(
                     s,
                     "driver" if self.has(s, "driver") else None,
-                    "vend.driver serial needs vend.port",
-                    'like  port = "/dev/ttyAMA0"',
+                    f"vend.driver {driver} needs vend.port",
+                    'like  port = "/dev/ttyAMA0"'
+                    if driver == "serial"
+                    else 'like  port = "/dev/serial0"',
                 )
-            else:
+            elif port is not None:
                 self.serial_port_ok(s, port)
-        if driver == "relay" and relay_pin is None and not self.has(s, "relay_pin"):
+        if driver == "relay" and not self.has(s, "relay_pin"):
             self.problem(
                 s, "driver", "vend.driver relay needs vend.relay_pin", "like  relay_pin = 23"
             )
@@ -925,17 +906,14 @@ class _Checker:
                 "sale.mode vmc needs vend.driver serial (or fake): a relay cannot send VEND",
                 'set  driver = "serial"  and the VMC\'s port',
             )
-        return VendSection(
-            driver=driver,
-            port=port,
-            baud=self.positive_int(s, "baud", VendSection.baud),
-            timeout_s=self.duration(s, "timeout_s", VendSection.timeout_s),
-            relay_pin=relay_pin,
-            pulse_ms=self.duration(s, "pulse_ms", VendSection.pulse_ms),
-            sense_pin=self.pin(s, "sense_pin"),
-            sense_timeout_s=self.duration(s, "sense_timeout_s", VendSection.sense_timeout_s),
-            relay_active_high=self.boolean(s, "relay_active_high", VendSection.relay_active_high),
-        )
+        if driver == "mdb" and sale_mode != "vmc" and self.ok("sale", "mode"):
+            self.problem(
+                s,
+                "driver",
+                "vend.driver mdb needs sale.mode vmc: the vending machine sets item and price",
+                'set  mode = "vmc"  under [sale]',
+            )
+        return VendSection(**values)
 
     def serial_port_ok(self, section: str, port: str) -> None:
         if port == PI5_DEBUG_UART:
@@ -968,6 +946,8 @@ class _Checker:
             ]
         if vend.driver == "relay":
             used += [("vend", "relay_pin", vend.relay_pin), ("vend", "sense_pin", vend.sense_pin)]
+        if vend.driver == "mdb":
+            used += [("vend", "mdb_reset_pin", vend.mdb_reset_pin)]
         owner: dict[int, str] = {}
         for section, key, pin in used:
             if pin is None:
@@ -1022,20 +1002,45 @@ def check_config(
     """
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        return None, [ConfigProblem(name, 0, f"cannot read the config file: {reason}")]
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        found = re.search(r"at line (\d+)", str(exc))
+        raw = path.read_bytes()
+    except OSError as exc:
+        return None, [ConfigProblem(name, 1, f"cannot read the config file: {exc.strerror}")]
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         return None, [
             ConfigProblem(
                 name,
-                int(found.group(1)) if found else 0,
-                f"not valid TOML: {exc}",
+                1,
+                "the file is UTF-16 (it starts with a UTF-16 byte-order mark); TOML is UTF-8",
+                'save it again as "UTF-8" (Notepad: Save as, Encoding)',
+            )
+        ]
+    try:
+        # A UTF-8 byte-order mark (Notepad, PowerShell 5) is no part of the TOML: drop it.
+        text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        return None, [
+            ConfigProblem(
+                name,
+                line,
+                "cannot read the config file: not UTF-8 text",
+                "save it as UTF-8",
+                column=column,
+            )
+        ]
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        found = re.search(r"at line (\d+), column (\d+)", str(exc))
+        line, column = (int(found.group(1)), int(found.group(2))) if found else (1, 1)
+        return None, [
+            ConfigProblem(
+                name,
+                line,
+                f"not valid TOML: {re.sub(r' [(]at line .*[)]$', '', str(exc))}",
                 'check quotes, brackets and "key = value" on this line or the one before',
+                column=column,
             )
         ]
     except RecursionError:  # tomllib recurses once per level of [[[...]]] or {a = {...}}
@@ -1050,7 +1055,7 @@ def check_config(
         ]
     except ValueError as exc:  # tomllib's int() refuses an integer of over 4300 digits
         long_number = _LONG_NUMBER.search(text)
-        line = text.count("\n", 0, long_number.start()) + 1 if long_number else 0
+        line = text.count("\n", 0, long_number.start()) + 1 if long_number else 1
         return None, [
             ConfigProblem(
                 name,
@@ -1077,6 +1082,8 @@ def format_summary(config: Config) -> str:
         sale = f"fixed: {s.item} at {format_amount(s.price, a.currency)} {a.currency}"
     else:
         sale = "vmc: the vending controller sets item and amount"
+    if s.max_price is not None:
+        sale += f", at most {format_amount(s.max_price, a.currency)} {a.currency}"
     if sc.driver == "evdev":
         scanner = f"evdev {sc.device or 'match ' + repr(sc.match)}, layout {sc.layout}"
         scanner += ", grabbed" if sc.grab else ""
@@ -1108,7 +1115,8 @@ def format_summary(config: Config) -> str:
         vend = v.driver
     lines = [
         f"config OK: {config.source}",
-        f"  terminal    {config.kiosk.terminal_id} (journal in {config.kiosk.state_dir})",
+        f"  terminal    {config.kiosk.terminal_id} (journal in {config.kiosk.state_dir})"
+        + ("" if config.kiosk.require_synced_clock else "; clock not required to be synced"),
         f"  alipay      partner {a.partner}, {a.sign_type.value}, {a.currency}, {gateways}",
         f"  merchant    {config.merchant.secondary_merchant_id}, store {config.merchant.store_id}",
         f"  sale        {sale}",
@@ -1119,9 +1127,22 @@ def format_summary(config: Config) -> str:
     return "\n".join(lines)
 
 
-def run_check(path: Path) -> int:
-    """`kiosk check`: problems and warnings to stderr (exit 2 on any error), summary to stdout."""
+def run_check(path: Path, output: str = "text") -> int:
+    """`kiosk check`: problems and warnings to stderr (exit 2 on any error), summary to stdout.
+
+    With output "json", one object on stdout: {"file", "ok", "errors", "warnings", "problems"}.
+    """
     config, problems = check_config(path)
+    if output == "json":
+        report = {
+            "file": str(path),
+            "ok": config is not None,
+            "errors": sum(not p.warning for p in problems),
+            "warnings": sum(p.warning for p in problems),
+            "problems": [p.as_json() for p in problems],
+        }
+        print(json.dumps(report, indent=2))
+        return 0 if config is not None else 2
     for problem in problems:
         print(problem, file=sys.stderr)
     if config is None:
@@ -1132,4 +1153,21 @@ def run_check(path: Path) -> int:
         )
         return 2
     print(format_summary(config))
+    return 0
+
+
+def run_init(path: Path) -> int:
+    """`kiosk init [PATH]`: write the annotated example config; never over an existing file."""
+    from kiosk.config_docs import example
+
+    try:
+        with path.open("x", encoding="utf-8") as out:
+            out.write(example())
+    except FileExistsError:
+        print(f"kiosk: {path} exists; not overwritten", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"kiosk: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}; edit it, then run: kiosk check --config {path}")
     return 0

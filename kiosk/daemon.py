@@ -4,16 +4,23 @@ and turns what happens into sales, lights and systemd notifications.
 Drivers call back from their own threads; every callback only puts an event on one queue, so
 all decisions are made here, in order, on the main thread. A sale runs on its own thread (it
 blocks on the gateway and the vend output) and reports back through the same queue.
+
+What lives for the whole process, created once: the journal, the drivers, the refs in hand
+and the journal worker. A reloaded config (SIGHUP) replaces only what it configures: the
+Alipay clients and the flows' settings, between sales, never under one.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 import time
+import traceback
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -27,21 +34,63 @@ from kiosk.alipay.signing import (
     load_public_key,
     read_secret_file,
 )
+from kiosk.clock import clock_synchronised
 from kiosk.config import Config
-from kiosk.errors import GatewayUnreachable, JournalError, KeyFileError, PaymentCodeError
+from kiosk.errors import (
+    GatewayUnreachable,
+    JournalCorrupt,
+    JournalError,
+    KeyFileError,
+    PaymentCodeError,
+)
 from kiosk.journal import Journal
 from kiosk.log import event
-from kiosk.payment import FlowSettings, PaymentFlow, Sale, SaleResult
+from kiosk.money import format_amount
+from kiosk.payment import FlowSettings, PaymentFlow, RefsInHand, Sale, SaleResult
 from kiosk.payment_code import PaymentCode, RecentCodes
-from kiosk.ports import Indicator, KioskState, Scanner, Sound, VendOutput, VendRequest
+from kiosk.ports import (
+    Indicator,
+    KioskState,
+    Scanner,
+    Sound,
+    VendOutput,
+    VendRequest,
+    set_available,
+    vend_problem,
+    vend_running,
+)
 from kiosk.systemd import Notifier
 from kiosk.worker import JournalWorker
 
 log = logging.getLogger("kiosk.daemon")
 
-OFFLINE_PROBE_S = 30.0
+OFFLINE_PROBE_S = 30.0  # offline: how often to try the gateway (at most; probe_interval_s caps)
+WRITE_CHECK_S = 30.0  # a journal write fault: how often to try a durable write (at most)
+CLOCK_RECHECK_OUT_S = 10.0  # out of service for the clock: how often to look again
+CLOCK_RECHECK_S = 60.0  # otherwise
 # A Pi without an RTC boots in 1970 (or at the image's build date) until NTP syncs.
 CLOCK_SANE_AFTER = datetime(2025, 1, 1, tzinfo=UTC)
+SALES_KEPT = 100  # KioskStatus.sales: the most recent ones only
+# The loop survives a failing handler; this many failures in a row of one kind of event within
+# the window mean it can no longer do its job, and the systemd watchdog is withheld.
+LOOP_FAILURES_LIMIT = 5
+LOOP_FAILURES_WINDOW_S = 60.0
+
+# Why the kiosk is out of service, by kind. Each kind is entered and left on its own terms;
+# the first present in this order is the one shown.
+JOURNAL = "journal"  # a write fault (re-checked by a durable write) or a corrupt journal (stays)
+KEY = "key"  # unusable key files (re-checked by building the clients)
+CLOCK = "clock"  # clock not set, or not synchronised (re-checked periodically)
+MERCHANT = "merchant"  # Alipay refused the merchant set-up (re-checked by a probe)
+REASON_ORDER = (JOURNAL, KEY, CLOCK, MERCHANT)
+
+# MDB (vend.driver = "mdb"): the machine waits at most approve_within_s for an approval. A scan
+# must leave room for the pay (pay_timeout_s), a couple of queries and the approval itself.
+APPROVE_WITHIN_S = 60.0  # vend.approve_within_s when the config does not carry it
+APPROVAL_MARGIN_S = 1.0  # the journal's commit and the C,VEND line, after the last answer
+
+# Keys a reload cannot apply: the journal and the drivers are opened once per process.
+RELOADABLE_DRIVER_KEYS = {"indicators": ("declined_hold_s",), "vend": ("timeout_s",)}
 
 
 def gateway_settings(config: Config) -> GatewaySettings:
@@ -98,7 +147,52 @@ def flow_settings(config: Config) -> FlowSettings:
         query_deadline_s=config.alipay.query_deadline_s,
         vend_timeout_s=config.vend.timeout_s,
         retry_base_s=min(2.0, config.alipay.query_interval_s),
+        retry_max_s=config.alipay.retry_max_s,
     )
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The keys that differ between two configs and take effect only after a restart."""
+    changed = []
+    if old.kiosk.state_dir != new.kiosk.state_dir:
+        changed.append("kiosk.state_dir")
+    # The serial vend link formats and parses amounts in the currency it was opened with.
+    if old.alipay.currency != new.alipay.currency:
+        changed.append("alipay.currency")
+    for section in ("scanner", "indicators", "vend"):
+        before, after = getattr(old, section), getattr(new, section)
+        for f in fields(before):
+            if f.name in RELOADABLE_DRIVER_KEYS.get(section, ()):
+                continue
+            if getattr(before, f.name) != getattr(after, f.name):
+                changed.append(f"{section}.{f.name}")
+    return changed
+
+
+def keep_running_values(old: Config, new: Config) -> Config:
+    """The new config with the restart-only keys (state_dir, drivers) as they run now."""
+    return replace(
+        new,
+        kiosk=replace(new.kiosk, state_dir=old.kiosk.state_dir),
+        scanner=old.scanner,
+        indicators=replace(old.indicators, declined_hold_s=new.indicators.declined_hold_s),
+        vend=replace(old.vend, timeout_s=new.vend.timeout_s),
+    )
+
+
+def approve_within_s(config: Config) -> float | None:
+    """How long after its VEND request the controller still takes an approval: MDB only
+    (`vend.approve_within_s`); None for links that wait as long as the kiosk says."""
+    if config.vend.driver != "mdb":
+        return None
+    return float(getattr(config.vend, "approve_within_s", APPROVE_WITHIN_S))
+
+
+def payment_budget_s(config: Config) -> float:
+    """What a scan needs before the approval can go out: the pay's own timeout, two query
+    intervals for an unknown outcome, and the approval."""
+    a = config.alipay
+    return a.pay_timeout_s + 2 * a.query_interval_s + APPROVAL_MARGIN_S
 
 
 @dataclass
@@ -106,7 +200,12 @@ class _Selection:
     """vmc mode: what the controller asked for, waiting for a scan."""
 
     request: VendRequest
-    deadline: float
+    deadline: float  # no scan after this: TIMEOUT
+    approve_by: float | None = None  # MDB: no approval after this (monotonic)
+
+
+def _recent_sales() -> deque[Sale]:
+    return deque(maxlen=SALES_KEPT)
 
 
 @dataclass
@@ -114,10 +213,15 @@ class KioskStatus:
     """What the loop knows; read by tests and the demo."""
 
     state: KioskState = KioskState.STARTING
-    out_of_service: str | None = None
+    out_of_service: str | None = None  # the reason shown (the first of `reasons`)
+    reasons: dict[str, str] = field(default_factory=dict)  # kind -> reason, every one present
     offline: bool = False
+    # The vend output's own reason it cannot take payments (an MDB board that refused its
+    # configuration or stopped answering): out of service while set, cleared by the driver.
+    vend_problem: str | None = None
     backlog: int = 0
-    sales: list[Sale] = field(default_factory=list)
+    sales: deque[Sale] = field(default_factory=_recent_sales)  # the last SALES_KEPT
+    sales_total: int = 0  # every sale since start
 
 
 class Kiosk:
@@ -135,7 +239,11 @@ class Kiosk:
         notifier: Notifier | None = None,
         reload_config: Callable[[], Config] | None = None,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock_synced: Callable[[], bool] = clock_synchronised,
     ) -> None:
+        """`client_factory` builds an Alipay client from the running config (`self.config`);
+        `clock_synced` says whether the system clock is synchronised (SPEC: no sales on a
+        clock nobody set), asked only while `kiosk.require_synced_clock` is true."""
         self.config = config
         self.scanner = scanner
         self.indicator = indicator
@@ -144,6 +252,7 @@ class Kiosk:
         self.notifier = notifier or Notifier()
         self._reload_config = reload_config
         self._wall = wall_clock
+        self._clock_synced = clock_synced
         self._client_factory = client_factory or (
             lambda: AlipayClient(gateway_settings(self.config))
         )
@@ -153,17 +262,41 @@ class Kiosk:
         self.stopped = threading.Event()
         self.ready = threading.Event()
         self.recent_codes = RecentCodes()
+        self.clock_recheck_out_s = CLOCK_RECHECK_OUT_S
+        self.clock_recheck_s = CLOCK_RECHECK_S
+        # Created once, for the whole process: every flow shares these refs in hand, and the
+        # one worker takes each new flow through `use()`.
+        self.in_hand = RefsInHand()
+        self.worker = JournalWorker(
+            None,
+            journal,
+            on_backlog=lambda n: self.events.put(("backlog", n)),
+            on_journal_error=lambda e: self.events.put(("journal_error", e)),
+        )
+        self.flow: PaymentFlow | None = None  # the foreground's; None until keys are usable
         self._sale_thread: threading.Thread | None = None
         self._sale_started = 0.0
         self._sale_vending = False
+        # Set when the controller dropped the request a sale is paying for (MDB), or its
+        # approve_within_s passed: the flow then vends nothing and reverses.
+        self._sale_abandoned: threading.Event | None = None
+        self._sale_approve_by: float | None = None
+        self._reader_available: bool | None = None  # what the vend output was last told
         self._declined_until: float | None = None
         self._selection: _Selection | None = None
+        self._pending_config: Config | None = None  # a reload waiting for the sale to end
+        self._generation = 0  # counts applied configs; a probe answers for the one it asked with
         self._next_probe: float | None = None
         self._probing = False
+        self._next_key_retry: float | None = None
+        self._next_write_check: float | None = None
+        self._checking_writable = False
+        self._journal_corrupt = False
+        self._next_clock_check: float | None = None  # set by the first check, in run()
         self._next_watchdog = 0.0
+        self._failures: dict[str, deque[float]] = {}  # event kind -> failures in a row
+        self._said = False  # the current handler already answered the controller
         self._shown: KioskState | None = None
-        self.flow: PaymentFlow | None = None
-        self.worker: JournalWorker | None = None
 
     # -- callbacks from drivers and threads (any thread; they only enqueue) ----------------
 
@@ -175,6 +308,9 @@ class Kiosk:
 
     def on_vend_cancel(self) -> None:
         self.events.put(("vend_cancel", None))
+
+    def on_vend_problem(self, problem: str | None) -> None:
+        self.events.put(("vend_problem", problem))
 
     def reachable(self) -> None:
         self.events.put(("gateway", "reachable"))
@@ -199,17 +335,34 @@ class Kiosk:
 
     # -- start and stop ---------------------------------------------------------------------
 
-    def _build_flow(self) -> None:
+    def _build_flows(self) -> bool:
+        """Clients and flows for the running config: one for the foreground, one handed to the
+        worker (a requests.Session is not for two threads), both sharing the one set of refs
+        in hand. Only between sales. False, and out of service, when no client can be built."""
         try:
-            client: AlipayClient | None = self._client_factory()
-            worker_client: AlipayClient | None = self._client_factory()
+            client = self._client_factory()
+            try:
+                worker_client = self._client_factory()
+            except BaseException:
+                client.close()
+                raise
         except KeyFileError as exc:
-            client = worker_client = None
-            self._enter_out_of_service(f"key: {exc}")
-        if client is None or worker_client is None:
-            return
+            self._set_reason(KEY, f"key: {exc}")
+            return False
+        except Exception as exc:  # a client that cannot be built is the same trouble
+            log.exception("building the Alipay client failed")
+            self._set_reason(KEY, f"key: cannot build the Alipay client ({exc})")
+            return False
         settings = flow_settings(self.config)
-        self.flow = PaymentFlow(
+        old, self.flow = self.flow, self._flow(client, settings)
+        self.worker.use(self._flow(worker_client, settings))
+        if old is not None:
+            old.client.close()
+        self._clear_reason(KEY)
+        return True
+
+    def _flow(self, client: AlipayClient, settings: FlowSettings) -> PaymentFlow:
+        return PaymentFlow(
             client,
             self.journal,
             self.vend,
@@ -217,35 +370,19 @@ class Kiosk:
             watch=self,
             stopping=self.stopping,
             wall_clock=self._wall,
+            in_hand=self.in_hand,
         )
-        # The worker has its own client (a requests.Session is not for two threads at once).
-        worker_flow = PaymentFlow(
-            worker_client,
-            self.journal,
-            self.vend,
-            settings,
-            watch=self,
-            stopping=self.stopping,
-            wall_clock=self._wall,
-            in_hand=self.flow.in_hand,
-        )
-        if self.worker is not None:
-            self.worker.stop(timeout=5)
-        self.worker = JournalWorker(
-            worker_flow,
-            self.journal,
-            on_backlog=lambda n: self.events.put(("backlog", n)),
-            on_journal_error=lambda e: self.events.put(("journal_error", str(e))),
-        )
-        self.worker.start()
 
     def run(self) -> int:
         self._show(KioskState.STARTING)
-        if self._wall() < CLOCK_SANE_AFTER:
-            self._enter_out_of_service("clock not set")
-        self._build_flow()
+        self._check_clock()
+        self._build_flows()
+        self.worker.start()
         self.scanner.start(self.on_scan)
+        # A kiosk that starts out of service keeps the reader off from the first moment.
+        self._update_reader()
         self.vend.start(self)
+        self.status.vend_problem = vend_problem(self.vend)
         self.notifier.ready(self._status_text())
         self.ready.set()
         event(
@@ -264,19 +401,20 @@ class Kiosk:
 
     def _loop(self) -> None:
         while True:
-            timeout = self._tick()
+            waits: list[float] = []
+            self._guarded("tick", None, functools.partial(self._tick_into, waits))
+            timeout = waits[0] if waits else 1.0  # a failed tick: look again soon, not busily
             try:
                 kind, payload = self.events.get(timeout=timeout)
             except queue.Empty:
                 continue
             if kind == "stop":
-                if self._sale_thread is None or not self._sale_thread.is_alive():
+                if not self._sale_busy():
                     return
+                self._update_reader()  # the machine sells for cash while the sale winds down
                 continue  # the sale finishes (or parks) and reports "sale_done"
-            self._handle(kind, payload)
-            if self.stopping.is_set() and (
-                self._sale_thread is None or not self._sale_thread.is_alive()
-            ):
+            self._guarded(kind, payload, functools.partial(self._handle, kind, payload))
+            if self.stopping.is_set() and not self._sale_busy():
                 return
 
     def _shutdown(self) -> None:
@@ -285,14 +423,10 @@ class Kiosk:
         self.scanner.close()
         if self._sale_thread is not None:
             self._sale_thread.join()
-        if self.worker is not None:
-            self.worker.stop(timeout=self.config.vend.timeout_s + 30)
-        for client in (
-            self.flow.client if self.flow else None,
-            self.worker.flow.client if self.worker else None,
-        ):
-            if client is not None:
-                client.close()
+        # The worker closes its own flow's client once it has stopped.
+        self.worker.stop(timeout=self.config.vend.timeout_s + 30)
+        if self.flow is not None:
+            self.flow.client.close()
         self.vend.close()
         self.indicator.close()
         try:
@@ -302,30 +436,140 @@ class Kiosk:
         self.stopped.set()
         event(log, "kiosk.stopped")
 
+    # -- surviving a failing handler --------------------------------------------------------
+
+    def _guarded(self, kind: str, payload: Any, action: Callable[[], object]) -> bool:
+        """Run one handler. An exception in it must not end the loop (under systemd that is a
+        crash loop, and every other part stops with it): log it with its traceback, raise an
+        alarm, leave the kiosk in a safe state, and go on."""
+        self._said = False
+        try:
+            action()
+        except Exception as exc:
+            self._loop_error(kind, payload, exc)
+            return False
+        self._failures.pop(kind, None)
+        return True
+
+    def _loop_error(self, kind: str, payload: Any, exc: Exception) -> None:
+        failures = self._failures.setdefault(kind, deque(maxlen=LOOP_FAILURES_LIMIT))
+        failures.append(time.monotonic())
+        event(
+            log,
+            "alarm",
+            level=logging.ERROR,
+            kind="loop_error",
+            handler=kind,
+            error=f"{type(exc).__name__}: {exc}",
+            in_a_row=len(failures),
+            traceback="".join(traceback.format_exception(exc)).rstrip(),
+        )
+        self._make_safe(kind, payload)
+
+    def _make_safe(self, kind: str, payload: Any) -> None:
+        """After a failed handler: no half-answered controller, no sale left hanging, lights
+        that say what is true. Every step on its own; one failing does not stop the next."""
+        steps: list[Callable[[], None]] = []
+        if kind == "sale_done":
+            sale = payload if isinstance(payload, Sale) else None
+            answered = sale is not None and sale.result in (
+                SaleResult.VENDED,
+                SaleResult.REVERSED,
+                SaleResult.STOPPED,
+            )
+            steps.append(self._forget_finished_sale)
+            if not answered and not self._said:
+                steps.append(lambda: self._deny("ERROR"))
+            steps += [self._hold_declined, self.worker.wake, self._apply_pending_config]
+        elif kind == "vend_request":
+            steps.append(self._clear_selection)
+            if not self._said:
+                steps.append(lambda: self._answer_vend("OUT_OF_SERVICE ERROR"))
+        elif kind == "vend_cancel":
+            steps.append(self._clear_selection)
+            if getattr(self.vend, "cancel_abandons_payment", False):
+                steps.append(self._abandon_sale)  # MDB: the request is gone either way
+            if not self._said:
+                steps.append(lambda: self._answer_vend("CANCELLED"))
+        elif kind == "probe":
+            steps.append(self._probe_done)
+        elif kind == "writable":
+            steps.append(self._write_check_done)
+        elif kind == "journal_error":
+            steps.append(lambda: self._set_reason(JOURNAL, f"journal: {payload}"))
+        steps += [self._schedule_checks, self._refresh_lights]
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:
+                event(
+                    log,
+                    "loop.safe_state_failed",
+                    level=logging.ERROR,
+                    handler=kind,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+
+    def _loop_broken(self) -> str | None:
+        """The kind of event whose handler failed LOOP_FAILURES_LIMIT times in a row within
+        LOOP_FAILURES_WINDOW_S, if any: then the loop can no longer do its job."""
+        for kind, failures in self._failures.items():
+            if (
+                len(failures) == LOOP_FAILURES_LIMIT
+                and failures[-1] - failures[0] <= LOOP_FAILURES_WINDOW_S
+            ):
+                return kind
+        return None
+
     # -- the loop's work ----------------------------------------------------------------------
 
+    def _tick_into(self, waits: list[float]) -> None:
+        waits.append(self._tick())
+
     def _tick(self) -> float:
-        """Run what is due (timers, watchdog) and return how long the loop may wait."""
+        """Run what is due (timers, watchdog) and return how long the loop may wait. Each
+        timer runs guarded: one failing does not stop the others or the watchdog."""
         now = time.monotonic()
         waits = [60.0]
         if self._declined_until is not None:
             if now >= self._declined_until:
                 self._declined_until = None
-                self._refresh_lights()
+                self._guarded("timer.declined", None, self._refresh_lights)
             else:
                 waits.append(self._declined_until - now)
+        if self._sale_approve_by is not None and self._sale_busy():
+            if now >= self._sale_approve_by:
+                self._sale_approve_by = None
+                self._guarded("timer.approval", None, self._approval_too_late)
+            else:
+                waits.append(self._sale_approve_by - now)
         if self._selection is not None:
             if now >= self._selection.deadline and not self._sale_busy():
-                self._selection = None
-                self.vend.answer_vend("TIMEOUT")
-                event(log, "vend.scan_timeout")
+                self._guarded("timer.selection", None, self._selection_timed_out)
             elif now < self._selection.deadline:
                 waits.append(self._selection.deadline - now)
-        if self._next_probe is not None:
-            if now >= self._next_probe:
-                self._probe()
+        timers: list[tuple[str, str, Callable[[], None]]] = [
+            ("timer.probe", "_next_probe", self._probe),
+            ("timer.keys", "_next_key_retry", self._retry_keys),
+            ("timer.journal", "_next_write_check", self._check_writable),
+            ("timer.clock", "_next_clock_check", self._check_clock),
+        ]
+        for name, attr, action in timers:
+            due: float | None = getattr(self, attr)
+            if due is None:
+                continue
+            if now >= due:
+                setattr(self, attr, None)  # the action schedules the next one if needed
+                self._guarded(name, None, action)
+                if name == "timer.clock" and self._next_clock_check is None:
+                    self._next_clock_check = now + self.clock_recheck_s  # it failed: later
+                again: float | None = getattr(self, attr)
+                if again is not None:
+                    waits.append(again - now)
             else:
-                waits.append(self._next_probe - now)
+                waits.append(due - now)
+        if self._pending_config is not None and not self._sale_busy():
+            self._guarded("timer.reload", None, self._apply_pending_config)
         interval = self.notifier.watchdog_interval_s
         if interval is not None:
             if now >= self._next_watchdog:
@@ -335,21 +579,37 @@ class Kiosk:
             waits.append(max(self._next_watchdog - now, 0.01))
         return max(min(waits), 0.0)
 
+    def _selection_timed_out(self) -> None:
+        self._selection = None  # first: a failing answer must not repeat every tick
+        self._answer_vend("TIMEOUT")
+        event(log, "vend.scan_timeout")
+
+    def _approval_too_late(self) -> None:
+        """approve_within_s has passed since the VEND this sale pays for: the machine no longer
+        takes an approval, so the sale must not vend (the driver refuses one all the same)."""
+        if not self._sale_vending:
+            self._abandon_sale("approve_within_s passed")
+
     def _healthy(self, now: float) -> bool:
         """Every part shows progress; otherwise let systemd's watchdog restart the kiosk."""
         a, v = self.config.alipay, self.config.vend
         request_s = 3.0 + max(a.pay_timeout_s, 5.0)
-        if self.worker is not None:
-            allowance = self.worker.idle_s + v.timeout_s + 6 * request_s + 30
-            if not self.worker.alive() or now - self.worker.last_beat > allowance:
-                event(log, "watchdog.withheld", part="journal worker")
-                return False
+        allowance = self.worker.idle_s + v.timeout_s + 6 * request_s + 30
+        if not self.worker.alive() or now - self.worker.last_beat > allowance:
+            event(log, "watchdog.withheld", part="journal worker")
+            return False
         if self._sale_busy():
             allowance = request_s + a.query_deadline_s + v.timeout_s + 6 * request_s + 30
             if now - self._sale_started > allowance:
                 event(log, "watchdog.withheld", part="sale")
                 return False
-        if not self.scanner.healthy() or not self.vend.healthy():
+        broken = self._loop_broken()
+        if broken is not None:
+            event(log, "watchdog.withheld", part=f"event loop ({broken})")
+            return False
+        # A vend output's own problem (an MDB board refusing its configuration) is out of
+        # service, not a reason to restart: the driver retries by itself while it runs.
+        if not self.scanner.healthy() or not vend_running(self.vend):
             event(
                 log,
                 "watchdog.withheld",
@@ -366,6 +626,8 @@ class Kiosk:
                 self._handle_vend_request(payload)
             case "vend_cancel":
                 self._handle_vend_cancel()
+            case "vend_problem":
+                self._handle_vend_problem(payload)
             case "vending":
                 self._sale_vending = True
                 self._refresh_lights()
@@ -377,14 +639,33 @@ class Kiosk:
                 self.status.backlog = payload
                 self._refresh_lights()
             case "journal_error":
-                self._enter_out_of_service(f"journal: {payload}")
+                self._handle_journal_error(payload)
             case "reload":
                 self._handle_reload()
             case "probe":
-                self._handle_probe(payload)
+                self._handle_probe(*payload)
+            case "writable":
+                self._handle_writable(payload)
+            case "wake":
+                pass  # a signal arrived: its handler has run, and queued what it asks for
 
     def _sale_busy(self) -> bool:
-        return self._sale_thread is not None and self._sale_thread.is_alive()
+        """From the scan until its "sale_done" is handled (the thread may have just ended:
+        its last events, like "vending", are still to be handled in order)."""
+        return self._sale_thread is not None
+
+    # -- talking to the controller: always protocol tokens ---------------------------------
+
+    def _deny(self, reason: str) -> None:
+        self.vend.deny(_token(reason))
+        self._said = True
+
+    def _answer_vend(self, answer: str) -> None:
+        verb, _, reason = answer.partition(" ")
+        self.vend.answer_vend(f"{verb} {_token(reason)}" if reason else verb)
+        self._said = True
+
+    # -- sales ------------------------------------------------------------------------------
 
     def _handle_scan(self, text: str) -> None:
         if self.stopping.is_set():
@@ -400,7 +681,7 @@ class Kiosk:
             self.indicator.sound(Sound.ERROR)
             event(log, "scan.ignored", reason="busy", code=code.masked)
             return
-        if self.status.out_of_service is not None or self.flow is None:
+        if self._unavailable() is not None or self.flow is None:
             self.indicator.sound(Sound.ERROR)
             event(log, "scan.ignored", reason="out of service", code=code.masked)
             return
@@ -410,27 +691,42 @@ class Kiosk:
                 event(log, "scan.ignored", reason="no selection on the machine", code=code.masked)
                 return
             amount, item = self._selection.request.amount, self._selection.request.item
+            approve_by = self._selection.approve_by
+            if approve_by is not None and approve_by - time.monotonic() < payment_budget_s(
+                self.config
+            ):
+                # The machine would stop waiting before a paid sale could be approved:
+                # refuse rather than charge.
+                self._selection = None
+                event(log, "scan.refused", reason="TIMEOUT", code=code.masked)
+                self._answer_vend("TIMEOUT")
+                self._hold_declined()
+                return
         else:
+            approve_by = None
             assert self.config.sale.price is not None
             amount, item = self.config.sale.price, self.config.sale.item
         if self.recent_codes.seen_recently(code):
             event(log, "scan.refused", reason="CODE_REUSED", code=code.masked)
-            self.vend.deny("CODE_REUSED")
+            self._deny("CODE_REUSED")
             self._hold_declined()
             return
         self._selection = None
         self.indicator.sound(Sound.SCAN)
-        self._start_sale(code, amount, item)
+        self._start_sale(code, amount, item, approve_by)
 
-    def _start_sale(self, code: PaymentCode, amount: Decimal, item: str) -> None:
+    def _start_sale(
+        self, code: PaymentCode, amount: Decimal, item: str, approve_by: float | None = None
+    ) -> None:
         flow = self.flow
         assert flow is not None
+        abandoned = threading.Event()
 
         def sell() -> None:
             try:
-                sale = flow.sell(code, amount, item)
+                sale = flow.sell(code, amount, item, abandoned=abandoned)
             except JournalError as exc:
-                self.events.put(("journal_error", str(exc)))
+                self.events.put(("journal_error", exc))
                 sale = None
             except Exception:
                 log.exception("sale failed")
@@ -439,80 +735,280 @@ class Kiosk:
 
         self._sale_started = time.monotonic()
         self._sale_vending = False
+        self._sale_abandoned = abandoned
+        self._sale_approve_by = approve_by
         self._sale_thread = threading.Thread(target=sell, name="sale", daemon=True)
         self._sale_thread.start()
         self._refresh_lights()
 
-    def _handle_sale_done(self, sale: Sale | None) -> None:
+    def _forget_finished_sale(self) -> None:
         if self._sale_thread is not None:
             self._sale_thread.join()
+            self._sale_thread = None
         self._sale_vending = False
+        self._sale_abandoned = None
+        self._sale_approve_by = None
+
+    def _handle_sale_done(self, sale: Sale | None) -> None:
+        self._forget_finished_sale()
         if sale is None:
             # The sale could not be journaled (or a bug stopped it): nothing was charged
             # that the journal does not know of; the controller hears a refusal.
-            self.vend.deny("OUT_OF_SERVICE" if self.status.out_of_service else "ERROR")
+            self._deny("OUT_OF_SERVICE" if self.status.out_of_service else "ERROR")
             if self.status.out_of_service is None:
                 self._hold_declined()
-            self._refresh_lights()
-            return
-        self.status.sales.append(sale)
-        match sale.result:
-            case SaleResult.VENDED:
-                pass
-            case SaleResult.DECLINED | SaleResult.UNRESOLVED:
-                self.vend.deny(sale.reason or "DECLINED")
-                self._hold_declined()
-            case SaleResult.REVERSED:
-                self._hold_declined()
-            case SaleResult.OUT_OF_SERVICE:
-                self.vend.deny(sale.reason)
-                self._enter_out_of_service(f"Alipay refused the merchant set-up ({sale.reason})")
-            case SaleResult.STOPPED:
-                pass
-        if sale.result is not SaleResult.VENDED and self.worker is not None:
-            self.worker.wake()
+        else:
+            self.status.sales.append(sale)
+            self.status.sales_total += 1
+            match sale.result:
+                case SaleResult.VENDED:
+                    pass
+                case SaleResult.DECLINED | SaleResult.UNRESOLVED:
+                    self._deny(sale.reason or "DECLINED")
+                    self._hold_declined()
+                case SaleResult.REVERSED:
+                    self._hold_declined()
+                case SaleResult.OUT_OF_SERVICE:
+                    self._deny(sale.reason or "OUT_OF_SERVICE")
+                    self._set_reason(
+                        MERCHANT, f"Alipay refused the merchant set-up ({sale.reason})"
+                    )
+                case SaleResult.STOPPED:
+                    pass
+            if sale.result is not SaleResult.VENDED:
+                self.worker.wake()
+        self._apply_pending_config()
         self._refresh_lights()
 
     def _handle_vend_request(self, request: VendRequest) -> None:
+        max_price = self.config.sale.max_price
         if self.stopping.is_set():
-            self.vend.answer_vend("OUT_OF_SERVICE stopping")
-        elif self.status.out_of_service is not None or self.flow is None:
-            self.vend.answer_vend("OUT_OF_SERVICE " + _token(self.status.out_of_service))
+            self._answer_vend("OUT_OF_SERVICE stopping")
+        elif self._unavailable() is not None or self.flow is None:
+            self._answer_vend(f"OUT_OF_SERVICE {self._unavailable() or 'starting'}")
         elif self._sale_busy():
-            self.vend.answer_vend("BUSY")
+            self._answer_vend("BUSY")
+        elif max_price is not None and request.amount > max_price:
+            self._selection = None  # the customer chose again; the old choice is gone too
+            currency = self.config.alipay.currency
+            event(
+                log,
+                "vend.refused",
+                level=logging.WARNING,
+                reason="MAX_PRICE",
+                item=request.item,
+                amount=str(request.amount),
+                max_price=format_amount(max_price, currency),
+            )
+            self._deny("MAX_PRICE")
         else:
-            deadline = time.monotonic() + self.config.sale.scan_timeout_s
-            self._selection = _Selection(request, deadline)
-            self.vend.answer_vend("OK")
+            now = time.monotonic()
+            deadline = now + self.config.sale.scan_timeout_s
+            patience = approve_within_s(self.config)
+            approve_by = None if patience is None else now + patience
+            if approve_by is not None:
+                # A scan later than this could not be paid before the machine stops waiting.
+                deadline = min(deadline, approve_by - payment_budget_s(self.config))
+            self._selection = _Selection(request, deadline, approve_by)
+            self._answer_vend("OK")
             event(log, "vend.selection", item=request.item, amount=str(request.amount))
 
     def _handle_vend_cancel(self) -> None:
         if self._sale_busy():
-            self.vend.answer_vend("BUSY")  # too late: the payment is in flight
+            if getattr(self.vend, "cancel_abandons_payment", False):
+                # MDB: the machine dropped the request before approval. The payment in flight
+                # is cancelled (query, then cancel) and nothing is approved late.
+                self._abandon_sale("the controller dropped the request")
+                self._answer_vend("CANCELLED")
+            else:
+                # Serial link (SPEC section 4): too late, the payment is in flight and will be
+                # settled (a paid sale then vends or is reversed).
+                self._answer_vend("BUSY")
             return
         self._selection = None
-        self.vend.answer_vend("CANCELLED")
+        self._answer_vend("CANCELLED")
+
+    def _abandon_sale(self, why: str = "the controller dropped the request") -> None:
+        abandoned = self._sale_abandoned
+        if abandoned is None or abandoned.is_set():
+            return
+        abandoned.set()
+        event(log, "sale.abandoned", why=why)
+
+    def _handle_vend_problem(self, problem: str | None) -> None:
+        if problem == self.status.vend_problem:
+            return
+        self.status.vend_problem = problem
+        if problem is not None:
+            event(log, "kiosk.out_of_service", level=logging.ERROR, kind="vend", reason=problem)
+            if self.status.out_of_service is None:
+                self.notifier.status(f"out of service: {problem}")
+        else:
+            event(log, "kiosk.reason_cleared", kind="vend", still=self._unavailable())
+            if self._unavailable() is None:
+                event(log, "kiosk.back_in_service", cleared="vend")
+                self.notifier.status("ready")
+        self._refresh_lights()
+
+    def _clear_selection(self) -> None:
+        self._selection = None
+
+    # -- the gateway --------------------------------------------------------------------------
 
     def _handle_gateway(self, what: str) -> None:
         if what == "reachable":
-            if self.status.offline:
-                self.status.offline = False
-                self._next_probe = None
-                event(log, "gateway.online")
-                if self.worker is not None:
-                    # Everything waiting is due now; no journal writes on the loop's thread.
-                    self.worker.wake(resume_all=True)
+            self._gateway_reachable()
         elif what == "unreachable":
-            if not self.status.offline:
-                self.status.offline = True
-                event(log, "gateway.offline")
-            if self._next_probe is None:
-                self._next_probe = time.monotonic() + min(
-                    OFFLINE_PROBE_S, self.config.alipay.probe_interval_s
-                )
+            self._gateway_unreachable()
         elif what.startswith("merchant:"):
-            self._enter_out_of_service(f"Alipay refused the merchant set-up ({what[9:]})")
+            self._set_reason(MERCHANT, f"Alipay refused the merchant set-up ({what[9:]})")
         self._refresh_lights()
+
+    def _gateway_reachable(self) -> None:
+        if self.status.offline:
+            self.status.offline = False
+            event(log, "gateway.online")
+            # Everything waiting is due now; no journal writes on the loop's thread.
+            self.worker.wake(resume_all=True)
+        self._schedule_checks()
+        self._refresh_lights()
+
+    def _gateway_unreachable(self) -> None:
+        if not self.status.offline:
+            self.status.offline = True
+            event(log, "gateway.offline")
+        self._schedule_checks()  # offline: the probe stays scheduled until an answer comes
+        self._refresh_lights()
+
+    def _probe(self) -> None:
+        """Offline, or out of service for the merchant set-up: is a signed request accepted
+        again? Asked on a thread of its own with a client of its own, so the loop never waits
+        on the network."""
+        if self._probing:
+            return
+        self._probing = True
+        generation = self._generation
+        threading.Thread(
+            target=self._ask_gateway, args=(generation,), name="probe", daemon=True
+        ).start()
+
+    def _ask_gateway(self, generation: int) -> None:
+        result: QueryResult | None = None
+        key_problem: str | None = None
+        try:
+            client = self._client_factory()
+            try:
+                result = client.query(f"{self.config.kiosk.terminal_id}-probe")
+            finally:
+                client.close()
+        except GatewayUnreachable:
+            result = None
+        except KeyFileError as exc:
+            key_problem = str(exc)
+        except Exception:  # the probe must report back, whatever happened
+            log.exception("gateway probe failed")
+        self.events.put(("probe", (generation, result, key_problem)))
+
+    def _probe_done(self) -> None:
+        self._probing = False
+
+    def _handle_probe(
+        self, generation: int, result: QueryResult | None, key_problem: str | None
+    ) -> None:
+        self._probe_done()
+        if key_problem is not None:
+            self._set_reason(KEY, f"key: {key_problem}")
+            return
+        if result is None:
+            self._gateway_unreachable()  # schedules the next probe
+            return
+        # A signed, verified answer (even "no such trade") proves the key and partner are
+        # accepted. Before the client says `verified`, the rule it replaces.
+        verified = getattr(result, "verified", None)
+        if verified is None:
+            accepted = result.error == "TRADE_NOT_EXIST" or result.outcome.value == "success"
+        else:
+            accepted = bool(verified)
+        event(log, "gateway.probe", accepted=accepted, error=result.error, detail=result.detail)
+        self._gateway_reachable()
+        if generation != self._generation:
+            # Asked with a config that has since been replaced: ask again with this one.
+            if MERCHANT in self.status.reasons:
+                self._next_probe = time.monotonic()
+            return
+        if accepted:
+            self._clear_reason(MERCHANT)
+        self._schedule_checks()
+
+    # -- the journal --------------------------------------------------------------------------
+
+    def _handle_journal_error(self, error: JournalError | str) -> None:
+        if isinstance(error, JournalCorrupt):
+            self._journal_corrupt = True  # never written again by this process
+        self._set_reason(JOURNAL, f"journal: {error}")
+
+    def _check_writable(self) -> None:
+        """Out of service for a journal write fault: try a real durable write, on a thread of
+        its own (an fsync on a failing card can take long)."""
+        if self._checking_writable or JOURNAL not in self.status.reasons:
+            return
+        self._checking_writable = True
+
+        def check() -> None:
+            error: Exception | None = None
+            try:
+                self.journal.check_writable()
+            except Exception as exc:
+                error = exc
+            self.events.put(("writable", error))
+
+        threading.Thread(target=check, name="journal-check", daemon=True).start()
+
+    def _write_check_done(self) -> None:
+        self._checking_writable = False
+
+    def _handle_writable(self, error: Exception | None) -> None:
+        self._write_check_done()
+        if error is None:
+            if JOURNAL in self.status.reasons and not self._journal_corrupt:
+                event(log, "journal.writable")
+                self._clear_reason(JOURNAL)
+                self.worker.wake(resume_all=True)
+        else:
+            event(log, "journal.still_failing", error=str(error))
+            if isinstance(error, JournalCorrupt):
+                self._handle_journal_error(error)
+        self._schedule_checks()
+
+    # -- the clock and the keys ---------------------------------------------------------------
+
+    def _check_clock(self) -> None:
+        if self._wall() < CLOCK_SANE_AFTER:
+            reason: str | None = "clock not set"
+        elif self.config.kiosk.require_synced_clock and not self._clock_synced():
+            reason = "clock not synchronised"
+        else:
+            reason = None
+        now = time.monotonic()
+        if reason is None:
+            self._next_clock_check = now + self.clock_recheck_s
+            self._clear_reason(CLOCK)
+        else:
+            self._next_clock_check = now + self.clock_recheck_out_s
+            self._set_reason(CLOCK, reason)
+
+    def _retry_keys(self) -> None:
+        if KEY not in self.status.reasons:
+            return
+        if self._sale_busy():  # flows are replaced only between sales
+            self._next_key_retry = time.monotonic() + 1.0
+            return
+        if self._build_flows():
+            event(log, "kiosk.keys_usable")
+        else:
+            self._next_key_retry = time.monotonic() + self.config.alipay.probe_interval_s
+
+    # -- reload -------------------------------------------------------------------------------
 
     def _handle_reload(self) -> None:
         if self._reload_config is None:
@@ -520,73 +1016,113 @@ class Kiosk:
         try:
             config = self._reload_config()
         except Exception as exc:
-            event(log, "config.reload_failed", level=logging.ERROR, error=str(exc))
+            for line in str(exc).splitlines() or [type(exc).__name__]:
+                event(log, "config.reload_failed", level=logging.ERROR, error=line)
+            event(log, "config.kept", level=logging.ERROR, why="the new config is not valid")
             return
-        self.config = config
-        self.status.out_of_service = None
-        self._next_probe = None
+        self._pending_config = config
         if self._sale_busy():
-            # The sale in flight keeps its flow; the new one takes the next scan.
-            event(log, "config.reload_deferred")
-        self._build_flow()
+            # Never under a sale: the sale in flight finishes with the config it began with.
+            event(log, "config.reload_deferred", why="a sale is in progress")
+            return
+        self._apply_pending_config()
+
+    def _apply_pending_config(self) -> None:
+        """Apply a reloaded config, between sales: new clients and flow settings for the
+        foreground and the worker; out-of-service reasons re-evaluated where the new config
+        could have changed them."""
+        config, self._pending_config = self._pending_config, None
+        if config is None or self.stopping.is_set():
+            return
+        assert not self._sale_busy()
+        old = self.config
+        restart = restart_only_changes(old, config)
+        if "alipay.currency" in restart:
+            # Prices are amounts in the currency; the vend link cannot change it while open.
+            event(
+                log,
+                "config.restart_needed",
+                level=logging.ERROR,
+                keys=", ".join(restart),
+                applied=False,
+                why="alipay.currency changes only with a restart; the running config is kept",
+            )
+            return
+        if restart:
+            event(
+                log,
+                "config.restart_needed",
+                level=logging.ERROR,
+                keys=", ".join(restart),
+                applied=True,
+                why="the journal and the drivers are opened once; these keep their running "
+                "values until a restart, the rest is applied",
+            )
+            config = keep_running_values(old, config)
+        self.config = config
+        self._generation += 1
+        self._build_flows()  # a key problem is re-evaluated here
+        self._check_clock()  # kiosk.require_synced_clock may have changed
+        if MERCHANT in self.status.reasons:
+            self._next_probe = time.monotonic()  # ask at once, with the new config
+        self._schedule_checks()
         event(log, "config.reloaded")
         self._refresh_lights()
 
-    def _enter_out_of_service(self, reason: str) -> None:
-        first = self.status.out_of_service is None
-        self.status.out_of_service = reason
-        if first:
-            event(log, "kiosk.out_of_service", level=logging.ERROR, reason=reason)
+    # -- out of service -----------------------------------------------------------------------
+
+    def _set_reason(self, kind: str, reason: str) -> None:
+        if self.status.reasons.get(kind) == reason:
+            return
+        was_out = self.status.out_of_service is not None
+        self.status.reasons[kind] = reason
+        self._show_reasons()
+        event(log, "kiosk.out_of_service", level=logging.ERROR, kind=kind, reason=reason)
+        if not was_out:
             self.notifier.status(f"out of service: {reason}")
-        self._next_probe = time.monotonic() + self.config.alipay.probe_interval_s
+        self._schedule_checks()
         self._refresh_lights()
 
-    def _probe(self) -> None:
-        """Out of service or offline: is a signed request accepted again? Asked on a thread
-        of its own with a client of its own, so the loop never waits on the network."""
-        self._next_probe = None
-        if self.worker is None:  # the keys were unusable: try building the flow again
-            try:
-                self._build_flow()
-            finally:
-                self._next_probe = time.monotonic() + self.config.alipay.probe_interval_s
+    def _clear_reason(self, kind: str) -> None:
+        if self.status.reasons.pop(kind, None) is None:
             return
-        if not self._probing:
-            self._probing = True
-            threading.Thread(target=self._ask_gateway, name="probe", daemon=True).start()
+        self._show_reasons()
+        if self.status.out_of_service is None:
+            event(log, "kiosk.back_in_service", cleared=kind)
+            self.notifier.status("ready")
+        else:
+            event(log, "kiosk.reason_cleared", kind=kind, still=self.status.out_of_service)
+        self._schedule_checks()
+        self._refresh_lights()
 
-    def _ask_gateway(self) -> None:
-        result: QueryResult | None = None
-        try:
-            client = self._client_factory()
-            try:
-                result = client.query(f"{self.config.kiosk.terminal_id}-probe")
-            finally:
-                client.close()
-        except (GatewayUnreachable, KeyFileError):
-            result = None
-        self.events.put(("probe", result))
+    def _show_reasons(self) -> None:
+        reasons = self.status.reasons
+        shown = [reasons[kind] for kind in REASON_ORDER if kind in reasons]
+        self.status.out_of_service = shown[0] if shown else None
 
-    def _handle_probe(self, result: QueryResult | None) -> None:
-        self._probing = False
-        if result is None:
-            self._handle_gateway("unreachable")  # schedules the next probe
-            return
-        # A signed answer (even "no such trade") proves the key and partner are accepted.
-        accepted = result.error == "TRADE_NOT_EXIST" or result.outcome.value == "success"
-        event(log, "gateway.probe", accepted=accepted, error=result.error, detail=result.detail)
-        self._handle_gateway("reachable")
-        if (
-            accepted
-            and self.status.out_of_service
-            and self._wall() >= CLOCK_SANE_AFTER
-            and not self.status.out_of_service.startswith("journal")
-        ):
-            self.status.out_of_service = None
-            event(log, "kiosk.back_in_service")
-            self._refresh_lights()
-        elif self.status.out_of_service:
-            self._next_probe = time.monotonic() + self.config.alipay.probe_interval_s
+    def _schedule_checks(self) -> None:
+        """Keep exactly the re-checks that the present reasons (and being offline) need."""
+        now = time.monotonic()
+        reasons = self.status.reasons
+        a = self.config.alipay
+        if MERCHANT in reasons or self.status.offline:
+            interval = a.probe_interval_s
+            if self.status.offline:
+                interval = min(OFFLINE_PROBE_S, interval)
+            if self._next_probe is None and not self._probing:
+                self._next_probe = now + interval
+        else:
+            self._next_probe = None
+        if KEY in reasons:
+            if self._next_key_retry is None:
+                self._next_key_retry = now + a.probe_interval_s
+        else:
+            self._next_key_retry = None
+        if JOURNAL in reasons and not self._journal_corrupt:
+            if self._next_write_check is None and not self._checking_writable:
+                self._next_write_check = now + min(WRITE_CHECK_S, a.probe_interval_s)
+        else:
+            self._next_write_check = None
 
     # -- lights -----------------------------------------------------------------------------
 
@@ -594,8 +1130,28 @@ class Kiosk:
         self._declined_until = time.monotonic() + self.config.indicators.declined_hold_s
         self._refresh_lights()
 
+    def _unavailable(self) -> str | None:
+        """Why no payment can be taken now: an out-of-service reason, or the vend output's."""
+        return self.status.out_of_service or self.status.vend_problem
+
+    def _update_reader(self) -> None:
+        """Tell a vend output with a reader switch (MDB) whether the kiosk can take payments
+        now, so the machine sells for cash meanwhile; only when that changes."""
+        if self.stopping.is_set():
+            reason: str | None = "stopping"
+        elif self.flow is None and self.status.out_of_service is None:
+            reason = "starting"
+        else:
+            reason = self._unavailable() or ("offline" if self.status.offline else None)
+        available = reason is None
+        if available == self._reader_available:
+            return
+        self._reader_available = available
+        set_available(self.vend, available, reason)
+
     def _refresh_lights(self) -> None:
-        if self.status.out_of_service is not None:
+        self._update_reader()
+        if self._unavailable() is not None:
             state = KioskState.OUT_OF_SERVICE
         elif self._sale_busy():
             state = KioskState.VENDING if self._sale_vending else KioskState.PAYING
@@ -616,11 +1172,14 @@ class Kiosk:
         self.indicator.show(state)
 
     def _status_text(self) -> str:
-        if self.status.out_of_service:
-            return f"out of service: {self.status.out_of_service}"
+        if self._unavailable():
+            return f"out of service: {self._unavailable()}"
         return "ready"
 
 
 def _token(text: str | None) -> str:
-    """One protocol field: no spaces."""
-    return (text or "unknown").split(":")[0].replace(" ", "-")[:40]
+    """One protocol field (SPEC section 4): printable ASCII without spaces, at most 40
+    characters; a reason's text up to its first colon."""
+    head = (text or "").split(":")[0].strip()
+    token = "".join(ch if "!" <= ch <= "~" else "-" for ch in head)[:40]
+    return token or "unknown"

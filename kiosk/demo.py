@@ -8,6 +8,8 @@ No config, no hardware, no network beyond 127.0.0.1. Timings are shortened (quer
 from __future__ import annotations
 
 import logging
+import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -15,7 +17,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from functools import partial
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -32,7 +33,7 @@ from kiosk.config import (
     ScannerSection,
     VendSection,
 )
-from kiosk.daemon import Kiosk
+from kiosk.daemon import Kiosk, KioskStatus
 from kiosk.journal import Journal
 from kiosk.log import setup_logging
 from kiosk.payment import Sale
@@ -45,7 +46,9 @@ PRICE = Decimal("1.50")
 
 def demo_config(state_dir: Path, gateway: str) -> Config:
     return Config(
-        kiosk=KioskSection(terminal_id="DEMO-01", state_dir=state_dir),
+        # The demo runs on any host; whether that host's clock is synchronised is not its
+        # business (a kiosk in the field requires it).
+        kiosk=KioskSection(terminal_id="DEMO-01", state_dir=state_dir, require_synced_clock=False),
         alipay=AlipaySection(
             gateway=gateway,
             partner=PARTNER,
@@ -149,10 +152,10 @@ class DemoRig:
         """Scan a code and wait for the sale it starts to end."""
         kiosk = self.kiosk
         assert kiosk is not None
-        before = len(kiosk.status.sales)
+        before = kiosk.status.sales_total
         self.wait_until(lambda: kiosk.status.state.value in ("ready", "offline"), timeout)
         self.scanner.scan(code)
-        self.wait_until(lambda: len(kiosk.status.sales) > before, timeout)
+        self.wait_until(lambda: kiosk.status.sales_total > before, timeout)
         return kiosk.status.sales[-1]
 
     @staticmethod
@@ -182,7 +185,8 @@ def _code(suffix: str, n: int) -> str:
     return f"28{n:012d}{suffix}"
 
 
-def play(rig: DemoRig, out: Callable[[str], None]) -> list[Row]:
+def play(rig: DemoRig) -> list[Row]:
+    """Play every scenario; one row each, printed once at the end in the table."""
     rows: list[Row] = []
 
     def record(
@@ -192,36 +196,32 @@ def play(rig: DemoRig, out: Callable[[str], None]) -> list[Row]:
         money = rig.trade(sale.ref)
         ok = journal_state == expect_state and money.startswith(expect_money)
         rows.append(Row(name, "…" + code[-4:], said, journal_state, money, ok))
-        out(f"  {'ok ' if ok else 'BAD'} {name}: {said}; journal {journal_state}; Alipay: {money}")
 
     def final_state(ref: str) -> str:
         txn = rig.journal.get(ref)
         return txn.state.value if txn else "missing"
 
-    # (what happens, name, last 4 digits, the vend's result, journal state, Alipay's ledger)
+    # (name, last 4 digits, the vend's result, journal state, Alipay's ledger)
     simple = [
-        ("paid: scan, Alipay says SUCCESS, the machine vends",
-         "paid", "0001", VendResult.VENDED, "vended", "charged"),
-        ("declined: the buyer's balance is too low",
-         "declined", "2022", VendResult.VENDED, "declined", "no trade"),
-        ("confirm on phone: UNKNOW, the buyer enters a password, queries find it paid",
-         "buyer confirms on phone", "1001", VendResult.VENDED, "vended", "charged"),
-        ("timeout: the answer comes too late, a query finds the charge",
-         "timeout resolved by query", "3001", VendResult.VENDED, "vended", "charged"),
-        ("vend failure: paid, the machine jams, the charge is reversed",
-         "vend failure reversed", "0005", VendResult.FAILED, "cancelled", "charged, returned"),
-    ]  # fmt: skip
+        ("paid", "0001", VendResult.VENDED, "vended", "charged"),  # SUCCESS, the machine vends
+        ("declined", "2022", VendResult.VENDED, "declined", "no trade"),  # balance too low
+        # UNKNOW: the buyer enters a password on the phone, queries find it paid
+        ("buyer confirms on phone", "1001", VendResult.VENDED, "vended", "charged"),
+        # the answer comes too late, a query finds the charge
+        ("timeout resolved by query", "3001", VendResult.VENDED, "vended", "charged"),
+        # paid, the machine jams, the charge is reversed
+        ("vend failure reversed", "0005", VendResult.FAILED, "cancelled", "charged, returned"),
+    ]
     rig.start_kiosk()
-    for n, (story, name, suffix, vend_result, expect_state, expect_money) in enumerate(simple):
-        out(story)
+    for n, (name, suffix, vend_result, expect_state, expect_money) in enumerate(simple):
         if vend_result is not VendResult.VENDED:
             rig.vend.script(vend_result)
         code = _code(suffix, n + 1)
         sale = rig.sell(code)
         record(name, code, sale, final_state(sale.ref), expect_state, expect_money)
 
-    out("network lost: charged, then the line drops; the kiosk restarts while offline,")
-    out("  and the journal returns the money once the network is back")
+    # Charged, then the line drops; the kiosk restarts while offline, and the journal returns
+    # the money once the network is back.
     code = _code("0006", 6)
     rig.sim.inject(FaultPlan(Fault.DROP_AFTER_CHARGE))
     known = {t.partner_trans_id for t in rig.sim.ledger.trades()}
@@ -229,11 +229,6 @@ def play(rig: DemoRig, out: Callable[[str], None]) -> list[Row]:
     cut.start()
     sale = rig.sell(code)
     cut.join(10)
-    pending = rig.journal.get(sale.ref)
-    out(
-        f"  while offline: journal {pending.state.value if pending else 'missing'}, "
-        f"Alipay: {rig.trade(sale.ref)}"
-    )
     rig.stop_kiosk()
     rig.sim.go_online()
     rig.start_kiosk()
@@ -276,21 +271,38 @@ def print_table(rows: list[Row], out: Callable[[str], None]) -> None:
             out("  ".join("-" * w for w in widths))
 
 
-def run_demo(interactive: bool = False, log_format: str = "none") -> int:
+INTRO = (
+    "kiosk demo: the real daemon, payment flow and journal, with a fake scanner, lights and "
+    "vending machine and an Alipay gateway simulator on 127.0.0.1"
+)
+
+
+def run_demo(
+    interactive: bool = False,
+    log_format: str = "none",
+    keep: bool = False,
+    out: Callable[[str], None] = print,
+) -> int:
     if log_format == "none":
-        logging.disable(logging.CRITICAL)
+        # Quiet, but the daemon's events still reach the interactive demo's listener.
+        logging.getLogger().handlers[:] = [logging.NullHandler()]
     else:
         setup_logging(log_format)
-    out = print
+    logging.getLogger("kiosk").setLevel(logging.INFO)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="kiosk-demo-") as tmp:
-        rig = DemoRig(Path(tmp) / "state")
-        out(f"Alipay gateway simulator on {rig.sim.url}; journal in {tmp}/state")
-        out("Fake scanner, lights and vending machine; the real daemon, flow and journal.\n")
+    tmp = Path(tempfile.mkdtemp(prefix="kiosk-demo-")).absolute()
+    try:
+        rig = DemoRig(tmp / "state")
+        out(INTRO)
+        if keep:
+            out(
+                f"journal kept in {tmp / 'state'} (see it with: kiosk journal --state-dir "
+                f"{tmp / 'state'} --all)"
+            )
+        if interactive:
+            return _interactive(rig, out)
         try:
-            if interactive:
-                return _interactive(rig, out)
-            rows = play(rig, out)
+            rows = play(rig)
         finally:
             rig.close()
         print_table(rows, out)
@@ -303,9 +315,33 @@ def run_demo(interactive: bool = False, log_format: str = "none") -> int:
         )
         out(f"{len(rows)} scenarios in {time.monotonic() - started:.1f} s")
         return 0 if money_ok and all(r.ok for r in rows) else 1
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_SCAN_VERDICTS = {"scan.rejected": "rejected", "scan.ignored": "ignored", "scan.refused": "refused"}
+
+
+class _ScanVerdicts(logging.Handler):
+    """Hears the daemon say why a scan started no sale (rejected, ignored, refused), so the
+    interactive demo can tell the person at once instead of after a silent wait."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.verdicts: queue.SimpleQueue[str] = queue.SimpleQueue()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "kiosk_fields", None) or {}
+        verdict = _SCAN_VERDICTS.get(str(fields.get("event")))
+        if verdict is not None:
+            self.verdicts.put(f"{verdict}: {fields.get('reason', '')}")
 
 
 def _interactive(rig: DemoRig, out: Callable[[str], None]) -> int:
+    verdicts = _ScanVerdicts()
+    kiosk_log = logging.getLogger("kiosk")
+    kiosk_log.addHandler(verdicts)
     rig.start_kiosk()
     out("Type a payment code (16-24 digits starting 25-30) and Enter; an empty line quits.")
     out(
@@ -314,26 +350,42 @@ def _interactive(rig: DemoRig, out: Callable[[str], None]) -> int:
     )
     kiosk = rig.kiosk
     assert kiosk is not None
-    sales = kiosk.status.sales
+    status = kiosk.status
     try:
         for line in sys.stdin:
             code = line.strip()
             if not code:
                 break
-            before = len(sales)
+            while not verdicts.verdicts.empty():  # a verdict is about this scan only
+                verdicts.verdicts.get_nowait()
+            before = status.sales_total
             rig.scanner.scan(code)
-            try:
-                started = partial(lambda n: len(sales) > n, before)
-                rig.wait_until(started, 2.0 if len(code) < 16 else 30.0)
-            except TimeoutError:
-                out("  (no sale started: see the rejection in the log)")
+            verdict = _sale_or_verdict(status, before, verdicts.verdicts, timeout=60.0)
+            if verdict is not None:
+                out(f"  {verdict}")
                 continue
-            sale = sales[-1]
+            sale = status.sales[-1]
             out(f"  {sale.result.value} {sale.reason} ref={sale.ref} Alipay: {rig.trade(sale.ref)}")
     finally:
+        kiosk_log.removeHandler(verdicts)
         rig.stop_kiosk()
         rig.close()
     return 0
+
+
+def _sale_or_verdict(
+    status: KioskStatus, before: int, verdicts: queue.SimpleQueue[str], timeout: float
+) -> str | None:
+    """Wait until the scan's sale has ended (None) or the daemon said why it started none."""
+    deadline = time.monotonic() + timeout
+    while status.sales_total <= before:
+        try:
+            return verdicts.get(timeout=0.02)
+        except queue.Empty:
+            pass
+        if time.monotonic() > deadline:
+            return "no answer from the kiosk (see the log)"
+    return None
 
 
 __all__ = ["DemoRig", "demo_config", "run_demo"]

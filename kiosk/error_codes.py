@@ -1,7 +1,9 @@
 """What the kiosk does about each Alipay spot.pay error code: query, decline, or go out of service.
 
-A pure table over every code in Alipay's list. Codes not in it, and no code at all, mean
-"query": an outcome is never guessed.
+A pure table over every code in Alipay's list. Codes not in it (the client's UNRECOGNISED_ERROR
+for a malformed one among them), and no code at all, mean "query": an outcome is never guessed.
+A refused pay that names an Alipay trade is cancelled before the refusal is final
+(`cancel_before_final`), whatever its code.
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ class CodeReaction:
 
 _Q, _D, _OOS = Reaction.QUERY, Reaction.DECLINE, Reaction.OUT_OF_SERVICE
 
+# The rule behind the table. A code that may mean the trade exists, or is in doubt, is QUERY.
+# Otherwise ask: would this refusal meet every later customer the same way? Then it is a
+# merchant condition, not the buyer's: OUT_OF_SERVICE with an alarm, and the gateway probe
+# brings the kiosk back once a signed request passes again (a new customer must not be
+# charged the wait of a refusal that was certain). Only a refusal that depends on this buyer
+# (their account, app, balance, limits, code) or on this sale's amount, so that the next
+# customer or a cheaper item may pass, is a DECLINE; an amount-dependent one that points at the
+# merchant's set-up also raises an alarm.
+#
 # code: (reaction, alarm, why)
 _TABLE: dict[str, tuple[Reaction, bool, str]] = {
     # -- outcome unknown, or a trade that might hold the buyer's money: query, then cancel
@@ -142,18 +153,20 @@ _TABLE: dict[str, tuple[Reaction, bool, str]] = {
         True,
         "the secondary merchant's status at Alipay is abnormal; Alipay business support must act",
     ),
-    # -- merchant limits that depend on the amount: a cheaper item may still sell
     "PRODUCT_AMOUNT_LIMIT_ERROR": (
-        _D,
+        _OOS,
         True,
-        "the merchant's product quota is exceeded; this sale fails, and a person must raise "
-        "the quota with Alipay",
+        "the merchant's product quota is exceeded and Alipay says to contact its technical "
+        "support: a quota on the merchant's account meets every later customer the same way "
+        "until a person has it raised, so it is the merchant's condition, not the buyer's",
     ),
+    # -- a merchant limit that depends on the amount: a cheaper item may still sell
     "RESTRICTED_MERCHANT_INDUSTRY": (
         _D,
         True,
-        "the amount is over the industry's limit for this merchant; this sale fails, a "
-        "cheaper one may pass, and the price set-up needs a look",
+        "the amount is over the industry's limit for this merchant; the limit depends on the "
+        "amount, so a cheaper item may pass and later customers are not all refused: this "
+        "sale is declined, and the alarm asks a person to look at the prices",
     ),
     # -- the buyer's problem: decline; the buyer may try again with a fresh code or pay otherwise
     "BUYER_NOT_EXIST": (_D, False, "the code names no Alipay account; the buyer pays otherwise"),
@@ -200,6 +213,17 @@ _TABLE: dict[str, tuple[Reaction, bool, str]] = {
 ALL_CODES: Mapping[str, CodeReaction] = MappingProxyType(
     {code: CodeReaction(code, *entry) for code, entry in _TABLE.items()}
 )
+
+
+def cancel_before_final(alipay_trans_id: str | None) -> bool:
+    """Whether a refused (FAILED) pay must be cancelled before its refusal becomes final.
+
+    A refusal that names an Alipay trade (`alipay_trans_id`) says a trade exists at Alipay, and
+    a trade that exists may still be waiting for the buyer or be paid later. A cancel closes an
+    unpaid trade and reverses a paid one, so the flow cancels it first, whatever the code says;
+    a refusal naming no trade left nothing behind to close.
+    """
+    return bool(alipay_trans_id)
 
 
 def reaction_for(code: str | None) -> CodeReaction:

@@ -2,9 +2,10 @@
 is sent (SQLite, WAL, synchronous=FULL), so a restart can resume what was in flight.
 
 A journal file that is not sound stops the kiosk with a clear message; it is never
-overwritten or recreated. The buyer's payment code is kept only while its transaction is
-open (a retried pay must be identical) and erased when it becomes final (`secure_delete`
-zeroes the freed bytes; a clean close checkpoints and truncates the WAL).
+overwritten or recreated. The buyer's payment code never reaches it (SPEC rule 6): a
+transaction keeps the code's last 4 digits only. A journal written by an older firmware that
+kept whole codes is scrubbed when it is opened (`secure_delete` zeroes the freed bytes, and
+the WAL is checkpointed and truncated at once).
 """
 
 from __future__ import annotations
@@ -62,17 +63,13 @@ class Transaction:
     item: str
     state: TxnState
     code_last4: str
-    trans_create_time: str  # yyyyMMddHHmmss UTC, part of the pay request: resent identically
+    trans_create_time: str  # yyyyMMddHHmmss, Beijing time, as sent with the pay
     created_at: str
     updated_at: str
-    buyer_code: str | None = None  # erased once final
     error_code: str | None = None  # the last Alipay error code (or a kiosk reason)
     alipay_trans_id: str | None = None
     attempts: int = 0  # requests sent to the gateway
-    cancel_timestamp_ms: int | None = None  # the cancel's `timestamp`, resent identically
     refund_id: str | None = None
-    retry_count: int = 0  # background retries so far, for backoff
-    next_retry_at: float | None = None  # wall clock seconds
     note: str | None = None
 
     @property
@@ -95,11 +92,13 @@ class Transaction:
             "updated_at": self.updated_at,
             "attempts": self.attempts,
             "note": self.note,
-            "next_retry_at": _iso(self.next_retry_at) if self.next_retry_at else None,
         }
 
 
 _COLUMNS = [f.name for f in fields(Transaction)]
+# Columns of schema 1 that this firmware no longer writes (left NULL or at their default):
+# buyer_code (whole codes: never stored now), cancel_timestamp_ms (fresh on every send),
+# retry_count and next_retry_at (the worker schedules retries in memory, on the monotonic clock).
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -192,6 +191,8 @@ class Journal:
                     (str(SCHEMA_VERSION),),
                 )
             self._check_schema(conn)
+            if not read_only:
+                self._scrub_codes(conn)
         except JournalError:
             conn.close()
             raise
@@ -219,6 +220,15 @@ class Journal:
                 f"{f' and {len(problems) - 1} more' if len(problems) > 1 else ''}); "
                 "it was left untouched — copy it off for recovery, then move it aside"
             )
+
+    def _scrub_codes(self, conn: sqlite3.Connection) -> None:
+        """Erase whole payment codes an older firmware kept for open transactions, and fold
+        the WAL so no old page image holds them either."""
+        changed = conn.execute(
+            "UPDATE transactions SET buyer_code=NULL WHERE buyer_code IS NOT NULL"
+        ).rowcount
+        if changed:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
         try:
@@ -267,7 +277,7 @@ class Journal:
         amount: Decimal,
         currency: str,
         item: str,
-        buyer_code: str,
+        code_last4: str,
         trans_create_time: str,
         first_request: tuple[str, dict[str, str]] | None = None,
     ) -> Transaction:
@@ -280,11 +290,10 @@ class Journal:
             currency=currency,
             item=item,
             state=TxnState.PAYING,
-            code_last4=buyer_code[-4:],
+            code_last4=code_last4[-4:],
             trans_create_time=trans_create_time,
             created_at=now,
             updated_at=now,
-            buyer_code=buyer_code,
             attempts=1 if first_request else 0,
         )
         row = self._row(txn)
@@ -345,11 +354,9 @@ class Journal:
         request_outcome: tuple[str, str] | None = None,
         **changes: Any,
     ) -> Transaction:
-        """Move a transaction on. A final state erases the buyer's code in the same commit;
-        `request_outcome` (outcome, detail) notes how the latest request ended, in it too."""
+        """Move a transaction on. `request_outcome` (outcome, detail) notes how the latest
+        request ended, in the same commit."""
         updated = replace(txn, updated_at=_now_iso(), **changes)
-        if updated.state in FINAL_STATES:
-            updated = replace(updated, buyer_code=None, next_retry_at=None)
         with self._write() as conn:
             self._update(conn, updated)
             if request_outcome is not None:
@@ -452,3 +459,22 @@ class Journal:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def check_writable(self, min_free_bytes: int = 1 << 20) -> None:
+        """A real durable write (and room for more), to tell when a write fault is over:
+        raises JournalError while the journal still cannot take a transaction."""
+        import os
+
+        try:
+            free = os.statvfs(self.path.parent)
+        except OSError as exc:
+            raise JournalError(f"journal {self.path}: {exc.strerror or exc}") from None
+        if free.f_bavail * free.f_frsize < min_free_bytes:
+            raise JournalError(
+                f"journal {self.path}: only {free.f_bavail * free.f_frsize} bytes free"
+            )
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('writable_check', ?)",
+                (_now_iso(),),
+            )

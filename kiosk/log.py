@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -30,6 +31,13 @@ def event(log: logging.Logger, name: str, level: int = logging.INFO, **fields: A
 
 
 class TextFormatter(logging.Formatter):
+    """`event=... key=value` lines. `timestamps` prefixes local time for a person at a
+    terminal; journald stamps each line itself, so the service's lines carry none."""
+
+    def __init__(self, timestamps: bool = False) -> None:
+        super().__init__()
+        self.timestamps = timestamps
+
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] | None = getattr(record, _FIELDS, None)
         if fields is None:
@@ -37,6 +45,9 @@ class TextFormatter(logging.Formatter):
         else:
             text = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
         line = f"{record.levelname.lower()} {record.name}: {text}"
+        if self.timestamps:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
+            line = f"{stamp}.{int(record.msecs):03d} {line}"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -66,10 +77,26 @@ def _text(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if (" " in text or text == "") else text
 
 
+def under_systemd() -> bool:
+    """Started by systemd (a service: journald stamps and keeps what we print)."""
+    return bool(os.environ.get("NOTIFY_SOCKET") or os.environ.get("INVOCATION_ID"))
+
+
+def _in_terminal() -> bool:
+    if under_systemd():
+        return False  # journald has the time
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     """Send the kiosk's logs to stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json" else TextFormatter(timestamps=_in_terminal())
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

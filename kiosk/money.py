@@ -5,9 +5,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-# ISO 4217 minor units for currencies Alipay settles that are not 2-digit.
-_ZERO_DIGIT = {"JPY", "KRW", "VND", "IDR", "CLP", "ISK", "TWD", "HUF", "UGX", "PYG"}
-_THREE_DIGIT = {"BHD", "KWD", "OMR", "JOD", "TND", "IQD", "LYD"}
+from kiosk.iso4217 import CURRENCIES
 
 CURRENCY_RE = re.compile(r"^[A-Z]{3}$")
 MIN_AMOUNT = Decimal("0.01")
@@ -16,11 +14,8 @@ MAX_AMOUNT = Decimal("100000000.00")
 
 def minor_digits(currency: str) -> int:
     """How many digits follow the decimal point in this currency's amounts."""
-    if currency in _ZERO_DIGIT:
-        return 0
-    if currency in _THREE_DIGIT:
-        return 3
-    return 2
+    known = CURRENCIES.get(currency)
+    return known.minor_digits if known else 2
 
 
 def format_amount(amount: Decimal, currency: str) -> str:
@@ -36,6 +31,12 @@ def parse_amount(text: str, currency: str) -> Decimal:
     Raises ValueError with a precise message otherwise ("1.5" is not a USD amount).
     """
     digits = minor_digits(currency)
+    if re.fullmatch(r"[-+]?\d+(\.\d+)?", text):
+        # A number, even with the wrong digits: say what is wrong with its size first.
+        if Decimal(text) <= 0:
+            raise ValueError(f"{text!r} must be more than zero")
+        if Decimal(text) > MAX_AMOUNT:
+            raise ValueError(f"{text!r} is over Alipay's limit of {MAX_AMOUNT}")
     pattern = r"^\d{1,9}$" if digits == 0 else rf"^\d{{1,9}}\.\d{{{digits}}}$"
     if not re.fullmatch(pattern, text):
         example = "150" if digits == 0 else "1." + "5".ljust(digits, "0")
@@ -44,11 +45,6 @@ def parse_amount(text: str, currency: str) -> Decimal:
             f"(like {example!r})"
         )
     try:
-        value = Decimal(text)
+        return Decimal(text)
     except InvalidOperation as exc:  # pragma: no cover - the regex already guards this
         raise ValueError(f"{text!r} is not a number") from exc
-    if value <= 0:
-        raise ValueError(f"{text!r} must be greater than zero")
-    if value > MAX_AMOUNT:
-        raise ValueError(f"{text!r} is more than Alipay's limit of {MAX_AMOUNT}")
-    return value

@@ -2,23 +2,33 @@
 
 Read it top to bottom as a state machine (states are `TxnState`, SPEC section 5):
 
-    new scan ─ journal ─► PAYING ──SUCCESS───────────────────────────────► VENDING ─► VENDED
-                            │ FAILED (buyer / merchant code) ─────────► DECLINED
-                            │ never sent (no connection) ─────────────► DECLINED (OFFLINE)
+    new scan ─ journal ─► PAYING ──SUCCESS (signed, echoes this pay) ──────► VENDING ─► VENDED
+                            │ FAILED (signed, echoes) ────────────────────► DECLINED
+                            │   … naming an Alipay trade ─► CANCELLING (refusal shown at once)
+                            │ refusal that proves nothing (unsigned) ─────► QUERYING (shown at once)
+                            │ never sent (no connection) ─────────────────► DECLINED (OFFLINE)
                             └ UNKNOW, SYSTEM_ERROR, timeout, reset, ─► QUERYING
                               bad answer                                 │ TRADE_SUCCESS ► VENDING
                                                                          │ TRADE_CLOSED ─► DECLINED
                                                                          └ deadline ────► CANCELLING
     VENDING ── vend failed / timed out ─► CANCELLING ──SUCCESS──► CANCELLED
-                                            │ retry_flag=Y / unknown: again, with backoff
-                                            └ retry_flag=N or past the cancel window, paid ─►
-                                              REFUNDING ──SUCCESS──► REFUNDED
-                                                        └ refused ─► ATTENTION (alarm)
+    abandoned (the machine dropped the request before approval): never VENDING; paid ─►
+      CANCELLING, QUERYING ─► CANCELLING at once
+                                            │ retry_flag=Y / unknown: again later
+                                            └ retry_flag=N: query ─ paid ─► REFUNDING ──► REFUNDED
+                                                                  └ closed ► CANCELLED  └ refused ─►
+                                                                                      ATTENTION
 
-Every request that can move money is journaled (fsync) before it is sent, with everything
-needed to send it again identically. `sell()` runs a new scan in the foreground; `settle()`
-drives a journaled transaction one step on, for the background worker and after a restart.
-The flow does no I/O of its own beyond the client, the journal and the vend output it is given.
+Every request that can move money is journaled (fsync) before it is sent. The buyer's payment
+code never reaches the journal (SPEC rule 6): the pay is sent once, from memory, and a pay
+whose answer was lost is resolved by query and cancel, never sent again. Only a signed answer
+that names this very request moves a transaction; anything less is unknown. Reversal always
+tries cancel first and follows Alipay's answer, so the local clock never picks the path alone.
+`sell()` runs a new scan in the foreground (its `abandoned` event, set when the controller
+drops its request mid-payment on MDB, stops it from vending late); `settle()` drives a
+journaled transaction one step on, for the background worker (which schedules the retries)
+and after a restart. The flow does no I/O of its own beyond the client, the journal and the
+vend output it is given.
 """
 
 from __future__ import annotations
@@ -26,13 +36,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import random
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from datetime import time as time_of_day
 from decimal import Decimal
 from typing import Any, Protocol, TypeVar
@@ -41,10 +50,11 @@ from kiosk.alipay.client import (
     AlipayClient,
     Outcome,
     PayOrder,
+    PayResult,
     QueryResult,
     TradeStatus,
 )
-from kiosk.error_codes import Reaction, reaction_for
+from kiosk.error_codes import Reaction, cancel_before_final, reaction_for
 from kiosk.errors import GatewayUnreachable
 from kiosk.journal import FINAL_STATES, Journal, Transaction, TxnState
 from kiosk.log import event
@@ -55,15 +65,16 @@ log = logging.getLogger("kiosk.payment")
 
 PAID_STATUSES = (TradeStatus.TRADE_SUCCESS, TradeStatus.TRADE_FINISHED)
 ABSENT = "TRADE_NOT_EXIST"  # a query's answer that no such trade exists (yet)
-BEIJING = timedelta(hours=8)
+BEIJING = timezone(timedelta(hours=8), "Beijing")
 CANCEL_GRACE = timedelta(minutes=15)
+ABANDON_POLL_S = 0.1  # while waiting on an abandon, how often a stop is looked for
 
 
 class SaleResult(enum.StrEnum):
     """What the customer at the machine gets from one scan."""
 
     VENDED = "vended"  # paid and dispensed
-    DECLINED = "declined"  # refused; the buyer was not charged
+    DECLINED = "declined"  # refused; the buyer was not charged (or it is being reversed)
     REVERSED = "reversed"  # paid, not dispensed, money returned (or being returned)
     UNRESOLVED = "unresolved"  # no answer in time; the worker cancels it in the background
     OUT_OF_SERVICE = "out_of_service"  # a merchant-configuration code: stop taking scans
@@ -88,7 +99,7 @@ class FlowSettings:
     query_deadline_s: float = 60.0
     vend_timeout_s: float = 30.0
     cancel_tries_in_foreground: int = 3
-    retry_base_s: float = 2.0
+    retry_base_s: float = 2.0  # the journal worker's backoff between background retries
     retry_max_s: float = 300.0
 
 
@@ -120,7 +131,8 @@ class _NullWatch:
 
 @dataclass
 class RefsInHand:
-    """Refs the foreground is driving; the worker leaves them alone."""
+    """Refs being driven right now (a sale in the foreground, a settle in the worker); whoever
+    holds a ref is the only one who moves it. One set for the whole process."""
 
     refs: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -132,21 +144,24 @@ def new_ref(terminal_id: str, now: datetime | None = None) -> str:
     return f"{terminal_id}-{now:%Y%m%d%H%M%S}-{secrets.token_hex(4)}"
 
 
-def cancel_window_open(trans_create_time: str, now: datetime) -> bool:
-    """Alipay cancels only trades of the same Beijing-time day, with 15 minutes of grace."""
-    created = datetime.strptime(trans_create_time, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
-    created_day = (created + BEIJING).date()
-    closes = datetime(created_day.year, created_day.month, created_day.day, tzinfo=UTC) + (
-        timedelta(days=1) - BEIJING + CANCEL_GRACE
-    )
-    return now < closes
+def trans_create_time(now: datetime) -> str:
+    """The pay's `trans_create_time`: Beijing time (UTC+8), as Alipay's MAPI stamps are."""
+    return now.astimezone(BEIJING).strftime("%Y%m%d%H%M%S")
+
+
+def cancel_window_open(stamp: str, now: datetime) -> bool:
+    """Alipay cancels only trades of the same Beijing-time day, with 15 minutes of grace.
+    `stamp` is the pay's `trans_create_time` (Beijing time). A hint only: the flow always
+    tries cancel first and follows Alipay's answer."""
+    created = datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=BEIJING)
+    closes = datetime.combine(created.date() + timedelta(days=1), time_of_day(0), BEIJING)
+    return now < closes + CANCEL_GRACE
 
 
 def refunds_paused(now: datetime) -> bool:
     """Alipay executes no synchronous refunds 00:00-01:30 Beijing time: a refusal then is
     not final, the refund is tried again later."""
-    beijing = (now + BEIJING).time()
-    return beijing < time_of_day(1, 30)
+    return now.astimezone(BEIJING).time() < time_of_day(1, 30)
 
 
 class _Result(Protocol):
@@ -174,8 +189,8 @@ class PaymentFlow:
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         in_hand: RefsInHand | None = None,
     ) -> None:
-        """`in_hand` shares the set of refs in hand with another flow on the same journal (the
-        foreground and the journal worker), so neither drives a transaction the other holds."""
+        """`in_hand` shares the set of refs in hand with every other flow on the same journal
+        (the foreground and the journal worker), so no two drive one transaction."""
         self.client = client
         self.journal = journal
         self.vend = vend
@@ -188,25 +203,37 @@ class PaymentFlow:
 
     # -- the foreground: one new scan ------------------------------------------------------
 
-    def sell(self, code: PaymentCode, amount: Decimal, item: str) -> Sale:
-        """Charge a new scan and, once paid, vend. Blocks until the customer's answer is known."""
+    def sell(
+        self,
+        code: PaymentCode,
+        amount: Decimal,
+        item: str,
+        abandoned: threading.Event | None = None,
+    ) -> Sale:
+        """Charge a new scan and, once paid, vend. Blocks until the customer's answer is known.
+
+        `abandoned` is set when the controller dropped its request before approval (MDB: the
+        customer cancelled, or the machine gave up): from then on nothing is vended; a
+        confirmed charge is reversed (cancel first), an open one is cancelled, and the sale
+        ends with reason `CANCELLED`."""
         now = self._wall()
         ref = new_ref(self.settings.terminal_id, now)
         # Held before the row exists, so the worker never picks up a sale still in hand.
         with self._holding(ref):
-            stamp = now.strftime("%Y%m%d%H%M%S")
-            # The row and its pay request in one commit: journaled before it is sent.
+            stamp = trans_create_time(now)
+            # The row and its pay request in one commit: journaled before it is sent. The
+            # code itself stays in memory (rule 6); the journal keeps its last 4 digits.
             txn = self.journal.open_transaction(
                 ref=ref,
                 amount=amount,
                 currency=self.settings.currency,
                 item=item,
-                buyer_code=code.digits,
+                code_last4=code.last4,
                 trans_create_time=stamp,
                 first_request=("pay", _public_pay(ref, amount, self.settings, stamp)),
             )
             event(log, "payment.start", ref=ref, amount=str(amount), item=item, code=code.masked)
-            sale = self._sell(txn)
+            sale = self._sell(txn, code, abandoned or threading.Event())
         event(
             log,
             "payment.result",
@@ -217,19 +244,28 @@ class PaymentFlow:
         )
         return sale
 
-    def _sell(self, txn: Transaction) -> Sale:
+    def _sell(self, txn: Transaction, code: PaymentCode, abandoned: threading.Event) -> Sale:
         pay_started = self._clock()
-        txn = self._pay(txn)
+        txn, refusal = self._pay(txn, code, abandoned)
+        if refusal is not None:
+            # The customer hears the refusal now. A trade that may still be open behind it
+            # (unproven refusal, or one naming a trade) is settled by the worker: query, cancel.
+            oos = reaction_for(refusal).reaction is Reaction.OUT_OF_SERVICE
+            return self._sale(
+                txn, SaleResult.OUT_OF_SERVICE if oos else SaleResult.DECLINED, refusal
+            )
         if txn.state is TxnState.QUERYING:
-            txn = self._query_until_final(txn, pay_started + self.settings.query_deadline_s)
+            deadline = pay_started + self.settings.query_deadline_s
+            txn = self._query_until_final(txn, deadline, abandoned)
         if txn.state is TxnState.DECLINED:
-            reaction = reaction_for(txn.error_code) if txn.error_code else None
-            if reaction is not None and reaction.reaction is Reaction.OUT_OF_SERVICE:
-                return self._sale(txn, SaleResult.OUT_OF_SERVICE)
-            return self._sale(txn, SaleResult.DECLINED)
+            oos = reaction_for(txn.error_code).reaction is Reaction.OUT_OF_SERVICE
+            return self._sale(txn, SaleResult.OUT_OF_SERVICE if oos else SaleResult.DECLINED)
         if txn.state is TxnState.QUERYING and self.stopping.is_set():
             # Parked at a journaled point; the restart queries, then cancels.
             return self._sale(txn, SaleResult.STOPPED, "STOPPING")
+        if abandoned.is_set():
+            # The request is gone (checked here, before the vend): nothing is approved late.
+            return self._abandon(txn)
         if txn.state is TxnState.VENDING:
             txn = self._vend(txn)
             if txn.state is TxnState.VENDED:
@@ -241,6 +277,20 @@ class PaymentFlow:
         if txn.state is TxnState.CANCELLED:
             return self._sale(txn, SaleResult.DECLINED, "TIMEOUT")
         return self._sale(txn, SaleResult.UNRESOLVED, "TIMEOUT")
+
+    def _abandon(self, txn: Transaction) -> Sale:
+        """The controller dropped the request before approval. A charge Alipay confirmed
+        (VENDING not yet vended, or turned to CANCELLING by `_paid`) is reversed like a failed
+        vend; an outcome still unknown (QUERYING) is cancelled now rather than queried on."""
+        charged = txn.state in (TxnState.VENDING, TxnState.CANCELLING)
+        if txn.state not in (TxnState.CANCELLING, TxnState.REFUNDING):
+            txn = self._start_reversal(txn, note="the customer cancelled before approval")
+        txn = self._reverse_in_foreground(txn)
+        if charged:
+            return self._sale(txn, SaleResult.REVERSED, "CANCELLED")
+        if txn.state is TxnState.CANCELLED:
+            return self._sale(txn, SaleResult.DECLINED, "CANCELLED")
+        return self._sale(txn, SaleResult.UNRESOLVED, "CANCELLED")
 
     def _sale(self, txn: Transaction, result: SaleResult, reason: str | None = None) -> Sale:
         return Sale(
@@ -276,81 +326,116 @@ class PaymentFlow:
             self.journal.after_request(txn, result.outcome.value, result.detail)
         return txn, result
 
-    def _order(self, txn: Transaction) -> PayOrder:
-        assert txn.buyer_code is not None, "an open pay keeps its code until final"
-        return PayOrder(
+    def _pay(
+        self, txn: Transaction, code: PaymentCode, abandoned: threading.Event
+    ) -> tuple[Transaction, str | None]:
+        """PAYING (pay journaled with the transaction) → VENDING | DECLINED | CANCELLING |
+        QUERYING. Also returns the code of a refusal the customer is shown now while the
+        transaction stays open (an unproven refusal, or a refused trade still to be closed)."""
+        order = PayOrder(
             partner_trans_id=txn.ref,
             amount=txn.amount,
             currency=txn.currency,
-            buyer_identity_code=txn.buyer_code,
+            buyer_identity_code=code.digits,
             trans_name=self.settings.trans_name,
             trans_create_time=txn.trans_create_time,
             extend_info=self.settings.extend_info,
         )
-
-    def _pay(self, txn: Transaction) -> Transaction:
-        """PAYING (pay journaled with the transaction) → VENDING | DECLINED | QUERYING."""
-        order = self._order(txn)
         txn, result = self._send(
             txn, "pay", {}, lambda: self.client.pay(order), journaled=True, record=False
         )
         if result is None:
             # No gateway took the connection: the request never left, a known refusal.
-            return self.journal.update(txn, state=TxnState.DECLINED, error_code="OFFLINE")
+            return self.journal.update(txn, state=TxnState.DECLINED, error_code="OFFLINE"), None
         outcome = (result.outcome.value, result.detail)
         if result.outcome is Outcome.SUCCESS:
-            return self._paid(txn, outcome, alipay_trans_id=result.alipay_trans_id)
-        if result.outcome is Outcome.FAILED and result.error:
-            reaction = reaction_for(result.error)
-            if reaction.alarm:
-                event(
-                    log,
-                    "alarm",
-                    level=logging.ERROR,
-                    ref=txn.ref,
-                    code=result.error,
-                    why=reaction.why,
-                )
-            if reaction.reaction is Reaction.DECLINE:
+            return self._paid(txn, outcome, abandoned, alipay_trans_id=result.alipay_trans_id), None
+        refusal = self._refusal(txn, result)
+        if refusal is not None and result.outcome is Outcome.FAILED:
+            # Signed and naming this pay: a proven refusal.
+            if cancel_before_final(result.alipay_trans_id):
+                # A refusal that names a trade: it may still be open at Alipay. Closed first,
+                # final after.
                 return self.journal.update(
-                    txn, state=TxnState.DECLINED, error_code=result.error, request_outcome=outcome
-                )
-            if reaction.reaction is Reaction.OUT_OF_SERVICE:
-                self.watch.merchant_problem(result.error)
-                return self.journal.update(
-                    txn, state=TxnState.DECLINED, error_code=result.error, request_outcome=outcome
-                )
-        # UNKNOW, SYSTEM_ERROR, a timeout, a reset, a bad answer: never guessed; ask.
-        return self.journal.update(
+                    txn,
+                    state=TxnState.CANCELLING,
+                    error_code=refusal,
+                    alipay_trans_id=result.alipay_trans_id,
+                    request_outcome=outcome,
+                    note="refused, trade named: closing it",
+                ), refusal
+            return self.journal.update(
+                txn, state=TxnState.DECLINED, error_code=refusal, request_outcome=outcome
+            ), None
+        # UNKNOW, SYSTEM_ERROR, a timeout, a reset, a bad or unproven answer: never guessed.
+        txn = self.journal.update(
             txn,
             request_outcome=outcome,
             state=TxnState.QUERYING,
             error_code=result.error,
             alipay_trans_id=result.alipay_trans_id or txn.alipay_trans_id,
         )
+        return txn, refusal
+
+    def _refusal(self, txn: Transaction, result: PayResult) -> str | None:
+        """The code of a pay refusal the customer should see now, or None. A signed FAILED or
+        an unproven refusal (REJECTED) with a buyer's or merchant's code; the merchant's also
+        puts the kiosk out of service. Anything else (unknown codes, SYSTEM_ERROR) is asked."""
+        if result.outcome not in (Outcome.FAILED, Outcome.REJECTED):
+            return None
+        if not result.error:
+            return None
+        reaction = reaction_for(result.error)
+        if reaction.alarm:
+            event(
+                log, "alarm", level=logging.ERROR, ref=txn.ref, code=result.error, why=reaction.why
+            )
+        if reaction.reaction is Reaction.OUT_OF_SERVICE:
+            self.watch.merchant_problem(result.error)
+            return result.error
+        if reaction.reaction is Reaction.DECLINE:
+            return result.error
+        return None
 
     # -- QUERYING --------------------------------------------------------------------------
 
-    def _query_until_final(self, txn: Transaction, deadline: float) -> Transaction:
+    def _query_until_final(
+        self, txn: Transaction, deadline: float, abandoned: threading.Event
+    ) -> Transaction:
         """Query every `query_interval_s` until paid, closed, or the deadline (→ CANCELLING).
-        Returns the transaction still QUERYING if the kiosk is stopping."""
+        Returns the transaction still QUERYING if the kiosk is stopping or the sale was
+        abandoned (the caller cancels it)."""
         while True:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 return txn
-            if self.stopping.wait(min(self.settings.query_interval_s, remaining)):
+            if self._pause(min(self.settings.query_interval_s, remaining), abandoned):
                 return txn
             txn, status = self._query(txn)
             if status in PAID_STATUSES:
-                return self._paid(txn, None)
+                return self._paid(txn, None, abandoned)
             if status is TradeStatus.TRADE_CLOSED:
                 return self.journal.update(
                     txn, state=TxnState.DECLINED, error_code=txn.error_code or "TRADE_CLOSED"
                 )
 
+    def _pause(self, seconds: float, abandoned: threading.Event) -> bool:
+        """Wait `seconds`; True at once when the kiosk is stopping or the sale is abandoned.
+        The abandon wakes it at once; a stop within ABANDON_POLL_S."""
+        deadline = self._clock() + seconds
+        while not self.stopping.is_set():
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                return False
+            if abandoned.wait(min(remaining, ABANDON_POLL_S)):
+                return True
+        return True
+
     def _query(self, txn: Transaction) -> tuple[Transaction, TradeStatus | str | None]:
         """One query: the trade's status, `ABSENT`, or None when nothing certain came back.
-        Not money-moving, so it is counted (once it left) but not journaled as a request."""
+        Only a signed answer naming this trade, amount and currency counts (the client
+        judges that). Not money-moving, so it is counted (once it left) but not journaled as
+        a request."""
         try:
             result: QueryResult = self.client.query(
                 txn.ref, txn.alipay_trans_id, amount=txn.amount, currency=txn.currency
@@ -384,14 +469,28 @@ class PaymentFlow:
     # -- VENDING ---------------------------------------------------------------------------
 
     def _paid(
-        self, txn: Transaction, outcome: tuple[str, str] | None, **changes: Any
+        self,
+        txn: Transaction,
+        outcome: tuple[str, str] | None,
+        abandoned: threading.Event | None = None,
+        **changes: Any,
     ) -> Transaction:
         """Alipay confirmed the charge: straight to VENDING, in one commit, before APPROVED
-        goes out (a crash after it is resolved by the controller's report, or reversed)."""
+        goes out (a crash after it is resolved by the controller's report, or reversed).
+        A sale already abandoned never becomes VENDING (a restart would wait for a report that
+        cannot be this sale's): CANCELLING, in the same one commit."""
+        if abandoned is not None and abandoned.is_set():
+            return self.journal.update(
+                txn,
+                state=TxnState.CANCELLING,
+                request_outcome=outcome,
+                note="paid after the customer cancelled",
+                **changes,
+            )
         return self.journal.update(txn, state=TxnState.VENDING, request_outcome=outcome, **changes)
 
     def _vend(self, txn: Transaction) -> Transaction:
-        """VENDING → VENDED, or → CANCELLING/REFUNDING when the vend failed."""
+        """VENDING → VENDED, or → CANCELLING when the vend failed."""
         self.watch.vending(txn.ref)
         result = self.vend.dispense(txn.ref, txn.amount, self.settings.vend_timeout_s)
         event(log, "vend.result", ref=txn.ref, result=result.value)
@@ -400,15 +499,10 @@ class PaymentFlow:
         return self._start_reversal(txn, note=f"vend {result.value}")
 
     def _start_reversal(self, txn: Transaction, note: str) -> Transaction:
-        """Choose cancel (same Beijing day) or refund (after the cancel window)."""
-        if cancel_window_open(txn.trans_create_time, self._wall()):
-            stamp = txn.cancel_timestamp_ms or int(self._wall().timestamp() * 1000)
-            return self.journal.update(
-                txn, state=TxnState.CANCELLING, cancel_timestamp_ms=stamp, note=note
-            )
-        return self.journal.update(
-            txn, state=TxnState.REFUNDING, refund_id=txn.refund_id or f"{txn.ref}-R", note=note
-        )
+        """Every reversal starts with cancel: it closes an unpaid trade, reverses a paid one
+        on its Beijing day, and succeeds for a trade never created. Its answer decides the
+        rest, so a wrong local clock can not send a refund for money never taken."""
+        return self.journal.update(txn, state=TxnState.CANCELLING, note=note)
 
     # -- CANCELLING and REFUNDING ----------------------------------------------------------
 
@@ -419,20 +513,20 @@ class PaymentFlow:
         for attempt in range(self.settings.cancel_tries_in_foreground):
             if attempt and self.stopping.wait(self.settings.query_interval_s):
                 break
-            txn, done = self._reverse_once(txn)
-            if done or txn.state in FINAL_STATES or txn.state is TxnState.ATTENTION:
-                return txn
-        return self._schedule_retry(txn)
+            txn = self._reverse_once(txn)
+            if txn.state in FINAL_STATES or txn.state is TxnState.ATTENTION:
+                break
+        return txn
 
-    def _reverse_once(self, txn: Transaction) -> tuple[Transaction, bool]:
+    def _reverse_once(self, txn: Transaction) -> Transaction:
         if txn.state is TxnState.CANCELLING:
-            if not cancel_window_open(txn.trans_create_time, self._wall()):
-                return self._after_cancel_refused(txn, "cancel window closed"), False
             return self._cancel(txn)
         return self._refund(txn)
 
-    def _cancel(self, txn: Transaction) -> tuple[Transaction, bool]:
-        stamp = txn.cancel_timestamp_ms or int(self._wall().timestamp() * 1000)
+    def _cancel(self, txn: Transaction) -> Transaction:
+        # `timestamp` is the moment of this send, fresh on every retry; idempotency rests on
+        # out_trade_no. The journaled params hold the value sent.
+        stamp = int(self._wall().timestamp() * 1000)
         params = {
             "out_trade_no": txn.ref,
             "timestamp": str(stamp),
@@ -440,14 +534,10 @@ class PaymentFlow:
         }
         alipay_trans_id = txn.alipay_trans_id
         txn, result = self._send(
-            txn,
-            "cancel",
-            params,
-            lambda: self.client.cancel(txn.ref, stamp, alipay_trans_id),
-            cancel_timestamp_ms=stamp,
+            txn, "cancel", params, lambda: self.client.cancel(txn.ref, stamp, alipay_trans_id)
         )
         if result is None:
-            return txn, False
+            return txn
         event(
             log,
             "payment.cancel",
@@ -457,26 +547,33 @@ class PaymentFlow:
             error=result.error,
         )
         if result.outcome is Outcome.SUCCESS:
-            return self.journal.update(txn, state=TxnState.CANCELLED), True
-        if result.outcome is Outcome.FAILED and result.retry_flag is False:
-            return self._after_cancel_refused(txn, result.error or "cancel refused"), False
-        return txn, False  # retry_flag=Y or unknown: the same cancel again, later
+            return self.journal.update(txn, state=TxnState.CANCELLED)
+        if result.outcome is Outcome.FAILED:
+            never = result.retry_flag is False or (
+                # No retry_flag at all: past the trade's Beijing day (the hint) it will not
+                # start working; within it, ask again.
+                result.retry_flag is None
+                and not cancel_window_open(txn.trans_create_time, self._wall())
+            )
+            if never:
+                return self._after_cancel_refused(txn, result.error or "cancel refused")
+        return txn  # retry_flag=Y, unknown or unproven: the same cancel again, later
 
     def _after_cancel_refused(self, txn: Transaction, why: str) -> Transaction:
-        """Cancel will never work: find out whether money was taken, and refund it if so."""
+        """Cancel will never work: refund only what a signed query shows as paid."""
         txn, status = self._query(txn)
         if status in PAID_STATUSES:
             return self.journal.update(
                 txn, state=TxnState.REFUNDING, refund_id=txn.refund_id or f"{txn.ref}-R", note=why
             )
         if status is TradeStatus.TRADE_CLOSED:
-            return self.journal.update(txn, state=TxnState.CANCELLED, note=why)
-        if status == ABSENT:
-            # Cancel said never, and no trade exists: nothing was taken, nothing to return.
+            return self.journal.update(txn, state=TxnState.CANCELLED, note=f"closed ({why})")
+        if status == ABSENT and txn.alipay_trans_id is None:
+            # No trade, and no answer ever named one: nothing was taken, nothing to return.
             return self.journal.update(txn, state=TxnState.CANCELLED, note="trade never created")
-        return txn  # waiting for the buyer, or unknown: ask again later
+        return txn  # waiting for the buyer, unknown, or a contradiction: ask again later
 
-    def _refund(self, txn: Transaction) -> tuple[Transaction, bool]:
+    def _refund(self, txn: Transaction) -> Transaction:
         refund_id = txn.refund_id or f"{txn.ref}-R"
         params = {
             "partner_trans_id": txn.ref,
@@ -493,15 +590,15 @@ class PaymentFlow:
             refund_id=refund_id,
         )
         if result is None:
-            return txn, False
+            return txn
         event(log, "payment.refund", ref=txn.ref, outcome=result.outcome.value, error=result.error)
         if result.outcome is Outcome.SUCCESS:
-            return self.journal.update(txn, state=TxnState.REFUNDED), True
-        if result.outcome is Outcome.FAILED:
+            return self.journal.update(txn, state=TxnState.REFUNDED)
+        if result.outcome is Outcome.FAILED:  # signed and naming this refund: a real refusal
             txn, status = self._query(txn)
             if status is TradeStatus.TRADE_CLOSED:  # an earlier refund went through
-                return self.journal.update(txn, state=TxnState.REFUNDED), True
-            if status is not None and not refunds_paused(self._wall()):
+                return self.journal.update(txn, state=TxnState.REFUNDED)
+            if status in PAID_STATUSES and not refunds_paused(self._wall()):
                 event(
                     log,
                     "alarm",
@@ -515,8 +612,8 @@ class PaymentFlow:
                     state=TxnState.ATTENTION,
                     error_code=result.error,
                     note="refund refused: needs a person",
-                ), True
-        return txn, False
+                )
+        return txn  # unknown, unproven, or Alipay's night pause: the same refund again, later
 
     # -- the background: resuming and retrying ---------------------------------------------
 
@@ -538,9 +635,10 @@ class PaymentFlow:
             return ref in self.in_hand.refs
 
     def settle(self, txn: Transaction) -> Transaction:
-        """Drive a journaled, unfinished transaction one step on. Used by the journal worker
-        and on start. A transaction whose pay was in flight when the kiosk stopped, or whose
-        vend was never confirmed, is reversed: the customer has long gone."""
+        """Drive a journaled, unfinished transaction one step on and return it; the journal
+        worker decides when to try again. A transaction whose pay was in flight when the
+        kiosk stopped, or whose vend was never confirmed, is reversed: the customer has long
+        gone."""
         if txn.state in FINAL_STATES or txn.state is TxnState.ATTENTION:
             return txn
         with self._holding(txn.ref) as held:
@@ -553,8 +651,7 @@ class PaymentFlow:
             txn = self._settle(fresh)
         if txn.state in FINAL_STATES or txn.state is TxnState.ATTENTION:
             event(log, "payment.settled", ref=txn.ref, state=txn.state.value)
-            return txn
-        return self._schedule_retry(txn)
+        return txn
 
     def _settle(self, txn: Transaction) -> Transaction:
         match txn.state:
@@ -574,24 +671,15 @@ class PaymentFlow:
                     return self.journal.update(txn, state=TxnState.VENDED)
                 return self._start_reversal(txn, note=f"vend unconfirmed after restart ({result})")
             case TxnState.CANCELLING | TxnState.REFUNDING:
-                txn, _ = self._reverse_once(txn)
-                return txn
+                return self._reverse_once(txn)
         return txn
-
-    def _schedule_retry(self, txn: Transaction) -> Transaction:
-        """Exponential backoff with jitter, so a fleet coming back online doesn't stampede."""
-        delay = min(self.settings.retry_max_s, self.settings.retry_base_s * 2**txn.retry_count)
-        delay *= random.uniform(0.5, 1.0)
-        return self.journal.update(
-            txn, retry_count=txn.retry_count + 1, next_retry_at=time.time() + delay
-        )
 
 
 def _public_pay(
     ref: str, amount: Decimal, settings: FlowSettings, trans_create_time: str
 ) -> dict[str, str]:
-    """The pay request as journaled next to the transaction: everything but the code, which
-    lives in the transaction row until it is final."""
+    """The pay request as journaled next to the transaction: everything but the buyer's code,
+    which never reaches the disk (the pay is never sent again; a lost answer is queried)."""
     return {
         "partner_trans_id": ref,
         "trans_amount": str(amount),

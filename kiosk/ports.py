@@ -117,3 +117,45 @@ class VendOutput(Protocol):
 
     def close(self) -> None:
         """Release the port or pins. Safe to call twice."""
+
+
+class ReaderSwitch(Protocol):
+    """An optional capability of a `VendOutput` that is a payment device in the machine's eyes
+    (MDB cashless): the core switches it off while it cannot take payments, so the machine
+    goes on selling for cash, and learns why the device itself cannot take them.
+
+    The core calls these through `set_available()` and `vend_problem()` below, so vend outputs
+    without the capability (serial, relay, fake) need nothing. A driver with this capability
+    also calls `listener.on_vend_problem(problem)` when `problem()` changes, if its listener has
+    that method, so the core need not poll.
+    """
+
+    def set_available(self, available: bool, reason: str | None) -> None:
+        """The kiosk can take payments (`True`), or cannot (`False`, with the kiosk state's
+        reason: offline, out of service, stopping). Returns at once; the device follows."""
+
+    def problem(self) -> str | None:
+        """Why the device cannot take payments now (a board that refused its configuration,
+        or stopped answering), as text for `out_of_service`; None while it can."""
+
+
+def set_available(output: VendOutput, available: bool, reason: str | None = None) -> None:
+    """Tell a vend output with a reader switch whether the kiosk can take payments; a no-op
+    for the others."""
+    switch = getattr(output, "set_available", None)
+    if switch is not None:
+        switch(available, reason)
+
+
+def vend_running(output: VendOutput) -> bool:
+    """Whether the vend output's own machinery runs (for the watchdog). A driver whose
+    `healthy()` also counts a problem it retries by itself (see `problem()`) says so with
+    `running()`; for the others this is `healthy()`."""
+    running = getattr(output, "running", None)
+    return bool(running()) if running is not None else output.healthy()
+
+
+def vend_problem(output: VendOutput) -> str | None:
+    """The vend output's own reason for not taking payments, if it has a way to say one."""
+    problem = getattr(output, "problem", None)
+    return problem() if problem is not None else None

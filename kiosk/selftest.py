@@ -1,21 +1,47 @@
 """`kiosk selftest`: a technician at the machine checks each part in turn and sees each step
-reported — every light, the buzzer, one scan, one vend output pulse."""
+reported — the gateway's DNS and TLS, the clock, a signed request Alipay accepts, every light,
+the buzzer, one scan, one vend output pulse.
+
+What the kiosk cannot see for itself (a light, the buzzer, a relay without a sense input) is
+asked of the technician when a terminal is attached (`ask`); without one the step only says
+where to look.
+"""
 
 from __future__ import annotations
 
 import queue
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from kiosk.config import load_config
-from kiosk.errors import PaymentCodeError
+from kiosk.clock import clock_synchronised
+from kiosk.config import Config, load_config
+from kiosk.errors import KioskError, PaymentCodeError
 from kiosk.payment_code import PaymentCode
 from kiosk.ports import KioskState, Sound, VendResult
 
 STEP_S = 1.5
+NETWORK_TIMEOUT_S = 10.0
+
+Step = Callable[..., None]  # step(name, ok, detail="", mark=None)
+Ask = Callable[[str], bool]  # a yes/no question to the technician
+
+# What a technician should see for each state the selftest shows (drivers/indicator_gpio.py).
+LOOK_FOR = {
+    KioskState.READY: "did the green light come on?",
+    KioskState.PAYING: "is the amber light blinking?",
+    KioskState.DECLINED: "did the red light come on?",
+    KioskState.OUT_OF_SERVICE: "is the red light on steadily?",
+}
+LISTEN_FOR = {
+    Sound.SCAN: "did the buzzer beep once?",
+    Sound.ERROR: "did the buzzer sound the error pattern?",
+}
 
 
 def run_selftest(
@@ -24,20 +50,33 @@ def run_selftest(
     vend: bool = False,
     out: Callable[[str], None] = print,
     step_s: float = STEP_S,
+    ask: Ask | None = None,
+    clock_synced: Callable[[], bool] = clock_synchronised,
 ) -> int:
     import drivers
 
     config = load_config(config_path)
     failures = 0
 
-    def step(name: str, ok: bool, detail: str = "") -> None:
+    def step(name: str, ok: bool, detail: str = "", mark: str | None = None) -> None:
         nonlocal failures
         failures += 0 if ok else 1
-        out(f"[{'ok' if ok else 'FAIL'}] {name}{': ' + detail if detail else ''}")
+        mark = mark or ("ok" if ok else "FAIL")
+        out(f"[{mark}] {name}{': ' + detail if detail else ''}")
 
-    pause = threading.Event()
+    # Built first, so a machine without GPIO or a hardware library says so at once.
     indicator = drivers.build_indicator(config)
+    pause = threading.Event()
     try:
+        # What needs nobody at the machine comes next: the technician sees a network or key
+        # problem before walking to the panel.
+        for gateway in (config.alipay.gateway, config.alipay.backup_gateway):
+            if gateway:
+                check_gateway(gateway, config.alipay.ca_bundle, step)
+        check_clock(config, clock_synced, step)
+        check_signed_request(config, step)
+        check_mdb_board(config, step)
+
         for state in (
             KioskState.READY,
             KioskState.PAYING,
@@ -45,18 +84,26 @@ def run_selftest(
             KioskState.OUT_OF_SERVICE,
         ):
             indicator.show(state)
-            step(f"lights: {state.value}", True, "look at the panel")
-            pause.wait(step_s)
+            if ask is None:
+                step(f"lights: {state.value}", True, "look at the panel")
+                pause.wait(step_s)
+            else:
+                seen = ask(LOOK_FOR[state])
+                step(f"lights: {state.value}", seen, "seen" if seen else "not seen")
         for sound in (Sound.SCAN, Sound.ERROR):
             indicator.sound(sound)
-            step(f"buzzer: {sound.value}", True, "listen")
-            pause.wait(step_s)
+            if ask is None:
+                step(f"buzzer: {sound.value}", True, "listen")
+                pause.wait(step_s)
+            else:
+                heard = ask(LISTEN_FOR[sound])
+                step(f"buzzer: {sound.value}", heard, "heard" if heard else "not heard")
         indicator.show(KioskState.READY)
 
         scanner = drivers.build_scanner(config)
         scans: queue.SimpleQueue[str] = queue.SimpleQueue()
         scanner.start(scans.put)
-        out(f"scan any Alipay payment code within {scan_timeout_s:.0f} s (nothing is charged)...")
+        out(f"scan any Alipay payment code within {scan_timeout_s:g} s (nothing is charged)...")
         try:
             text = scans.get(timeout=scan_timeout_s)
         except queue.Empty:
@@ -77,11 +124,15 @@ def run_selftest(
             result = output.dispense(
                 ref, config.sale.price or Decimal("0.01"), config.vend.timeout_s
             )
-            step(
-                "vend output",
-                result is VendResult.VENDED,
-                f"{result.value} after {time.monotonic() - started:.1f} s",
-            )
+            detail = f"{result.value} after {time.monotonic() - started:.1f} s"
+            unseen = config.vend.driver == "relay" and config.vend.sense_pin is None
+            if ask is not None and unseen and result is VendResult.VENDED:
+                # Without a sense input "vended" only means the pulse went out.
+                seen = ask("did the relay click (or the machine dispense)?")
+                detail = f"pulse sent, {'seen' if seen else 'not seen'}"
+                step("vend output", seen, detail)
+            else:
+                step("vend output", result is VendResult.VENDED, detail)
         else:
             step(
                 "vend link",
@@ -93,3 +144,91 @@ def run_selftest(
         indicator.close()
     out(f"selftest: {'all good' if not failures else f'{failures} step(s) failed'}")
     return 0 if not failures else 1
+
+
+# -- the steps that need nobody at the machine ----------------------------------------------
+
+
+def check_gateway(gateway: str, ca_bundle: str, step: Step) -> None:
+    """DNS, then (https) a TLS handshake verified against the config's trust store."""
+    url = urlsplit(gateway)
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        step(f"gateway DNS {host}", False, f"does not resolve ({_reason(exc)})")
+        step(f"gateway TLS {host}", False, "skipped: no address", mark="skip")
+        return
+    addresses = sorted({str(info[4][0]) for info in infos})
+    step(f"gateway DNS {host}", True, ", ".join(addresses))
+    if url.scheme != "https":
+        step(f"gateway TLS {host}", True, "plain http (alipay.allow_http): no TLS", mark="skip")
+        return
+    context = ssl.create_default_context(cafile=ca_bundle or None)
+    try:
+        with (
+            socket.create_connection((host, port), timeout=NETWORK_TIMEOUT_S) as sock,
+            context.wrap_socket(sock, server_hostname=host) as tls,
+        ):
+            version = tls.version()
+    except ssl.SSLCertVerificationError as exc:
+        step(f"gateway TLS {host}", False, f"certificate not trusted ({exc.verify_message})")
+    except (OSError, ssl.SSLError) as exc:
+        step(f"gateway TLS {host}", False, _reason(exc))
+    else:
+        step(f"gateway TLS {host}", True, f"{version}, certificate verified")
+
+
+def check_clock(config: Config, clock_synced: Callable[[], bool], step: Step) -> None:
+    if clock_synced():
+        step("clock", True, "synchronised")
+    elif config.kiosk.require_synced_clock:
+        step("clock", False, "not synchronised: no payments until NTP or timesyncd sets it")
+    else:
+        step("clock", True, "not synchronised (kiosk.require_synced_clock = false)", mark="skip")
+
+
+def check_signed_request(config: Config, step: Step) -> None:
+    """A query for a reference that does not exist: a signed, verified `TRADE_NOT_EXIST`
+    proves the partner, the keys and the sign type, and charges nobody."""
+    from kiosk.alipay.client import AlipayClient
+    from kiosk.daemon import gateway_settings
+
+    ref = f"SELFTEST-{config.kiosk.terminal_id}-{int(time.time())}"
+    try:
+        with AlipayClient(gateway_settings(config)) as client:
+            result = client.query(ref)
+    except (KioskError, OSError) as exc:
+        step("Alipay signed request", False, _reason(exc))
+        return
+    if result.verified:
+        step("Alipay signed request", True, "accepted; the answer's signature verified")
+    else:
+        why = result.error or result.outcome.value
+        step("Alipay signed request", False, f"not accepted: {why} ({result.detail})")
+
+
+def check_mdb_board(config: Config, step: Step) -> None:
+    """The MDB board, when the config names one. The hook for the MDB driver: its check
+    (reset, setup, the board's answer) goes here; no other kiosk has an MDB board."""
+    if config.vend.driver != "mdb":
+        return
+    step("MDB board", False, "no MDB check yet in this firmware")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def ask_in_terminal(question: str) -> bool:
+    """Ask until the answer is y or n."""
+    while True:
+        try:
+            answer = input(f"{question} [y/n] ").strip().lower()
+        except EOFError:  # the terminal went away: nobody saw it
+            return False
+        if answer in ("y", "yes", "n", "no"):
+            return answer.startswith("y")

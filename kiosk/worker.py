@@ -1,19 +1,50 @@
 """The journal worker: drives every unfinished transaction to a final state in the background,
-across restarts and network outages, with the flow's backoff between tries."""
+across restarts and network outages, with backoff and jitter between tries.
+
+One worker lives for the whole process. It owns the retry schedule (in memory, on the
+monotonic clock: a wall-clock jump never stalls a reversal) and the flow it settles with; a
+reloaded config reaches it through `use()`, which takes effect at the start of its next pass,
+never in the middle of settling a transaction.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from kiosk.errors import JournalError
-from kiosk.journal import Journal
+from kiosk.journal import FINAL_STATES, Journal, Transaction, TxnState
 from kiosk.log import event
 from kiosk.payment import PaymentFlow
 
 log = logging.getLogger("kiosk.worker")
+
+# Past either of these a transaction raises one alarm: a person should look at it. The worker
+# keeps retrying it at the capped interval and never drops it.
+ALARM_AFTER_TRIES = 50
+ALARM_AFTER_AGE_S = 24 * 3600.0
+MAX_DOUBLINGS = 30  # 2**30 times any base is far past any cap: the backoff cannot overflow
+
+
+@dataclass
+class _Retry:
+    due: float  # monotonic
+    tries: int  # tries that left the transaction unfinished
+    first_seen: float  # monotonic
+    alarmed: bool = False
+
+
+def backoff_s(tries: int, base_s: float, max_s: float) -> float:
+    """How long to wait after `tries` unsuccessful tries (before jitter): doubling from
+    `base_s`, never above `max_s`, and never an overflow however many tries."""
+    doublings: int = min(max(tries - 1, 0), MAX_DOUBLINGS)
+    return min(max_s, base_s * float(2**doublings))
 
 
 class JournalWorker:
@@ -22,30 +53,56 @@ class JournalWorker:
 
     def __init__(
         self,
-        flow: PaymentFlow,
+        flow: PaymentFlow | None,
         journal: Journal,
         *,
         on_backlog: Callable[[int], None] = lambda n: None,
         on_journal_error: Callable[[JournalError], None] = lambda e: None,
         idle_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        jitter: Callable[[], float] = lambda: random.uniform(0.5, 1.0),
+        alarm_after_tries: int = ALARM_AFTER_TRIES,
+        alarm_after_age_s: float = ALARM_AFTER_AGE_S,
     ) -> None:
+        """`flow` may be None until the keys are usable (`use()` hands one over later)."""
         self.flow = flow
         self.journal = journal
         self.on_backlog = on_backlog
         self.on_journal_error = on_journal_error
         self.idle_s = idle_s
-        self.last_beat = time.monotonic()
+        self.alarm_after_tries = alarm_after_tries
+        self.alarm_after_age_s = alarm_after_age_s
+        self._clock = clock
+        self._wall = wall_clock
+        self._jitter = jitter
+        self.last_beat = clock()
         self.backlog = 0
+        self._schedule: dict[str, _Retry] = {}  # only the worker's thread touches it
+        self._next_flow: PaymentFlow | None = None
+        self._lock = threading.Lock()  # guards _next_flow
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._resume_all = True  # on start every unfinished transaction is due at once
 
+    # -- control, from any thread -------------------------------------------------------------
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="journal-worker", daemon=True)
         self._thread.start()
 
+    def use(self, flow: PaymentFlow) -> None:
+        """Settle with this flow from the start of the next pass on. The worker owns it from
+        now on, and closes its client when it is replaced or the worker stops."""
+        with self._lock:
+            unused, self._next_flow = self._next_flow, flow
+        if unused is not None:
+            unused.client.close()  # handed over but never used by any thread
+        self._wake.set()
+
     def wake(self, resume_all: bool = False) -> None:
+        """Look at the journal now; with `resume_all`, everything unfinished is due at once."""
         if resume_all:
             self._resume_all = True
         self._wake.set()
@@ -55,13 +112,21 @@ class JournalWorker:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if not self.alive():
+            self._close_flows()
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def retry_schedule(self) -> dict[str, tuple[float, int]]:
+        """ref -> (due on the monotonic clock, tries so far); a copy, for tests and status."""
+        return {ref: (r.due, r.tries) for ref, r in dict(self._schedule).items()}
+
+    # -- the thread ---------------------------------------------------------------------------
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.last_beat = time.monotonic()
+            self.last_beat = self._clock()
             try:
                 wait_s = self.work_off_due()
             except JournalError as exc:
@@ -69,25 +134,124 @@ class JournalWorker:
                 self.on_journal_error(exc)
                 wait_s = self.idle_s
             except Exception:  # a bug must not kill the worker silently
-                log.exception("journal worker step failed")
+                log.exception("journal worker pass failed")
                 wait_s = self.idle_s
             self._wake.wait(max(wait_s, 0.01))
             self._wake.clear()
 
+    def _take_new_flow(self) -> None:
+        with self._lock:
+            new, self._next_flow = self._next_flow, None
+        if new is None:
+            return
+        old, self.flow = self.flow, new
+        if old is not None and old is not new:
+            old.client.close()
+        event(log, "worker.flow_replaced")
+
+    def _close_flows(self) -> None:
+        with self._lock:
+            pending, self._next_flow = self._next_flow, None
+        for flow in (self.flow, pending):
+            if flow is not None:
+                flow.client.close()
+
     def work_off_due(self) -> float:
-        """Settle every transaction that is due; return how long until the next one is."""
+        """One pass: settle every transaction that is due, oldest first; return how long until
+        the next one is. A failure settling one transaction never stops the others."""
+        self._take_new_flow()
+        flow = self.flow
         resume_all, self._resume_all = self._resume_all, False
-        now = time.time()
-        for txn in self.journal.unfinished():
-            if self._stop.is_set() or self.flow.stopping.is_set():
-                break
-            if resume_all or txn.next_retry_at is None or txn.next_retry_at <= now:
-                self.flow.settle(txn)
-                self.last_beat = time.monotonic()
         pending = self.journal.unfinished()
-        self.backlog = len(pending)
-        self.on_backlog(self.backlog)
-        due = [t.next_retry_at or 0.0 for t in pending if not self.flow.owns(t.ref)]
+        if flow is None:  # no usable keys yet: nothing can be settled, only counted
+            self._report_backlog(len(pending))
+            return self.idle_s
+        now = self._clock()
+        for ref in set(self._schedule) - {t.ref for t in pending}:
+            del self._schedule[ref]  # finished elsewhere (the foreground, or a person)
+        journal_failed: JournalError | None = None
+        for txn in pending:
+            if self._stop.is_set() or flow.stopping.is_set():
+                break
+            if flow.owns(txn.ref):
+                continue  # the foreground has it in hand
+            retry = self._schedule.get(txn.ref)
+            if retry is not None and not resume_all and retry.due > now:
+                continue
+            try:
+                settled = flow.settle(txn)
+            except JournalError as exc:
+                journal_failed = journal_failed or exc
+                event(log, "worker.settle_failed", level=logging.ERROR, ref=txn.ref, error=str(exc))
+                settled = None
+            except Exception as exc:  # a bug, or an answer nobody foresaw: this one only
+                event(
+                    log,
+                    "worker.settle_failed",
+                    level=logging.ERROR,
+                    ref=txn.ref,
+                    error=f"{type(exc).__name__}: {exc}",
+                    traceback="".join(traceback.format_exception(exc)).rstrip(),
+                )
+                settled = None
+            self.last_beat = now = self._clock()
+            if settled is not None and (
+                settled.state in FINAL_STATES or settled.state is TxnState.ATTENTION
+            ):
+                self._schedule.pop(txn.ref, None)
+            else:
+                self._back_off(txn, flow, now)
+        if journal_failed is not None:
+            self.on_journal_error(journal_failed)
+        left = self.journal.unfinished()
+        self._report_backlog(len(left))
+        if flow.stopping.is_set():
+            return self.idle_s  # the kiosk is winding down: nothing new is started
+        due: list[float] = []
+        for txn in left:
+            if flow.owns(txn.ref):
+                continue
+            retry = self._schedule.get(txn.ref)
+            if retry is None:
+                return 0.0  # it appeared during the pass: due at once
+            due.append(retry.due)
         if not due:
             return self.idle_s
-        return min(self.idle_s, max(0.0, min(due) - time.time()))
+        return min(self.idle_s, max(0.0, min(due) - self._clock()))
+
+    def _report_backlog(self, count: int) -> None:
+        self.backlog = count
+        self.on_backlog(count)
+
+    def _back_off(self, txn: Transaction, flow: PaymentFlow, now: float) -> None:
+        retry = self._schedule.get(txn.ref)
+        if retry is None:
+            retry = self._schedule[txn.ref] = _Retry(due=now, tries=0, first_seen=now)
+        retry.tries += 1
+        settings = flow.settings
+        delay = backoff_s(retry.tries, settings.retry_base_s, settings.retry_max_s)
+        retry.due = now + delay * self._jitter()
+        if not retry.alarmed:
+            age_s = max(now - retry.first_seen, self._age_s(txn))
+            if retry.tries >= self.alarm_after_tries or age_s >= self.alarm_after_age_s:
+                retry.alarmed = True
+                event(
+                    log,
+                    "alarm",
+                    level=logging.ERROR,
+                    kind="retry_ceiling",
+                    ref=txn.ref,
+                    state=txn.state.value,
+                    tries=retry.tries,
+                    age_s=round(age_s),
+                    why="still unfinished after many tries; retried every "
+                    f"{settings.retry_max_s:g} s at most, never dropped",
+                )
+
+    def _age_s(self, txn: Transaction) -> float:
+        """Seconds since the transaction was journaled (wall clock; 0 if unreadable)."""
+        try:
+            created = datetime.fromisoformat(txn.created_at.replace("Z", "+00:00"))
+        except ValueError:
+            return 0.0
+        return max((self._wall() - created).total_seconds(), 0.0)

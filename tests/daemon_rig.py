@@ -3,11 +3,17 @@ scanner and a vending controller on real ptys, the gateway simulator on loopback
 
 The test plays the customer (writes codes to the scanner's pty) and the vending controller
 (reads `APPROVED`, writes `SUCCESS`/`FAILURE`), and reads the daemon's JSON log lines.
+
+With `faketime=True` the daemon runs under libfaketime (Debian: `faketime`), so a test can move
+the daemon's wall clock (`time.time()`, `datetime.now()`) while its monotonic clock, which its
+timeouts use, runs on: `set_wall_offset(seconds)`. `faketime_problem()` says why that cannot
+work here, or None (KIOSK_RIG_NO_FAKETIME=1 plays a machine without libfaketime).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import select
@@ -26,6 +32,85 @@ from kiosk.simulator import GatewaySimulator
 from tests.conftest import PARTNER, named_key
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# libfaketime, as Debian's `libfaketime` package installs it (also pulled in by `faketime`).
+FAKETIME_LIBS = (
+    Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
+    Path("/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1"),
+    Path("/usr/lib/faketime/libfaketime.so.1"),
+    Path("/usr/local/lib/faketime/libfaketime.so.1"),
+)
+FAKETIME_PACKAGE = "faketime (Debian/Ubuntu: apt-get install faketime)"
+
+
+def faketime_library() -> Path | None:
+    return next((lib for lib in FAKETIME_LIBS if lib.exists()), None)
+
+
+def faketime_env(offset_file: Path) -> dict[str, str]:
+    """Environment that runs a process with its wall clock offset by what `offset_file` says
+    (`+7200`, `-10800`) and its monotonic clock untouched. The file is re-read every second,
+    so a change reaches a running process within about 2 s (FAKETIME_NO_CACHE=1, a read on
+    every clock call, made the daemon six times slower per request)."""
+    lib = faketime_library()
+    if lib is None:
+        raise RuntimeError(f"libfaketime not found; install {FAKETIME_PACKAGE}")
+    return {
+        "LD_PRELOAD": str(lib),
+        "FAKETIME_TIMESTAMP_FILE": str(offset_file),
+        "FAKETIME_NO_CACHE": "0",
+        "FAKETIME_CACHE_DURATION": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+
+
+def write_offset(offset_file: Path, seconds: float) -> None:
+    """Atomically: a process under libfaketime reads the file on every clock call."""
+    tmp = offset_file.with_suffix(".tmp")
+    tmp.write_text(f"{seconds:+.3f}\n")
+    os.replace(tmp, offset_file)
+
+
+_PROBE = """
+import sys, threading, time
+before = (time.time(), time.monotonic())
+open(sys.argv[1] + ".tmp", "w").write("+7200\\n")
+__import__("os").replace(sys.argv[1] + ".tmp", sys.argv[1])
+while time.time() - before[0] < 3600 and time.monotonic() - before[1] < 10:
+    threading.Event().wait(0.05)
+after = (time.time(), time.monotonic())
+print(after[0] - before[0], after[1] - before[1])
+"""
+
+
+@functools.cache
+def faketime_problem() -> str | None:
+    """None when libfaketime moves a Python subprocess's `time.time()` on a change of its
+    offset file while `time.monotonic()` runs on; else why not."""
+    if os.environ.get("KIOSK_RIG_NO_FAKETIME"):
+        return "turned off by KIOSK_RIG_NO_FAKETIME"
+    lib = faketime_library()
+    if lib is None:
+        return f"libfaketime is not installed (package {FAKETIME_PACKAGE})"
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        offset = Path(tmp) / "offset"
+        write_offset(offset, 0)
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", _PROBE, str(offset)],
+                env={**os.environ, **faketime_env(offset)},
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            wall, mono = (float(x) for x in out.stdout.split())
+        except (subprocess.SubprocessError, ValueError) as exc:
+            return f"libfaketime at {lib} did not run a Python probe ({exc})"
+    if not 7190 < wall < 7230 or not 0 <= mono < 5:
+        return f"libfaketime at {lib} moved time.time() by {wall:.0f}s, monotonic by {mono:.1f}s"
+    return None
 
 
 class Pty:
@@ -83,8 +168,17 @@ class Pty:
 
 class DaemonRig:
     def __init__(
-        self, tmp: Path, simulator: GatewaySimulator, declined_hold_s: float = 3.0, **alipay: Any
+        self,
+        tmp: Path,
+        simulator: GatewaySimulator,
+        declined_hold_s: float = 3.0,
+        *,
+        faketime: bool = False,
+        extra_config: dict[str, dict[str, Any]] | None = None,
+        **alipay: Any,
     ) -> None:
+        """`alipay` sets [alipay] keys; `extra_config` adds (or overrides) keys of any section,
+        e.g. {"vend": {"timeout_s": 1}}; `faketime` runs the daemon under libfaketime."""
         self.declined_hold_s = declined_hold_s
         self.tmp = tmp
         self.sim = simulator
@@ -96,9 +190,47 @@ class DaemonRig:
         self.logs: list[dict[str, Any]] = []
         self.raw_log: list[str] = []
         self._changed = threading.Condition()
+        self._alipay = dict(alipay)
+        self._extra = {section: dict(keys) for section, keys in (extra_config or {}).items()}
+        self.wall_offset_s = 0.0
+        self.wall_offset_file: Path | None = None
+        if faketime:
+            self.wall_offset_file = tmp / "wall-offset"
+            write_offset(self.wall_offset_file, 0)
         self._write_config(alipay)
 
+    def set_wall_offset(self, seconds: float) -> None:
+        """Move the daemon's wall clock to this far from the real one (needs faketime=True):
+        for a daemon started next at once, for a running one within about 2 s."""
+        assert self.wall_offset_file is not None, "DaemonRig(faketime=True) needed"
+        self.wall_offset_s = seconds
+        write_offset(self.wall_offset_file, seconds)
+
+    def rewrite_config(
+        self, alipay: dict[str, Any] | None = None, extra: dict[str, dict[str, Any]] | None = None
+    ) -> None:
+        """Write the config again with these keys changed (a value of None drops the key), in
+        one rename, so a daemon reloading on SIGHUP never reads half a file."""
+        for key, value in (alipay or {}).items():
+            if value is None:
+                self._alipay.pop(key, None)
+            else:
+                self._alipay[key] = value
+        for section, keys in (extra or {}).items():
+            for key, value in keys.items():
+                if value is None:
+                    self._extra.get(section, {}).pop(key, None)
+                else:
+                    self._extra.setdefault(section, {})[key] = value
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(self._config_text(self._alipay))
+        os.replace(tmp, self.config_path)
+
     def _write_config(self, alipay: dict[str, Any]) -> None:
+        self._write_keys()
+        self.config_path.write_text(self._config_text(alipay))
+
+    def _write_keys(self) -> None:
         keys = self.tmp / "keys"
         keys.mkdir(exist_ok=True)
         private = keys / "merchant_private_key.pem"
@@ -116,18 +248,26 @@ class DaemonRig:
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
+
+    def _config_text(self, alipay: dict[str, Any]) -> str:
+        keys = self.tmp / "keys"
+        private = keys / "merchant_private_key.pem"
+        public = keys / "alipay_public_key.pem"
         settings = {
             "pay_timeout_s": 1.0,
             "query_interval_s": 0.2,
             "query_deadline_s": 2.0,
             "probe_interval_s": 1.0,
+            "retry_max_s": 5.0,  # background retries compressed like the other timings
             **alipay,
         }
-        extra = "\n".join(f"{k} = {v}" for k, v in settings.items())
-        self.config_path.write_text(f"""
+        settings.update(self._extra.get("alipay", {}))
+        extra = "\n".join(f"{k} = {_toml(v)}" for k, v in settings.items())
+        text = f"""
 [kiosk]
 terminal_id = "VM-RIG"
 state_dir = "{self.state_dir}"
+require_synced_clock = false  # this host's clock is not the kiosk's to judge
 
 [alipay]
 gateway = "{self.sim.url}"
@@ -160,7 +300,8 @@ declined_hold_s = {self.declined_hold_s}
 driver = "serial"
 port = "{self.vmc.port}"
 timeout_s = 2
-""")
+"""
+        return _with_extra(text, {k: v for k, v in self._extra.items() if k != "alipay"})
 
     # -- the daemon -------------------------------------------------------------------------
 
@@ -174,6 +315,8 @@ timeout_s = 2
         self.logs.clear()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("NOTIFY_SOCKET", None)
+        if self.wall_offset_file is not None:
+            env.update(faketime_env(self.wall_offset_file))
         env.update(extra_env or {})
         self.proc = subprocess.Popen(
             [
@@ -208,9 +351,12 @@ timeout_s = 2
             with self._changed:
                 self.raw_log.append(line)
                 try:
-                    self.logs.append(json.loads(line))
+                    entry = json.loads(line)
                 except json.JSONDecodeError:
-                    self.logs.append({"event": "unparsed", "line": line})
+                    entry = {"event": "unparsed", "line": line}
+                if isinstance(entry, dict):
+                    entry.setdefault("_rx", time.time())  # when the rig read it (real clock)
+                self.logs.append(entry)
                 self._changed.notify_all()
 
     def wait_log(
@@ -252,6 +398,31 @@ timeout_s = 2
                     raise AssertionError(
                         f"log event {what} not seen in {timeout}s; last lines: {self.raw_log[-15:]}"
                     )
+                self._changed.wait(remaining)
+
+    def count_after(self, start: int, predicate: Callable[[dict[str, Any]], bool]) -> int:
+        with self._changed:
+            return sum(1 for e in self.logs[start:] if predicate(e))
+
+    def wait_count_after(
+        self,
+        start: int,
+        predicate: Callable[[dict[str, Any]], bool],
+        count: int,
+        timeout: float,
+    ) -> int:
+        """Wait until `count` entries at index >= start match; returns how many matched (fewer
+        when `timeout` passed first). Reads each new entry once."""
+        deadline = time.monotonic() + timeout
+        seen, index = 0, start
+        with self._changed:
+            while True:
+                while index < len(self.logs):
+                    seen += bool(predicate(self.logs[index]))
+                    index += 1
+                remaining = deadline - time.monotonic()
+                if seen >= count or remaining <= 0:
+                    return seen
                 self._changed.wait(remaining)
 
     def signal(self, sig: int) -> None:
@@ -297,3 +468,27 @@ timeout_s = 2
             self.proc.wait(10)
         self.scanner.close()
         self.vmc.close()
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    return str(value)
+
+
+def _with_extra(text: str, extra: dict[str, dict[str, Any]]) -> str:
+    """The config text with extra keys set in their sections (replacing a key given there)."""
+    lines = text.split("\n")
+    for section, keys in extra.items():
+        header = f"[{section}]"
+        if header not in lines:
+            lines += ["", header]
+        start = lines.index(header) + 1
+        end = next((i for i in range(start, len(lines)) if lines[i].startswith("[")), len(lines))
+        body = [line for line in lines[start:end] if line.split("=", 1)[0].strip() not in keys]
+        body = [line for line in body if line.strip()]
+        body += [f"{key} = {_toml(value)}" for key, value in keys.items()]
+        lines[start:end] = [*body, ""]
+    return "\n".join(lines)

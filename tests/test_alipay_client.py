@@ -14,9 +14,13 @@ import pytest
 
 from kiosk.alipay.client import (
     AlipayClient,
+    CancelResult,
     GatewaySettings,
     Outcome,
     PayOrder,
+    PayResult,
+    QueryResult,
+    RefundResult,
     TradeStatus,
 )
 from kiosk.alipay.signing import SignType, presign_string
@@ -224,13 +228,16 @@ def test_pay_failed_with_system_error_is_unknown(
     assert result.error == "SYSTEM_ERROR"
 
 
-def test_gateway_rejection_gives_failed_with_its_code(
+def test_gateway_rejection_is_rejected_with_its_code_and_unverified(
     gateway: CraftedGateway, client: AlipayClient
 ) -> None:
+    # is_success=F carries no signature by design: the code is shown, but decides nothing.
     gateway.responder = lambda got: Reply(body=render_answer(None, None, error="ILLEGAL_SIGN"))
     result = client.pay(order())
-    assert result.outcome is Outcome.FAILED
+    assert result.outcome is Outcome.REJECTED
     assert result.error == "ILLEGAL_SIGN"
+    assert result.verified is False
+    assert result.alipay_trans_id is None
 
 
 def test_gateway_rejection_with_system_error_is_unknown(
@@ -581,7 +588,12 @@ def test_cancel_fail_reports_retry_flag_and_detail_code(
 ) -> None:
     gateway.responder = lambda got: signed(
         pair,
-        {"result_code": "FAIL", "retry_flag": "Y", "detail_error_code": "TRADE_STATUS_ERROR"},
+        {
+            "result_code": "FAIL",
+            "retry_flag": "Y",
+            "detail_error_code": "TRADE_STATUS_ERROR",
+            "out_trade_no": TRANS_ID,
+        },
     )
     result = client.cancel(TRANS_ID, 1704110400123)
     assert result.outcome is Outcome.FAILED
@@ -592,7 +604,9 @@ def test_cancel_fail_reports_retry_flag_and_detail_code(
 def test_cancel_unknown_is_unknown(
     gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
 ) -> None:
-    gateway.responder = lambda got: signed(pair, {"result_code": "UNKNOWN", "retry_flag": "Y"})
+    gateway.responder = lambda got: signed(
+        pair, {"result_code": "UNKNOWN", "retry_flag": "Y", "out_trade_no": TRANS_ID}
+    )
     result = client.cancel(TRANS_ID, 1704110400123)
     assert result.outcome is Outcome.UNKNOWN
     assert result.retry_flag is True
@@ -638,6 +652,357 @@ def test_refund_answer_for_another_refund_amount_is_unknown(
     assert result.outcome is Outcome.UNKNOWN
 
 
+# -- answers that prove themselves: verified, and naming this very request ---------------------
+
+ALIPAY_TRANS_ID = "2024010121001004440000000001"
+STAMP = 1704110400123
+SERVICES = ["pay", "query", "cancel", "refund"]
+Result = PayResult | QueryResult | CancelResult | RefundResult
+
+
+def send(client: AlipayClient, service: str) -> Result:
+    """One call of `service` about TRANS_ID, 1.50 USD (the query gives amount and currency)."""
+    if service == "pay":
+        return client.pay(order())
+    if service == "query":
+        return client.query(TRANS_ID, amount=Decimal("1.50"), currency="USD")
+    if service == "cancel":
+        return client.cancel(TRANS_ID, STAMP)
+    return client.refund(TRANS_ID, "R-1", Decimal("1.50"), "USD")
+
+
+def proven(service: str, refused: bool = False, **changes: str | None) -> dict[str, str]:
+    """A signed answer's fields echoing everything `send` asked; a change of None drops one."""
+    trade = {"partner_trans_id": TRANS_ID, "trans_amount": "1.50", "currency": "USD"}
+    fields: dict[str, str | None] = {
+        "pay": {"result_code": "SUCCESS", "alipay_trans_id": ALIPAY_TRANS_ID, **trade},
+        "query": {
+            "result_code": "SUCCESS",
+            "alipay_trans_status": "TRADE_SUCCESS",
+            "alipay_trans_id": ALIPAY_TRANS_ID,
+            **trade,
+        },
+        "cancel": {"result_code": "SUCCESS", "retry_flag": "N", "out_trade_no": TRANS_ID},
+        "refund": {
+            "result_code": "SUCCESS",
+            "partner_trans_id": TRANS_ID,
+            "partner_refund_id": "R-1",
+            "refund_amount": "1.50",
+            "currency": "USD",
+        },
+    }[service]
+    if refused:
+        fields = {**fields, "alipay_trans_status": None}
+        if service == "cancel":
+            fields.update(result_code="FAIL", detail_error_code="TRADE_STATUS_ERROR")
+        else:
+            fields.update(
+                result_code="FAIL" if service == "query" else "FAILED",
+                error="TRADE_NOT_EXIST" if service == "query" else "TRADE_HAS_CLOSE",
+            )
+    fields.update(changes)
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+# The fields each service's answer must echo to decide; for a query's FAIL only the trade's id.
+REQUIRED = {
+    "pay": ["partner_trans_id", "trans_amount", "currency"],
+    "query": ["partner_trans_id", "trans_amount", "currency"],
+    "cancel": ["out_trade_no"],
+    "refund": ["partner_trans_id", "partner_refund_id", "refund_amount"],
+}
+REQUIRED_OF_A_REFUSAL = {**REQUIRED, "query": ["partner_trans_id"]}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("refused", [False, True], ids=["success", "refusal"])
+def test_a_verified_answer_naming_the_request_decides(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair, service: str, refused: bool
+) -> None:
+    gateway.responder = lambda got: signed(pair, proven(service, refused))
+    result = send(client, service)
+    assert result.outcome is (Outcome.FAILED if refused else Outcome.SUCCESS)
+    assert result.verified is True
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_gateway_rejection_of_any_call_is_rejected_and_unverified(
+    gateway: CraftedGateway, client: AlipayClient, service: str
+) -> None:
+    gateway.responder = lambda got: Reply(body=render_answer(None, None, error="ILLEGAL_PARTNER"))
+    result = send(client, service)
+    assert result.outcome is Outcome.REJECTED
+    assert (result.error, result.verified) == ("ILLEGAL_PARTNER", False)
+
+
+def test_unsigned_no_such_trade_is_rejected_not_failed(
+    gateway: CraftedGateway, client: AlipayClient
+) -> None:
+    gateway.responder = lambda got: Reply(body=render_answer(None, None, error="TRADE_NOT_EXIST"))
+    result = client.query(TRANS_ID)
+    assert result.outcome is Outcome.REJECTED
+    assert (result.error, result.verified) == ("TRADE_NOT_EXIST", False)
+
+
+def test_unsigned_refund_refusal_is_rejected_not_failed(
+    gateway: CraftedGateway, client: AlipayClient
+) -> None:
+    gateway.responder = lambda got: Reply(body=render_answer(None, None, error="TRADE_HAS_CLOSE"))
+    result = client.refund(TRANS_ID, "R-1", Decimal("1.50"), "USD")
+    assert result.outcome is Outcome.REJECTED
+    assert result.error == "TRADE_HAS_CLOSE"
+
+
+def test_gateway_rejection_without_a_code_is_rejected(
+    gateway: CraftedGateway, client: AlipayClient
+) -> None:
+    gateway.responder = lambda got: Reply(
+        body=b"<?xml version='1.0'?><alipay><is_success>F</is_success></alipay>"
+    )
+    result = client.pay(order())
+    assert result.outcome is Outcome.REJECTED
+    assert result.error is None
+
+
+@pytest.mark.parametrize(
+    ("service", "field"),
+    [(service, field) for service, fields in REQUIRED.items() for field in fields],
+)
+def test_signed_success_without_a_required_echo_is_unknown(
+    gateway: CraftedGateway,
+    client: AlipayClient,
+    pair: KeyPair,
+    service: str,
+    field: str,
+) -> None:
+    gateway.responder = lambda got: signed(pair, proven(service, **{field: None}))
+    result = send(client, service)
+    assert result.outcome is Outcome.UNKNOWN
+    assert result.verified is True
+    assert result.detail.endswith(f"without {field}")
+
+
+def test_signed_success_without_partner_trans_id_is_unknown(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    gateway.responder = lambda got: signed(pair, pay_fields(got, partner_trans_id=None))
+    result = client.pay(order())
+    assert result.outcome is Outcome.UNKNOWN
+    assert result.alipay_trans_id is None  # an answer that names no trade gives no trade id
+
+
+@pytest.mark.parametrize(
+    ("service", "field"),
+    [(service, field) for service, fields in REQUIRED_OF_A_REFUSAL.items() for field in fields],
+)
+def test_signed_refusal_without_a_required_echo_is_rejected(
+    gateway: CraftedGateway,
+    client: AlipayClient,
+    pair: KeyPair,
+    service: str,
+    field: str,
+) -> None:
+    gateway.responder = lambda got: signed(pair, proven(service, refused=True, **{field: None}))
+    result = send(client, service)
+    assert result.outcome is Outcome.REJECTED
+    assert result.verified is True
+    assert result.error in ("TRADE_NOT_EXIST", "TRADE_HAS_CLOSE", "TRADE_STATUS_ERROR")
+
+
+def test_query_saying_no_such_trade_needs_only_the_trade_id(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    fields = proven("query", refused=True, trans_amount=None, currency=None, alipay_trans_id=None)
+    assert set(fields) == {"result_code", "error", "partner_trans_id"}
+    gateway.responder = lambda got: signed(pair, fields)
+    result = client.query(TRANS_ID, amount=Decimal("1.50"), currency="USD")
+    assert (result.outcome, result.error) == (Outcome.FAILED, "TRADE_NOT_EXIST")
+
+
+def test_query_without_amount_needs_no_amount_echo(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    gateway.responder = lambda got: signed(pair, proven("query", trans_amount=None, currency=None))
+    assert client.query(TRANS_ID).outcome is Outcome.SUCCESS
+
+
+def test_replayed_cancel_answer_is_not_a_payment(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    gateway.responder = lambda got: signed(pair, proven("cancel"))
+    assert client.pay(order()).outcome is Outcome.UNKNOWN
+
+
+def test_replayed_pay_answer_is_not_a_cancel(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    # It names the same trade (partner_trans_id), but not as a cancel's answer would.
+    gateway.responder = lambda got: signed(pair, proven("pay"))
+    result = client.cancel(TRANS_ID, STAMP)
+    assert result.outcome is Outcome.UNKNOWN
+    assert result.retry_flag is None
+
+
+def test_replayed_query_answer_of_a_waiting_trade_is_not_a_payment(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    gateway.responder = lambda got: signed(
+        pair, proven("query", alipay_trans_status="WAIT_BUYER_PAY")
+    )
+    assert client.pay(order()).outcome is Outcome.UNKNOWN
+
+
+def test_replayed_pay_answer_is_not_a_refund(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    gateway.responder = lambda got: signed(pair, proven("pay"))
+    assert client.refund(TRANS_ID, "R-1", Decimal("1.50"), "USD").outcome is Outcome.UNKNOWN
+
+
+def test_cancel_answer_naming_another_alipay_trade_is_unknown(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    gateway.responder = lambda got: signed(pair, proven("cancel", alipay_trans_id="2024-other"))
+    assert client.cancel(TRANS_ID, STAMP, ALIPAY_TRANS_ID).outcome is Outcome.UNKNOWN
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("partner_refund_id", "R-2"), ("currency", "HKD"), ("partner_trans_id", "VM0042-other")],
+)
+def test_refund_answer_naming_another_refund_is_unknown(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair, field: str, value: str
+) -> None:
+    gateway.responder = lambda got: signed(pair, proven("refund", **{field: value}))
+    result = client.refund(TRANS_ID, "R-1", Decimal("1.50"), "USD")
+    assert result.outcome is Outcome.UNKNOWN
+    assert result.detail == f"{field} differs"
+
+
+def test_rejected_cancel_carries_no_retry_flag(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    gateway.responder = lambda got: signed(pair, proven("cancel", True, out_trade_no=None))
+    result = client.cancel(TRANS_ID, STAMP)
+    assert result.outcome is Outcome.REJECTED
+    assert result.retry_flag is None
+
+
+def test_unproven_pay_answer_gives_no_alipay_trans_id(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    # A query by this id would ask about whatever trade the answer named.
+    gateway.responder = lambda got: signed(
+        pair, pay_fields(got, result_code="UNKNOW", currency=None)
+    )
+    result = client.pay(order())
+    assert result.outcome is Outcome.UNKNOWN
+    assert result.alipay_trans_id is None
+
+
+def test_failed_pay_keeps_its_alipay_trans_id(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    # The flow cancels a refused trade that Alipay named before the refusal is final.
+    gateway.responder = lambda got: signed(
+        pair, pay_fields(got, result_code="FAILED", error="PAYMENT_FAIL")
+    )
+    result = client.pay(order())
+    assert (result.outcome, result.alipay_trans_id) == (Outcome.FAILED, ALIPAY_TRANS_ID)
+
+
+def test_answers_that_do_not_verify_are_unverified(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    bodies = [
+        render_answer(proven("query", refused=True), None),  # unsigned
+        render_answer(proven("query", refused=True), key_pair(SignType.MD5).alipay).replace(
+            b">MD5<", b">RSA2<"
+        ),  # another key
+        b"<alipay><is_success>T</is_success>",  # unreadable
+    ]
+    for body in bodies:
+        gateway.responder = lambda got, body=body: Reply(body=body)  # type: ignore[misc]
+        result = client.query(TRANS_ID)
+        assert (result.outcome, result.verified) == (Outcome.UNKNOWN, False)
+
+
+def test_signed_answer_naming_other_details_is_still_verified(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    # The key and partner work (what the gateway probe wants to know); the answer decides nothing.
+    gateway.responder = lambda got: signed(pair, proven("query", partner_trans_id="other"))
+    result = client.query(TRANS_ID)
+    assert (result.outcome, result.verified) == (Outcome.UNKNOWN, True)
+
+
+def test_cancel_sends_the_timestamp_given_on_each_call(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair
+) -> None:
+    gateway.responder = lambda got: signed(pair, proven("cancel"))
+    client.cancel(TRANS_ID, STAMP)
+    client.cancel(TRANS_ID, STAMP + 3000)
+    assert [gateway.last().params["timestamp"] for _ in range(2)] == [
+        str(STAMP),
+        str(STAMP + 3000),
+    ]
+
+
+# -- error codes are normalised where they enter ------------------------------------------------
+
+
+def test_odd_error_in_a_gateway_rejection_becomes_unrecognised_error(
+    gateway: CraftedGateway, client: AlipayClient
+) -> None:
+    gateway.responder = lambda got: Reply(body=render_answer(None, None, error="SOMETHING ODD"))
+    result = client.pay(order())
+    assert result.outcome is Outcome.REJECTED
+    assert result.error == "UNRECOGNISED_ERROR"
+    assert "SOMETHING ODD" in result.detail
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_odd_error_in_a_signed_refusal_becomes_unrecognised_error(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair, service: str
+) -> None:
+    odd = "not a code: 失败\t" + "x" * 60
+    key = "detail_error_code" if service == "cancel" else "error"
+    gateway.responder = lambda got: signed(pair, proven(service, refused=True, **{key: odd}))
+    result = send(client, service)
+    assert result.outcome is Outcome.FAILED
+    assert result.error == "UNRECOGNISED_ERROR"
+    assert "not a code: " in result.detail
+    assert "失败" not in result.detail and "\t" not in result.detail
+    assert all(" " <= char <= "~" for char in result.detail)
+
+
+def test_raw_error_text_is_cut_to_40_characters(
+    gateway: CraftedGateway, client: AlipayClient
+) -> None:
+    gateway.responder = lambda got: Reply(body=render_answer(None, None, error="odd" + "y" * 80))
+    result = client.query(TRANS_ID)
+    assert result.error == "UNRECOGNISED_ERROR"
+    assert "odd" + "y" * 37 in result.detail
+    assert "y" * 38 not in result.detail
+
+
+@pytest.mark.parametrize(
+    "odd", ["lower_case", "SYSTEM_ERROR ", "1START", "A" * 65, "TRADE-NOT-EXIST", "SYSTEM_ERROR\n"]
+)
+def test_only_a_well_formed_code_is_kept(
+    gateway: CraftedGateway, client: AlipayClient, pair: KeyPair, odd: str
+) -> None:
+    gateway.responder = lambda got: signed(pair, pay_fields(got, result_code="FAILED", error=odd))
+    result = client.pay(order())
+    assert result.error == "UNRECOGNISED_ERROR"
+
+
+def test_unrecognised_error_is_exported_as_the_fixed_code() -> None:
+    from kiosk.alipay.client import UNRECOGNISED_ERROR
+
+    assert UNRECOGNISED_ERROR == "UNRECOGNISED_ERROR"
+
+
 # -- secrets ------------------------------------------------------------------------------------
 
 
@@ -680,6 +1045,7 @@ def test_each_call_logs_one_event_with_its_outcome(
     assert fields["service"] == "alipay.acquire.overseas.spot.pay"
     assert fields["partner_trans_id"] == TRANS_ID
     assert fields["outcome"] == "unknown"
+    assert fields["verified"] is True
     assert fields["detail"] == "UNKNOW"
     assert isinstance(fields["elapsed_ms"], int)
 

@@ -398,7 +398,7 @@ PROBLEMS = [
     pytest.param(
         'alipay_public_key_file = "keys/alipay_public_key.pem"',
         'alipay_public_key_file = "keys/merchant_private_key.pem"',
-        "is not a PEM public key",
+        "this is a private key",
         None,
         id="private-key-as-public",
     ),
@@ -550,13 +550,14 @@ def test_problem_is_reported_at_its_line(
     assert found[0].hint
 
 
-def test_missing_section_is_reported_at_line_zero(site: Path) -> None:
+def test_missing_section_is_reported_at_the_end_of_the_file(site: Path) -> None:
     text = edit(GOOD, '[merchant]\nsecondary_merchant_id = "M-001"\nstore_id = "S-042"\n', "")
 
     _, problems = check_config(write_config(site, text))
 
-    assert [(p.line, p.message) for p in problems] == [(0, "section [merchant] is missing")]
-    assert "secondary_merchant_id, store_id" in problems[0].hint
+    last_line = len(text.splitlines())
+    assert [(p.line, p.message) for p in problems] == [(last_line, "section [merchant] is missing")]
+    assert problems[0].hint == "add [merchant] with secondary_merchant_id, store_id at the end"
 
 
 def test_misspelt_key_gets_did_you_mean(site: Path) -> None:
@@ -619,7 +620,7 @@ def test_unreadable_config_file_is_one_problem(tmp_path: Path) -> None:
     config, problems = check_config(tmp_path / "absent.toml")
 
     assert config is None
-    assert problems[0].line == 0
+    assert (problems[0].line, problems[0].column) == (1, 1)
     assert "cannot read the config file" in problems[0].message
 
 
@@ -763,7 +764,7 @@ def test_load_config_raises_config_invalid_listing_every_problem(site: Path) -> 
     assert isinstance(raised.value, ConfigError)
     assert len(raised.value.problems) == 2
     assert str(raised.value).splitlines() == [str(p) for p in raised.value.problems]
-    assert str(raised.value).startswith(f"{path}:{line_of(text, 'terminal_id')}: ")
+    assert str(raised.value).startswith(f"{path}:{line_of(text, 'terminal_id')}:1: error: ")
 
 
 def test_default_config_path_honours_kiosk_config(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -783,7 +784,7 @@ def test_run_check_prints_problems_and_exits_2(
 
     out, err = capsys.readouterr()
     assert out == ""
-    assert f"{path}:{line_of(text, 'green')}: indicators.green must be a BCM GPIO" in err
+    assert f"{path}:{line_of(text, 'green')}:1: error: indicators.green must be a BCM GPIO" in err
     assert "(hint: " in err
 
 
@@ -811,3 +812,73 @@ def test_unreadable_public_key_is_refused(site: Path) -> None:
     _, problems = check_config(write_config(site, GOOD))
 
     assert any("Permission denied" in p.message for p in problems)
+
+
+# --- the keys added for the daemon: clock, retry cap, price cap --------------------------------
+
+
+def test_require_synced_clock_defaults_to_true_and_a_rig_may_turn_it_off(site: Path) -> None:
+    assert load_config(write_config(site, GOOD)).kiosk.require_synced_clock is True
+    text = edit(GOOD, 'state_dir = "state"', 'state_dir = "state"\nrequire_synced_clock = false')
+    assert load_config(write_config(site, text)).kiosk.require_synced_clock is False
+
+
+def test_require_synced_clock_must_be_a_boolean(site: Path) -> None:
+    text = edit(GOOD, 'state_dir = "state"', 'state_dir = "state"\nrequire_synced_clock = "no"')
+    _, problems = check_config(write_config(site, text))
+    assert [(p.line, p.message) for p in errors(problems)] == [
+        (
+            line_of(text, "require_synced_clock"),
+            "kiosk.require_synced_clock must be true or false, not the string 'no'",
+        )
+    ]
+
+
+def test_retry_max_s_defaults_to_five_minutes_and_may_be_fractional(site: Path) -> None:
+    assert load_config(write_config(site, GOOD)).alipay.retry_max_s == 300.0
+    text = edit(GOOD, "query_deadline_s = 5", "query_deadline_s = 5\nretry_max_s = 0.5")
+    assert load_config(write_config(site, text)).alipay.retry_max_s == 0.5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", '"60"'])
+def test_retry_max_s_must_be_a_positive_number(site: Path, value: str) -> None:
+    text = edit(GOOD, "query_deadline_s = 5", f"query_deadline_s = 5\nretry_max_s = {value}")
+    _, problems = check_config(write_config(site, text))
+    [problem] = errors(problems)
+    assert problem.line == line_of(text, "retry_max_s") and "alipay.retry_max_s" in problem.message
+
+
+def test_max_price_is_an_amount_in_the_currency(site: Path) -> None:
+    assert load_config(write_config(site, GOOD)).sale.max_price is None  # no cap by default
+    text = edit(GOOD, 'item = "coffee"', 'item = "coffee"\nmax_price = "20.00"')
+    assert load_config(write_config(site, text)).sale.max_price == Decimal("20.00")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("20.00", "sale.max_price must be a string, not the number 20.0"),
+        ('"20"', "sale.max_price: '20' is not a USD amount: it needs exactly 2 minor digits"),
+        ('"0.00"', "sale.max_price: '0.00' must be more than zero"),
+    ],
+)
+def test_max_price_problems_are_reported_at_its_line(site: Path, value: str, message: str) -> None:
+    text = edit(GOOD, 'item = "coffee"', f'item = "coffee"\nmax_price = {value}')
+    _, problems = check_config(write_config(site, text))
+    [problem] = errors(problems)
+    assert problem.line == line_of(text, "max_price")
+    assert problem.message.startswith(message)
+
+
+def test_a_fixed_price_above_max_price_is_a_warning(site: Path) -> None:
+    text = edit(GOOD, 'item = "coffee"', 'item = "coffee"\nmax_price = "1.00"')
+    config, problems = check_config(write_config(site, text))
+    assert config is not None
+    [warning] = problems
+    assert warning.warning and warning.line == line_of(text, "price =")
+    assert "sale.price 1.50 is above sale.max_price 1.00" in warning.message
+
+
+def test_summary_shows_the_price_cap(site: Path) -> None:
+    text = edit(GOOD, 'item = "coffee"', 'item = "coffee"\nmax_price = "20.00"')
+    assert "at most 20.00 USD" in format_summary(load_config(write_config(site, text)))

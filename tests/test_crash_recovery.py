@@ -77,6 +77,10 @@ def test_crash_at_each_journal_step_keeps_the_money_rules(
         timeout=60,
     )
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()[-2000:]
+    # SPEC rule 6: killed mid-sale, WAL and all, no file holds the whole code.
+    assert [
+        p.name for p in state.iterdir() if p.is_file() and code.encode() in p.read_bytes()
+    ] == []
 
     recovered = subprocess.run(
         [sys.executable, str(CHILD), "recover", *common, report],
@@ -95,5 +99,5 @@ def test_crash_at_each_journal_step_keeps_the_money_rules(
     else:
         assert holding == [], (point, final_states, [t.events for t in trades])
     assert len(trades) <= 1  # one scan, at most one charge
-    # The code is gone from every file once the transaction is final.
+    # ... nor after the recovery.
     assert not any(code.encode() in p.read_bytes() for p in state.iterdir() if p.is_file())

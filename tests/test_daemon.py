@@ -279,3 +279,25 @@ def test_vmc_mode_vend_request_then_scan_charges_the_asked_amount(
         assert simulator.ledger.trade(PARTNER, ref).amount == Decimal("0.80")
     finally:
         rig.close()
+
+
+def test_sighup_during_a_vend_keeps_the_sale_and_the_new_price_applies_after_it(
+    rig: DaemonRig,
+) -> None:
+    rig.scanner.write_line(payment_code("0001", 1))
+    _, ref, amount = rig.vmc.expect("APPROVED ").split(" ")
+    text = rig.config_path.read_text()
+    rig.config_path.write_text(text.replace('price = "1.50"', 'price = "2.00"'))
+    rig.signal(signal.SIGHUP)
+    rig.wait_log(lambda e: e.get("event") == "config.reload_deferred", 10)
+    rig.vmc.write_line(f"SUCCESS {ref}")
+    assert rig.vmc.expect("ACK ") == f"ACK {ref}"
+    rig.wait_log(lambda e: e.get("event") == "config.reloaded", 10)
+    assert amount == "1.50" and held(rig.sim, ref)
+    rig.scanner.write_line(payment_code("0001", 2))
+    _, second, amount = rig.vmc.expect("APPROVED ").split(" ")
+    assert amount == "2.00"
+    rig.vmc.write_line(f"SUCCESS {second}")
+    rig.vmc.expect("ACK ")
+    assert rig.stop() == 0
+    assert_money_rules(rig)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kiosk import error_codes
 from kiosk.error_codes import ALL_CODES, Reaction, reaction_for
 
 CODES_FILE = Path(__file__).resolve().parents[2] / "shared/docs/alipay-spot-pay-error-codes.txt"
@@ -45,7 +46,7 @@ EXPECTED: dict[str, tuple[Reaction, bool]] = {
     "SECONDARY_MERCHANT_ID_INVALID": (OOS, True),
     "STORE_NOT_MATCH": (OOS, True),
     "SECONDARY_MERCHANT_STATUS_ERROR": (OOS, True),
-    "PRODUCT_AMOUNT_LIMIT_ERROR": (D, True),
+    "PRODUCT_AMOUNT_LIMIT_ERROR": (OOS, True),
     "RESTRICTED_MERCHANT_INDUSTRY": (D, True),
     "BUYER_NOT_EXIST": (D, False),
     "BUYER_ENABLE_STATUS_FORBID": (D, False),
@@ -118,3 +119,30 @@ def test_missing_code_is_queried() -> None:
 def test_table_cannot_be_changed_at_run_time() -> None:
     with pytest.raises(TypeError):
         ALL_CODES["SYSTEM_ERROR"] = ALL_CODES["PAYMENT_FAIL"]  # type: ignore[index]
+
+
+def test_product_quota_exceeded_is_the_merchants_condition() -> None:
+    # The merchant's quota meets every later customer the same way until a person raises it.
+    reaction = reaction_for("PRODUCT_AMOUNT_LIMIT_ERROR")
+    assert (reaction.reaction, reaction.alarm) == (Reaction.OUT_OF_SERVICE, True)
+    assert "every later customer" in reaction.why
+
+
+def test_industry_amount_limit_stays_a_decline_because_a_cheaper_item_may_pass() -> None:
+    reaction = reaction_for("RESTRICTED_MERCHANT_INDUSTRY")
+    assert (reaction.reaction, reaction.alarm) == (Reaction.DECLINE, True)
+    assert "cheaper item may pass" in reaction.why
+
+
+def test_a_refused_pay_naming_an_alipay_trade_is_cancelled_before_final() -> None:
+    assert error_codes.cancel_before_final("2024010121001004440000000001") is True
+
+
+def test_a_refused_pay_naming_no_trade_needs_no_cancel() -> None:
+    assert error_codes.cancel_before_final(None) is False
+    assert error_codes.cancel_before_final("") is False
+
+
+def test_unrecognised_error_from_the_client_is_queried_with_an_alarm() -> None:
+    reaction = reaction_for("UNRECOGNISED_ERROR")
+    assert (reaction.reaction, reaction.alarm) == (Reaction.QUERY, True)

@@ -230,17 +230,17 @@ def check(folder: Path, text: str) -> tuple[Any, list[ConfigProblem]]:
     return check_config(path)
 
 
-PROBLEM_SHAPE = r"{file}:(\d+): (warning: )?[^\n]+"
+PROBLEM_SHAPE = r"{file}:(\d+):(\d+): (error|warning): [^\n]+"
 
 
 def assert_sound_problems(path: Path, text: str, problems: list[ConfigProblem]) -> None:
     last_line = max(1, len(text.splitlines()))
     for problem in problems:
-        assert 0 <= problem.line <= last_line
+        assert 1 <= problem.line <= last_line and problem.column >= 1
         assert problem.file == str(path)
         assert problem.message
         shape = re.fullmatch(PROBLEM_SHAPE.format(file=re.escape(str(path))), str(problem))
-        assert shape, f"not FILE:LINE: message: {problem}"
+        assert shape, f"not FILE:LINE:COL: error: message: {problem}"
     assert [p.line for p in problems] == sorted(p.line for p in problems)
 
 

@@ -1,5 +1,6 @@
 """Fuzzing Alipay's answers: arbitrary bodies and mutations of validly signed ones through
-`parse_answer`/`verify_answer` and the client's judging. Nothing unproven is ever SUCCESS.
+`parse_answer`/`verify_answer` and the client's judging. Nothing unproven is ever SUCCESS, and
+nothing decides (SUCCESS or FAILED) without a verified signature and every required echo.
 
 Most examples run the client on a canned `requests` session (no socket, fast); a few go over
 HTTP to the crafted gateway on 127.0.0.1.
@@ -20,10 +21,20 @@ from xml.sax.saxutils import escape
 
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from kiosk.alipay.client import AlipayClient, GatewaySettings, Outcome, PayOrder
+from kiosk.alipay.client import (
+    ERROR_CODE_RE,
+    AlipayClient,
+    CancelResult,
+    GatewaySettings,
+    Outcome,
+    PayOrder,
+    PayResult,
+    QueryResult,
+    RefundResult,
+)
 from kiosk.alipay.signing import Md5Signature, RsaSignature, Signature, SignType, presign_string
 from kiosk.alipay.xml import (
     MAX_ANSWER_BYTES,
@@ -324,9 +335,13 @@ def client_for(sign_type: SignType, session: requests.Session) -> AlipayClient:
     )
 
 
-def pay_outcome(sign_type: SignType, body: bytes, content_length: bool = True) -> Outcome:
+def pay_result(sign_type: SignType, body: bytes, content_length: bool = True) -> PayResult:
     with client_for(sign_type, CannedSession(body, content_length)) as client:
-        return client.pay(order()).outcome
+        return client.pay(order())
+
+
+def pay_outcome(sign_type: SignType, body: bytes, content_length: bool = True) -> Outcome:
+    return pay_result(sign_type, body, content_length).outcome
 
 
 def parsed(body: bytes) -> Answer | None:
@@ -357,6 +372,20 @@ def assert_success_only_for_the_signed_content(original: Signed, outcome: Outcom
     assert original.fields["result_code"] == "SUCCESS", "a mutation made a non-payment SUCCESS"
     assert answer.fields.get("result_code") == "SUCCESS"
     assert carries_the_signed_bytes(answer, original), "content Alipay did not sign passed"
+
+
+def assert_decisive_only_for_the_signed_content(original: Signed, result: PayResult) -> None:
+    """SUCCESS or FAILED only from a verified answer carrying exactly what Alipay signed, which
+    said so; and every error code that comes out is well formed."""
+    assert result.error is None or ERROR_CODE_RE.fullmatch(result.error), result.error
+    assert_success_only_for_the_signed_content(original, result.outcome)
+    if result.outcome not in (Outcome.SUCCESS, Outcome.FAILED):
+        return
+    assert result.verified, f"an unverified answer was judged {result.outcome.value}"
+    answer = parsed(original.body)
+    assert answer is not None
+    assert original.fields["result_code"] == answer.fields.get("result_code")
+    assert carries_the_signed_bytes(answer, original), "content Alipay did not sign decided"
 
 
 # -- findings: crashes this file found, pinned by the regression tests at the bottom --------------
@@ -452,12 +481,12 @@ def test_a_dtd_or_entity_declaration_is_refused(dtd: bytes, encoding: str) -> No
 
 @settings(FUZZ, max_examples=300)
 @given(answer=mutated_answers())
-def test_no_mutation_of_a_signed_answer_is_success_unless_its_signed_content_is_intact(
+def test_no_mutation_of_a_signed_answer_decides_unless_its_signed_content_is_intact(
     answer: Signed,
 ) -> None:
-    outcome = call(lambda: pay_outcome(answer.sign_type, answer.body))
-    if outcome is not None:
-        assert_success_only_for_the_signed_content(answer, outcome)
+    result = call(lambda: pay_result(answer.sign_type, answer.body))
+    if result is not None:
+        assert_decisive_only_for_the_signed_content(answer, result)
 
 
 @settings(FUZZ, max_examples=150)
@@ -501,9 +530,9 @@ def test_any_declared_encoding_gives_a_result_and_success_only_for_the_signed_by
     if bad_sign:  # so verify_answer falls back to the declared encoding
         body = re.sub(rb"<sign>[^<]{4}", b"<sign>AAAA", body)
     answer = replace(answer, body=body)
-    outcome = call(lambda: pay_outcome(answer.sign_type, body))
-    if outcome is not None:
-        assert_success_only_for_the_signed_content(answer, outcome)
+    result = call(lambda: pay_result(answer.sign_type, body))
+    if result is not None:
+        assert_decisive_only_for_the_signed_content(answer, result)
 
 
 @settings(FUZZ, max_examples=150)
@@ -565,6 +594,172 @@ def test_a_body_over_the_cap_is_unknown_even_when_validly_signed(
     assert pay_outcome(answer.sign_type, padded, content_length) is Outcome.UNKNOWN
 
 
+# -- every service: nothing decides without a verified signature and every required echo ---------
+
+SERVICES = ["pay", "query", "cancel", "refund"]
+REFUND_ID = "R-1"
+# What each call below asks, by the answer field that must echo it.
+ASKED = {
+    "pay": {"partner_trans_id": TRANS_ID, "trans_amount": "1.50", "currency": "USD"},
+    "query": {"partner_trans_id": TRANS_ID, "trans_amount": "1.50", "currency": "USD"},
+    "cancel": {"out_trade_no": TRANS_ID, "partner_trans_id": TRANS_ID},
+    "refund": {
+        "partner_trans_id": TRANS_ID,
+        "partner_refund_id": REFUND_ID,
+        "refund_amount": "1.50",
+        "currency": "USD",
+    },
+}
+# Restated from the brief, not from the client: the echoes a decision needs.
+REQUIRED = {
+    "pay": ("partner_trans_id", "trans_amount", "currency"),
+    "query": ("partner_trans_id", "trans_amount", "currency"),  # amount: when it was given
+    "cancel": ("out_trade_no",),
+    "refund": ("partner_trans_id", "partner_refund_id", "refund_amount"),
+}
+RESULT_CODES = {
+    "pay": ["SUCCESS", "FAILED", "UNKNOW"],
+    "query": ["SUCCESS", "FAIL"],
+    "cancel": ["SUCCESS", "FAIL", "UNKNOWN"],
+    "refund": ["SUCCESS", "FAILED", "UNKNOW"],
+}
+_PLAUSIBLE = {
+    "alipay_trans_id": [ALIPAY_TRANS_ID, "2024010121001004440000000002"],
+    "trade_no": [ALIPAY_TRANS_ID, "2024010121001004440000000002"],
+    "alipay_trans_status": ["TRADE_SUCCESS", "WAIT_BUYER_PAY", "TRADE_CLOSED", "TRADE_FINISHED"],
+    "retry_flag": ["Y", "N"],
+    "error": ["TRADE_NOT_EXIST", "SYSTEM_ERROR", "PAYMENT_FAIL", "odd code", "失败"],
+    "detail_error_code": ["TRADE_STATUS_ERROR", "SYSTEM_ERROR", "odd\tcode"],
+}
+_OTHER_VALUES = ["VM0042-other", "1.5", "15.00", "0.01", "HKD", "R-2", "", " 1.50", "USD "]
+_ECHO_NAMES = sorted({name for asked in ASKED.values() for name in asked})
+ENVELOPES = ["alipay", "alipay", "alipay", "unsigned", "intruder", "rejection", "flipped"]
+
+
+@dataclass(frozen=True)
+class ServiceAnswer:
+    service: str
+    amount_given: bool  # the query named amount and currency
+    sign_type: SignType
+    envelope: str  # alipay (signed with Alipay's key), unsigned, intruder, rejection, flipped
+    fields: dict[str, str]
+    body: bytes
+
+
+@st.composite
+def service_answers(draw: st.DrawFn) -> ServiceAnswer:
+    """An answer to one call of any service: its fields each echo what was asked, something
+    else, or nothing; signed by Alipay, by nobody, by another key, or a gateway rejection."""
+    service = draw(st.sampled_from(SERVICES))
+    sign_type = draw(st.sampled_from(SIGN_TYPES))
+    codes = RESULT_CODES[service]
+    fields = {"result_code": draw(st.sampled_from([*codes, *codes, "", "PROCESSING"]))}
+    for name in _ECHO_NAMES:
+        # Mostly the asked value, so that enough answers come close to deciding.
+        choice = draw(st.sampled_from(["asked"] * 6 + ["absent", "other"]))
+        asked = ASKED[service].get(name)
+        if choice == "asked" and asked is not None:
+            fields[name] = asked
+        elif choice == "other":
+            fields[name] = draw(st.sampled_from(_OTHER_VALUES))
+    for name, values in _PLAUSIBLE.items():
+        if draw(st.booleans()):
+            fields[name] = draw(st.sampled_from(values))
+    fields = {key: value for key, value in fields.items() if value}
+    envelope = draw(st.sampled_from(ENVELOPES))
+    if envelope == "rejection":
+        body = render_answer(None, None, error=draw(st.sampled_from(_PLAUSIBLE["error"])))
+    elif envelope == "intruder":
+        intruder_sign_type, signer = INTRUDERS[draw(st.sampled_from(sorted(INTRUDERS)))]
+        sign_type = intruder_sign_type
+        body = render_answer(fields, signer)
+        body = re.sub(rb"<sign_type>[^<]*<", f"<sign_type>{sign_type.value}<".encode(), body)
+    else:
+        signer = key_pair(sign_type).alipay if envelope != "unsigned" else None
+        body = render_answer(fields, signer, encoding=draw(st.sampled_from(["GBK", "UTF-8"])))
+        if envelope == "flipped":  # is_success is not signed
+            body = body.replace(b"<is_success>T<", b"<is_success>F<")
+    return ServiceAnswer(service, draw(st.booleans()), sign_type, envelope, fields, body)
+
+
+ServiceResult = PayResult | QueryResult | CancelResult | RefundResult
+
+
+def service_result(answer: ServiceAnswer) -> ServiceResult:
+    with client_for(answer.sign_type, CannedSession(answer.body)) as client:
+        if answer.service == "pay":
+            return client.pay(order())
+        if answer.service == "query":
+            if answer.amount_given:
+                return client.query(TRANS_ID, amount=Decimal("1.50"), currency="USD")
+            return client.query(TRANS_ID)
+        if answer.service == "cancel":
+            return client.cancel(TRANS_ID, 1704110400123)
+        return client.refund(TRANS_ID, REFUND_ID, Decimal("1.50"), "USD")
+
+
+def _echoes(answered: str, asked: str, name: str) -> bool:
+    if name.endswith("amount"):
+        try:
+            return Decimal(answered) == Decimal(asked)
+        except ArithmeticError:
+            return False
+    return answered == asked
+
+
+@settings(FUZZ, max_examples=400)
+@given(answer=service_answers())
+def test_no_answer_decides_without_a_verified_signature_and_every_required_echo(
+    answer: ServiceAnswer,
+) -> None:
+    result = service_result(answer)
+    event(f"{answer.service} {result.outcome.value}")
+    assert result.error is None or ERROR_CODE_RE.fullmatch(result.error), result.error
+    if result.verified:
+        assert answer.envelope == "alipay", "an answer Alipay did not sign was verified"
+    if result.outcome not in (Outcome.SUCCESS, Outcome.FAILED):
+        return
+    assert result.verified and answer.envelope == "alipay"
+    fields = answer.fields
+    required = REQUIRED[answer.service]
+    if answer.service == "query" and (result.outcome is Outcome.FAILED or not answer.amount_given):
+        required = ("partner_trans_id",)  # no amount asked, or "no such trade" has none
+    for name in required:
+        assert name in fields, f"{result.outcome.value} without {name}"
+    asked = dict(ASKED[answer.service])
+    if answer.service == "query" and not answer.amount_given:
+        del asked["trans_amount"], asked["currency"]
+    for name, value in asked.items():
+        if name in fields:
+            assert _echoes(fields[name], value, name), f"{name} differs"
+    if result.outcome is Outcome.SUCCESS:
+        assert fields["result_code"] == "SUCCESS"
+    else:
+        assert fields["result_code"] in ("FAILED", "FAIL")
+
+
+@settings(FUZZ, max_examples=200)
+@given(
+    service=st.sampled_from(SERVICES),
+    text=st.text(max_size=80),
+    signed_by_alipay=st.booleans(),
+)
+def test_any_error_text_comes_out_as_a_well_formed_code(
+    service: str, text: str, signed_by_alipay: bool
+) -> None:
+    if signed_by_alipay:
+        fields = {"result_code": RESULT_CODES[service][1], **ASKED[service]}
+        fields["detail_error_code" if service == "cancel" else "error"] = text
+        body = render_answer(fields, key_pair(SignType.MD5).alipay, encoding="UTF-8")
+    else:
+        body = render_answer(None, None, error=text or "X", encoding="UTF-8")
+    answer = ServiceAnswer(service, True, SignType.MD5, "alipay", {}, body)
+    result = call(lambda: service_result(answer))
+    if result is not None:
+        assert result.error is None or ERROR_CODE_RE.fullmatch(result.error), result.error
+        assert all(" " <= char <= "~" for char in result.detail), result.detail
+
+
 # -- end to end over HTTP, fewer examples ---------------------------------------------------------
 
 
@@ -596,9 +791,9 @@ def test_mutated_answers_over_http_are_never_success_unless_intact(
         pay_timeout_s=2.0,
     )
     with AlipayClient(settings_) as client:
-        outcome = call(lambda: client.pay(order()).outcome)
-    if outcome is not None:
-        assert_success_only_for_the_signed_content(answer, outcome)
+        result = call(lambda: client.pay(order()))
+    if result is not None:
+        assert_decisive_only_for_the_signed_content(answer, result)
 
 
 # -- regression tests for the findings (fixed) ---------------------------------------------------

@@ -1,4 +1,5 @@
-"""The offline journal: durable records, resumable state, erased codes, corrupt files refused."""
+"""The offline journal: durable records, resumable state, no payment codes, corrupt files
+refused."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _open(journal: Journal, ref: str = "VM-1-20261126000000-aa") -> object:
         amount=Decimal("1.50"),
         currency="USD",
         item="coffee",
-        buyer_code=CODE,
+        code_last4=CODE[-4:],
         trans_create_time="20261126000000",
     )
 
@@ -63,18 +64,27 @@ def test_unfinished_transactions_survive_a_reopen(tmp_path: Path) -> None:
     with Journal(tmp_path) as journal:
         [resumed] = journal.unfinished()
         assert resumed.state is TxnState.VENDING
-        assert resumed.buyer_code == CODE
+        assert resumed.code_last4 == CODE[-4:]
         assert resumed.amount == Decimal("1.50")
 
 
-def test_final_state_erases_the_code_from_every_file(tmp_path: Path) -> None:
+def test_an_open_transaction_keeps_only_the_last_four_digits(tmp_path: Path) -> None:
+    with Journal(tmp_path) as journal:
+        _open(journal)
+        # while open, WAL and all: no whole code anywhere (SPEC rule 6)
+        assert [p.name for p in tmp_path.iterdir() if CODE[-8:].encode() in p.read_bytes()] == []
+        assert any(CODE[-4:].encode() in p.read_bytes() for p in tmp_path.iterdir())
+
+
+def test_whole_codes_an_older_journal_kept_are_scrubbed_on_open(tmp_path: Path) -> None:
     with Journal(tmp_path) as journal:
         txn = _open(journal)
-        done = journal.update(txn, state=TxnState.VENDED)
-        assert done.buyer_code is None
-        assert journal.unfinished() == []
-    leftovers = [p for p in tmp_path.iterdir() if CODE.encode() in p.read_bytes()]
-    assert leftovers == []
+        # as the first firmware wrote it: the whole code beside an open transaction
+        journal._conn.execute("UPDATE transactions SET buyer_code=? WHERE ref=?", (CODE, txn.ref))
+    assert any(CODE.encode() in p.read_bytes() for p in tmp_path.iterdir())
+    with Journal(tmp_path) as journal:
+        assert [p.name for p in tmp_path.iterdir() if CODE.encode() in p.read_bytes()] == []
+        assert journal.unfinished()[0].code_last4 == CODE[-4:]
 
 
 def test_export_masks_the_code_while_open_and_drops_it_when_final(tmp_path: Path) -> None:

@@ -3,23 +3,26 @@ resolved by query then cancel, every failed vend is reversed, and the ledger agr
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
 from drivers.vend_fake import FakeVendOutput
-from kiosk.alipay.client import AlipayClient, PayOrder, PayResult
+from kiosk.alipay.client import AlipayClient, Outcome, PayOrder, PayResult
 from kiosk.alipay.signing import SignType
-from kiosk.journal import Journal, TxnState
+from kiosk.journal import Journal, Transaction, TxnState
 from kiosk.payment import (
+    BEIJING,
     FlowSettings,
     PaymentFlow,
     SaleResult,
     cancel_window_open,
     refunds_paused,
+    trans_create_time,
 )
 from kiosk.payment_code import PaymentCode
 from kiosk.ports import VendResult
@@ -118,7 +121,7 @@ def test_paid_scan_vends_and_the_ledger_holds_the_money(
     assert vend.approvals == [(sale.ref, PRICE)]
     assert held(simulator, sale.ref)
     txn = journal.get(sale.ref)
-    assert txn is not None and txn.state is TxnState.VENDED and txn.buyer_code is None
+    assert txn is not None and txn.state is TxnState.VENDED
 
 
 def test_pay_is_journaled_before_it_is_sent(
@@ -138,22 +141,18 @@ def test_pay_is_journaled_before_it_is_sent(
     assert seen == [["pay"]]
 
 
-def test_a_retried_pay_request_is_identical(
+def test_a_pay_whose_answer_was_lost_is_never_sent_again(
     make_flow: Callable[..., PaymentFlow],
     simulator: GatewaySimulator,
+    journal: Journal,
 ) -> None:
-    flow = make_flow()
-    txn = flow.journal.open_transaction(
-        ref="VM-TEST-1",
-        amount=PRICE,
-        currency="USD",
-        item="coffee",
-        buyer_code=payment_code("0001"),
-        trans_create_time="20261126000000",
-    )
-    first = flow.client.pay_params(flow._order(txn))
-    again = flow.client.pay_params(flow._order(flow.journal.get("VM-TEST-1")))
-    assert first == again
+    """The code is not in the journal, and nothing needs it: a restart queries and cancels."""
+    open_and_pay(make_flow(), "VM-TEST-1", "0001")
+    settle_all(make_flow(), journal)
+    services = [r.service for r in simulator.requests_seen]
+    assert services.count("pay") == 1 and "cancel" in services
+    assert journal.get("VM-TEST-1").state is TxnState.CANCELLED
+    assert not held(simulator, "VM-TEST-1")
 
 
 # -- declined -----------------------------------------------------------------------------
@@ -357,16 +356,7 @@ def test_restart_with_a_charge_in_flight_reverses_it(
     journal: Journal,
     state: TxnState,
 ) -> None:
-    flow = make_flow()
-    txn = journal.open_transaction(
-        ref="VM-TEST-crash",
-        amount=PRICE,
-        currency="USD",
-        item="coffee",
-        buyer_code=payment_code("0001"),
-        trans_create_time=_now_stamp(),
-    )
-    flow.client.pay(flow._order(txn))  # the pay went out, then the kiosk died
+    txn = open_and_pay(make_flow(), "VM-TEST-crash", "0001")  # then the kiosk died
     journal.update(txn, state=state)
     settle_all(make_flow(), journal)
     assert not held(simulator, "VM-TEST-crash")
@@ -378,14 +368,7 @@ def test_restart_with_a_pay_journaled_but_never_sent_burns_the_id(
     simulator: GatewaySimulator,
     journal: Journal,
 ) -> None:
-    journal.open_transaction(
-        ref="VM-TEST-unsent",
-        amount=PRICE,
-        currency="USD",
-        item="coffee",
-        buyer_code=payment_code("0001"),
-        trans_create_time=_now_stamp(),
-    )
+    open_row(journal, "VM-TEST-unsent", "0001")
     settle_all(make_flow(), journal)
     assert journal.get("VM-TEST-unsent").state is TxnState.CANCELLED
     assert simulator.ledger.trade(PARTNER, "VM-TEST-unsent") is None
@@ -403,16 +386,7 @@ def test_restart_mid_vend_waits_for_the_controller_then_reverses(
     report: VendResult,
     final: TxnState,
 ) -> None:
-    flow = make_flow()
-    txn = journal.open_transaction(
-        ref="VM-TEST-vending",
-        amount=PRICE,
-        currency="USD",
-        item="coffee",
-        buyer_code=payment_code("0001"),
-        trans_create_time=_now_stamp(),
-    )
-    flow.client.pay(flow._order(txn))
+    txn = open_and_pay(make_flow(), "VM-TEST-vending", "0001")
     journal.update(txn, state=TxnState.VENDING)
     vend.script_report(report)
     settle_all(make_flow(), journal)
@@ -442,19 +416,55 @@ def test_stopping_parks_a_query_at_a_journaled_point(
 @pytest.mark.parametrize(
     ("created", "now", "open_"),
     [
-        ("20261126010000", datetime(2026, 11, 26, 15, 59, tzinfo=UTC), True),  # 23:59 Beijing
-        ("20261126010000", datetime(2026, 11, 26, 16, 14, tzinfo=UTC), True),  # grace
-        ("20261126010000", datetime(2026, 11, 26, 16, 16, tzinfo=UTC), False),
-        ("20261125170000", datetime(2026, 11, 26, 15, 0, tzinfo=UTC), True),  # 01:00 Beijing
-        ("20261125150000", datetime(2026, 11, 25, 16, 20, tzinfo=UTC), False),  # 23:00 → 00:20
+        # trans_create_time is Beijing time (UTC+8); `now` is UTC
+        ("20261126090000", datetime(2026, 11, 26, 15, 59, tzinfo=UTC), True),  # 23:59 Beijing
+        ("20261126090000", datetime(2026, 11, 26, 16, 14, tzinfo=UTC), True),  # grace
+        ("20261126090000", datetime(2026, 11, 26, 16, 16, tzinfo=UTC), False),
+        ("20261126010000", datetime(2026, 11, 26, 15, 0, tzinfo=UTC), True),  # 01:00 → 23:00
+        ("20261125230000", datetime(2026, 11, 25, 16, 20, tzinfo=UTC), False),  # 23:00 → 00:20
     ],
 )
 def test_cancel_window_follows_the_beijing_day(created: str, now: datetime, open_: bool) -> None:
     assert cancel_window_open(created, now) is open_
 
 
-def _now_stamp() -> str:
-    return datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+def test_trans_create_time_is_sent_in_beijing_time(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator
+) -> None:
+    before = datetime.now(UTC)
+    sell(make_flow(), "0001")
+    sent = simulator.requests_seen[0].params["trans_create_time"]
+    stamp = datetime.strptime(sent, "%Y%m%d%H%M%S").replace(tzinfo=BEIJING)
+    assert before - timedelta(seconds=1) <= stamp <= datetime.now(UTC) + timedelta(seconds=1)
+    assert sent == trans_create_time(stamp)
+
+
+def open_row(journal: Journal, ref: str, suffix: str, stamp: str | None = None) -> Transaction:
+    """A transaction as a sale journals it before its pay is sent."""
+    return journal.open_transaction(
+        ref=ref,
+        amount=PRICE,
+        currency="USD",
+        item="coffee",
+        code_last4=suffix,
+        trans_create_time=stamp or trans_create_time(datetime.now(UTC)),
+    )
+
+
+def open_and_pay(flow: PaymentFlow, ref: str, suffix: str, stamp: str | None = None) -> Transaction:
+    """A journaled transaction whose pay went out (its answer lost with the kiosk)."""
+    txn = open_row(flow.journal, ref, suffix, stamp)
+    order = PayOrder(
+        partner_trans_id=ref,
+        amount=PRICE,
+        currency="USD",
+        buyer_identity_code=payment_code(suffix),
+        trans_name=SETTINGS.trans_name,
+        trans_create_time=txn.trans_create_time,
+        extend_info=SETTINGS.extend_info,
+    )
+    flow.client.pay(order)
+    return txn
 
 
 @pytest.mark.parametrize(
@@ -480,3 +490,326 @@ def test_attempts_count_only_requests_that_reached_a_gateway(
     paid = sell(make_flow(query_deadline_s=4.0), "1001", 2)  # pay, then queries until paid
     seen = [r for r in simulator.requests_seen if r.params.get("partner_trans_id") == paid.ref]
     assert journal.get(paid.ref).attempts == len(seen) >= 2
+
+
+# -- reversal follows Alipay's answer, never the local clock alone ----------------------------
+
+DAYTIME = datetime(2026, 11, 26, 6, 0, tzinfo=UTC)  # 14:00 Beijing: refunds are not paused
+THIRTY_HOURS_AGO = trans_create_time(DAYTIME - timedelta(hours=30))
+
+
+def flow_at(
+    make_client: Callable[..., AlipayClient],
+    journal: Journal,
+    vend: FakeVendOutput,
+    now: datetime,
+) -> PaymentFlow:
+    return PaymentFlow(make_client(), journal, vend, SETTINGS, wall_clock=lambda: now)
+
+
+def test_restart_past_the_cancel_window_with_a_pay_never_sent_is_cancelled_without_alarm(
+    make_client: Callable[..., AlipayClient],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    open_row(journal, "VM-TEST-old", "0001", THIRTY_HOURS_AGO)
+    settle_all(flow_at(make_client, journal, vend, DAYTIME), journal)
+    txn = journal.get("VM-TEST-old")
+    assert txn.state is TxnState.CANCELLED
+    assert "refund" not in [r.service for r in simulator.requests_seen]
+
+
+def test_restart_past_the_cancel_window_with_an_unpaid_trade_is_cancelled_not_refunded(
+    make_client: Callable[..., AlipayClient],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    flow = flow_at(make_client, journal, vend, DAYTIME)
+    txn = open_and_pay(flow, "VM-TEST-unpaid", "1002", THIRTY_HOURS_AGO)  # waits for the buyer
+    journal.update(txn, state=TxnState.QUERYING)
+    settle_all(flow, journal)
+    assert journal.get("VM-TEST-unpaid").state is TxnState.CANCELLED
+    assert "refund" not in [r.service for r in simulator.requests_seen]
+    assert not simulator.ledger.trade(PARTNER, "VM-TEST-unpaid").charged
+
+
+def test_reversal_tries_cancel_first_even_when_the_local_clock_says_the_window_closed(
+    make_client: Callable[..., AlipayClient],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    """A clock a day ahead must not turn a same-day reversal into a refund."""
+    flow = flow_at(make_client, journal, vend, datetime.now(UTC) + timedelta(days=1))
+    txn = open_and_pay(flow, "VM-TEST-ahead", "0001", trans_create_time(datetime.now(UTC)))
+    journal.update(txn, state=TxnState.PAID)
+    settle_all(flow, journal)
+    assert journal.get("VM-TEST-ahead").state is TxnState.CANCELLED
+    assert [r.service for r in simulator.requests_seen][-1] == "cancel"
+    assert not held(simulator, "VM-TEST-ahead")
+
+
+def test_cancel_timestamp_is_fresh_on_every_send(
+    make_client: Callable[..., AlipayClient],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    ticks = iter(range(10_000))
+    flow = PaymentFlow(
+        make_client(),
+        journal,
+        vend,
+        SETTINGS,
+        wall_clock=lambda: datetime.now(UTC) + timedelta(seconds=next(ticks)),
+    )
+    txn = open_and_pay(flow, "VM-TEST-retry", "0001")
+    journal.update(txn, state=TxnState.CANCELLING)
+    simulator.inject(FaultPlan(Fault.SYSTEM_ERROR_CHARGED, service="cancel", times=2))
+    settle_all(flow, journal)
+    sent = [r.params["timestamp"] for r in simulator.requests_seen if r.service == "cancel"]
+    journaled = [
+        r["params"]["timestamp"]
+        for r in journal.requests_for("VM-TEST-retry")
+        if r["kind"] == "cancel"
+    ]
+    assert len(sent) == 3 and len(set(sent)) == 3
+    assert journaled == sent
+    assert journal.get("VM-TEST-retry").state is TxnState.CANCELLED
+
+
+def test_no_file_in_the_state_dir_holds_a_whole_payment_code(
+    make_flow: Callable[..., PaymentFlow],
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    flow = make_flow(query_deadline_s=0.2)
+    codes = [payment_code(suffix, n) for n, suffix in enumerate(("0001", "1002", "2022"), 1)]
+    vend.script(VendResult.VENDED)
+    for code in codes:
+        flow.sell(PaymentCode.parse(code), PRICE, "coffee")
+    files = list(journal.path.parent.iterdir())
+    assert any(f.name.endswith("-wal") for f in files)  # open: the WAL is there too
+    for f in files:
+        data = f.read_bytes()
+        for code in codes:
+            assert code.encode() not in data, f"{f.name} holds a whole payment code"
+
+
+# -- refusals that prove nothing never settle money -------------------------------------------
+
+
+def answer_instead(flow: PaymentFlow, call: str, **fields: object) -> None:
+    """The request really goes to the gateway (and takes effect there); the kiosk gets an
+    answer with these fields instead, e.g. an unsigned rejection (`is_success=F`)."""
+    real = getattr(flow.client, call)
+
+    def replaced(*args: object, **kwargs: object) -> object:
+        return dataclasses.replace(real(*args, **kwargs), **fields)
+
+    setattr(flow.client, call, replaced)
+
+
+UNSIGNED = {"outcome": Outcome.REJECTED, "verified": False}
+
+
+@pytest.mark.parametrize(
+    ("code", "result"),
+    [
+        ("ILLEGAL_SIGN", SaleResult.OUT_OF_SERVICE),  # a key rotation at Alipay
+        ("BUYER_BALANCE_NOT_ENOUGH", SaleResult.DECLINED),
+    ],
+)
+def test_unsigned_pay_refusal_is_shown_but_the_charge_behind_it_is_reversed(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    watch: Watch,
+    code: str,
+    result: SaleResult,
+) -> None:
+    flow = make_flow()
+    answer_instead(flow, "pay", error=code, alipay_trans_id=None, **UNSIGNED)
+    sale = sell(flow, "0001")  # the gateway charged it
+    assert (sale.result, sale.reason) == (result, code)
+    assert (f"merchant:{code}" in watch.events) is (result is SaleResult.OUT_OF_SERVICE)
+    assert not journal.get(sale.ref).final  # not declined on an unsigned word
+    settle_all(make_flow(), journal)
+    assert journal.get(sale.ref).state is TxnState.CANCELLED
+    assert not held(simulator, sale.ref)
+
+
+def test_unsigned_no_such_trade_never_ends_a_reversal(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    """Cancel says never (retry_flag=N); an unsigned TRADE_NOT_EXIST must not close the books
+    on a paid trade: the refund still goes out once a signed query shows it paid."""
+    vend.script(VendResult.FAILED)
+    flow = make_flow(cancel_tries_in_foreground=1)
+    answer_instead(
+        flow, "query", error="TRADE_NOT_EXIST", trade_status=None, alipay_trans_id=None, **UNSIGNED
+    )
+    sale = sell(flow, "4001")  # pays; its cancels fail with retry_flag=N
+    assert sale.result is SaleResult.REVERSED
+    assert journal.get(sale.ref).state is TxnState.CANCELLING
+    assert held(simulator, sale.ref)
+    settle_all(make_flow(), journal)
+    assert journal.get(sale.ref).state is TxnState.REFUNDED
+    assert not held(simulator, sale.ref)
+
+
+def test_unsigned_refund_refusal_is_retried_not_sent_to_attention(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    vend.script(VendResult.FAILED)
+    flow = make_flow(cancel_tries_in_foreground=1)
+    answer_instead(flow, "refund", error="ILLEGAL_SIGN", **UNSIGNED)
+    sale = sell(flow, "4001")
+    for _ in range(3):
+        flow.settle(journal.get(sale.ref))
+    assert journal.get(sale.ref).state is TxnState.REFUNDING
+    settle_all(make_flow(), journal)  # the key works again
+    assert journal.get(sale.ref).state is TxnState.REFUNDED
+    assert not held(simulator, sale.ref)
+
+
+def test_refused_pay_naming_a_trade_is_cancelled_before_it_is_final(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+) -> None:
+    """PAYMENT_FAIL with an alipay_trans_id: the trade may still be open (here it waits for
+    the buyer, who could still confirm). It is closed before the refusal is final."""
+    flow = make_flow()
+    real = flow.client.pay
+
+    def failed_naming_the_trade(order: PayOrder) -> PayResult:
+        answer = real(order)
+        trade = simulator.ledger.trade(PARTNER, order.partner_trans_id)
+        return dataclasses.replace(
+            answer,
+            outcome=Outcome.FAILED,
+            error="PAYMENT_FAIL",
+            alipay_trans_id=trade.alipay_trans_id,
+        )
+
+    flow.client.pay = failed_naming_the_trade  # type: ignore[method-assign]
+    sale = sell(flow, "1002")  # a trade waiting for the buyer
+    assert (sale.result, sale.reason) == (SaleResult.DECLINED, "PAYMENT_FAIL")
+    assert journal.get(sale.ref).state is TxnState.CANCELLING
+    settle_all(make_flow(), journal)
+    txn = journal.get(sale.ref)
+    assert (txn.state, txn.error_code) == (TxnState.CANCELLED, "PAYMENT_FAIL")
+    assert simulator.ledger.trade(PARTNER, sale.ref).status == "TRADE_CLOSED"
+
+
+# -- abandoned: the controller dropped the request before approval (MDB) ----------------------
+
+
+def test_a_sale_abandoned_while_the_pay_is_in_flight_is_reversed_and_never_vended(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    flow = make_flow()
+    abandoned = threading.Event()
+    real_pay = flow.client.pay
+
+    def pay_while_the_customer_walks_away(order: PayOrder) -> PayResult:
+        result = real_pay(order)  # Alipay takes the money ...
+        abandoned.set()  # ... while the machine drops the request
+        return result
+
+    flow.client.pay = pay_while_the_customer_walks_away  # type: ignore[method-assign]
+    states: list[TxnState] = []
+    real_update = journal.update
+
+    def update(txn: Transaction, **changes: object) -> Transaction:
+        updated = real_update(txn, **changes)  # type: ignore[arg-type]
+        states.append(updated.state)
+        return updated
+
+    journal.update = update  # type: ignore[method-assign]
+    sale = flow.sell(PaymentCode.parse(payment_code("0001")), PRICE, "coffee", abandoned)
+    assert (sale.result, sale.reason) == (SaleResult.REVERSED, "CANCELLED")
+    assert vend.approvals == []  # never dispensed
+    trade = simulator.ledger.trade(PARTNER, sale.ref)
+    assert trade is not None and trade.charged and not trade.holds_money
+    assert journal.get(sale.ref).state is TxnState.CANCELLED
+    # Never journaled as vending: a restart must not wait for a report that is not this sale's.
+    assert TxnState.VENDING not in states and states[-1] is TxnState.CANCELLED
+    services = [r.service for r in simulator.requests_seen]
+    assert services == ["pay", "cancel"]  # cancel first, as for a failed vend
+
+
+def test_a_sale_abandoned_while_querying_stops_querying_and_cancels(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    flow = make_flow(query_deadline_s=30.0)  # without the abandon it would query for 30 s
+    abandoned = threading.Event()
+    real_query = flow.client.query
+    queries = 0
+
+    def query(*args: object, **kwargs: object) -> object:
+        nonlocal queries
+        queries += 1
+        if queries == 2:
+            abandoned.set()  # the customer cancels while the buyer has not confirmed
+        return real_query(*args, **kwargs)  # type: ignore[arg-type]
+
+    flow.client.query = query  # type: ignore[method-assign]
+    # 1002: UNKNOW, and the buyer never confirms.
+    sale = flow.sell(PaymentCode.parse(payment_code("1002")), PRICE, "coffee", abandoned)
+    assert (sale.result, sale.reason) == (SaleResult.DECLINED, "CANCELLED")
+    assert queries == 2
+    assert vend.approvals == []
+    assert not held(simulator, sale.ref)
+    assert journal.get(sale.ref).state is TxnState.CANCELLED
+    assert [r.service for r in simulator.requests_seen][-1] == "cancel"
+
+
+def test_a_sale_abandoned_before_a_query_finds_it_paid_is_reversed(
+    make_flow: Callable[..., PaymentFlow],
+    simulator: GatewaySimulator,
+    journal: Journal,
+    vend: FakeVendOutput,
+) -> None:
+    flow = make_flow(query_deadline_s=30.0)
+    abandoned = threading.Event()
+    real_query = flow.client.query
+
+    def query(*args: object, **kwargs: object) -> object:
+        result = real_query(*args, **kwargs)  # type: ignore[arg-type]
+        abandoned.set()  # dropped while this query was on its way back
+        return result
+
+    flow.client.query = query  # type: ignore[method-assign]
+    # 3003: charged, the pay answered SYSTEM_ERROR; the first query finds it paid.
+    sale = flow.sell(PaymentCode.parse(payment_code("3003")), PRICE, "coffee", abandoned)
+    assert (sale.result, sale.reason) == (SaleResult.REVERSED, "CANCELLED")
+    assert vend.approvals == []
+    assert not held(simulator, sale.ref)
+    assert simulator.ledger.trade(PARTNER, sale.ref).charged
+    assert journal.get(sale.ref).state is TxnState.CANCELLED
+
+
+def test_a_sale_not_abandoned_sells_as_before(
+    make_flow: Callable[..., PaymentFlow], simulator: GatewaySimulator, vend: FakeVendOutput
+) -> None:
+    abandoned = threading.Event()
+    sale = make_flow().sell(PaymentCode.parse(payment_code("0001")), PRICE, "coffee", abandoned)
+    assert sale.result is SaleResult.VENDED
+    assert vend.approvals == [(sale.ref, PRICE)]
+    assert held(simulator, sale.ref)

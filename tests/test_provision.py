@@ -192,7 +192,7 @@ def test_bad_config_writes_crlf_error_file_and_installs_nothing(boot: Path, etc:
     raw = error_file.read_bytes()
     assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")
     partner_line = text.splitlines().index('partner = "123"') + 1
-    assert f"kiosk.toml:{partner_line}: alipay.partner '123'" in raw.decode()
+    assert f"kiosk.toml:{partner_line}:1: error: alipay.partner '123'" in raw.decode()
     assert "What to do" in raw.decode()
     assert not etc.exists()
     assert (boot / "kiosk.toml").read_text() == text
@@ -313,7 +313,7 @@ def test_run_provision_exit_codes(
     monkeypatch.setattr(os, "geteuid", lambda: 1000)  # not root: no chown to user kiosk
     (boot / "kiosk.toml").write_text(SOURCE.replace("VM-0042", "VM 0042"))
     assert run_provision(boot / "kiosk.toml", etc) == 2
-    assert "kiosk.toml:3: " in capsys.readouterr().err
+    assert "kiosk.toml:3:1: error: " in capsys.readouterr().err
 
     (boot / "kiosk.toml").write_text(SOURCE)
     assert run_provision(boot / "kiosk.toml", etc) == 0

@@ -1,5 +1,6 @@
-"""`kiosk selftest` at a machine: lights and buzzer on gpiozero's MockFactory, a serial
-scanner on a pty, a relay vend output; each step is reported."""
+"""`kiosk selftest` at a machine: the gateway simulator on loopback for DNS, TLS and a signed
+request, lights and buzzer on gpiozero's MockFactory, a serial scanner on a pty, a relay vend
+output; each step is reported."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from gpiozero import Device
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from kiosk.selftest import run_selftest
+from kiosk.simulator import GatewaySimulator
 from tests.conftest import PARTNER, payment_code
+
+ALIPAY = "https://globalmapi.alipay.com/gateway.do"
 
 
 @pytest.fixture
@@ -39,14 +43,15 @@ def scanner_pty() -> Iterator[tuple[int, str]]:
         os.close(slave)
 
 
-def _config(tmp_path: Path, port: str) -> Path:
+def _config(tmp_path: Path, port: str, gateway: str = ALIPAY, md5_key: str = "") -> Path:
     path = tmp_path / "kiosk.toml"
     path.write_text(f"""
 [kiosk]
 terminal_id = "VM-SELF"
 state_dir = "{tmp_path / "state"}"
 [alipay]
-gateway = "https://globalmapi.alipay.com/gateway.do"
+gateway = "{gateway}"
+allow_http = {"true" if gateway.startswith("http:") else "false"}
 partner = "{PARTNER}"
 sign_type = "MD5"
 md5_key_file = "{tmp_path / "md5.key"}"
@@ -70,13 +75,13 @@ relay_pin = 23
 pulse_ms = 50
 """)
     key = tmp_path / "md5.key"
-    key.write_text("8f0b3c7e2a9d4f6b1c5e7a9d3f2b4c6e")
+    key.write_text(md5_key or "8f0b3c7e2a9d4f6b1c5e7a9d3f2b4c6e")
     key.chmod(0o600)
     return path
 
 
 def test_selftest_reports_every_step_and_pulses_the_relay(
-    tmp_path: Path, pins: MockFactory, scanner_pty: tuple[int, str]
+    tmp_path: Path, pins: MockFactory, scanner_pty: tuple[int, str], simulator: GatewaySimulator
 ) -> None:
     master, port = scanner_pty
     lines: list[str] = []
@@ -103,9 +108,22 @@ def test_selftest_reports_every_step_and_pulses_the_relay(
 
     typist = threading.Thread(target=type_until_read)
     typist.start()
-    status = run_selftest(_config(tmp_path, port), scan_timeout_s=10, out=out, step_s=0.01)
+    status = run_selftest(
+        _config(tmp_path, port, simulator.url),
+        scan_timeout_s=10,
+        out=out,
+        step_s=0.01,
+        clock_synced=lambda: True,
+    )
     typist.join(10)
     assert status == 0, lines
+    assert lines[:5] == [
+        "[ok] gateway DNS 127.0.0.1: 127.0.0.1",
+        "[skip] gateway TLS 127.0.0.1: plain http (alipay.allow_http): no TLS",
+        "[ok] clock: synchronised",
+        "[ok] Alipay signed request: accepted; the answer's signature verified",
+        "[ok] lights: ready: look at the panel",
+    ]
     assert any("[ok] lights: ready" in line for line in lines)
     assert any("[ok] buzzer: error" in line for line in lines)
     assert any("[ok] scanner: read a payment code" in line and "0001" in line for line in lines)
@@ -115,13 +133,59 @@ def test_selftest_reports_every_step_and_pulses_the_relay(
 
 
 def test_selftest_says_which_step_failed_when_no_scan_comes(
-    tmp_path: Path, pins: MockFactory, scanner_pty: tuple[int, str]
+    tmp_path: Path, pins: MockFactory, scanner_pty: tuple[int, str], simulator: GatewaySimulator
 ) -> None:
     _, port = scanner_pty
     lines: list[str] = []
     status = run_selftest(
-        _config(tmp_path, port), scan_timeout_s=0.3, out=lines.append, step_s=0.01
+        _config(tmp_path, port, simulator.url),
+        scan_timeout_s=0.3,
+        out=lines.append,
+        step_s=0.01,
+        clock_synced=lambda: True,
     )
     assert status == 1
     assert "[FAIL] scanner: no scan arrived" in lines
     assert lines[-1] == "selftest: 1 step(s) failed"
+
+
+def test_selftest_says_alipay_refused_a_request_signed_with_the_wrong_key(
+    tmp_path: Path, pins: MockFactory, scanner_pty: tuple[int, str], simulator: GatewaySimulator
+) -> None:
+    _, port = scanner_pty
+    lines: list[str] = []
+    config = _config(tmp_path, port, simulator.url, md5_key="0" * 32)
+    run_selftest(config, scan_timeout_s=0.1, out=lines.append, step_s=0, clock_synced=lambda: True)
+    signed = next(line for line in lines if "Alipay signed request" in line)
+    assert signed.startswith("[FAIL] Alipay signed request: not accepted: ILLEGAL_SIGN"), signed
+
+
+def test_selftest_fails_an_unsynchronised_clock(
+    tmp_path: Path, pins: MockFactory, scanner_pty: tuple[int, str], simulator: GatewaySimulator
+) -> None:
+    _, port = scanner_pty
+    lines: list[str] = []
+    config = _config(tmp_path, port, simulator.url)
+    run_selftest(config, scan_timeout_s=0.1, out=lines.append, step_s=0, clock_synced=lambda: False)
+    assert "[FAIL] clock: not synchronised: no payments until NTP or timesyncd sets it" in lines
+
+
+def test_selftest_with_a_person_asks_what_it_cannot_see(
+    tmp_path: Path, pins: MockFactory, scanner_pty: tuple[int, str], simulator: GatewaySimulator
+) -> None:
+    _, port = scanner_pty
+    lines: list[str] = []
+    asked: list[str] = []
+
+    def ask(question: str) -> bool:
+        asked.append(question)
+        return question != "did the red light come on?"
+
+    config = _config(tmp_path, port, simulator.url)
+    run_selftest(config, scan_timeout_s=0.1, out=lines.append, ask=ask, clock_synced=lambda: True)
+    assert asked[0] == "did the green light come on?"
+    assert len(asked) == 7  # four light states, two sounds, the relay (no sense input)
+    assert asked[-1] == "did the relay click (or the machine dispense)?"
+    assert "[ok] lights: ready: seen" in lines
+    assert "[FAIL] lights: declined: not seen" in lines
+    assert "[ok] buzzer: error: heard" in lines

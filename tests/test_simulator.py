@@ -10,7 +10,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -24,6 +24,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from defusedxml import ElementTree as SafeET
 
+from kiosk.alipay.client import (
+    AlipayClient,
+    CancelResult,
+    GatewaySettings,
+    Outcome,
+    PayOrder,
+    PayResult,
+    QueryResult,
+    RefundResult,
+)
 from kiosk.alipay.signing import Md5Signature, RsaSignature, Signature, SignType, presign_string
 from kiosk.log import mask_code
 from kiosk.simulator import (
@@ -34,6 +44,7 @@ from kiosk.simulator import (
     MerchantAccount,
     TradeStatus,
 )
+from tests.conftest import payment_code
 
 PARTNER = "2088101122334455"
 MD5_KEY = b"0123456789abcdef0123456789abcdef"
@@ -234,7 +245,11 @@ def test_md5_request_of_published_test_vector_is_accepted(sim: GatewaySimulator)
     }
     answer = parse(post(sim.url, params))
     assert answer.is_success == "T"
-    assert answer.fields == {"result_code": "FAIL", "error": "TRADE_NOT_EXIST"}
+    assert answer.fields == {
+        "result_code": "FAIL",
+        "error": "TRADE_NOT_EXIST",
+        "partner_trans_id": "2010121000000002",
+    }
     assert verifies(sim, answer, md5_key=VECTOR_KEY)
 
 
@@ -420,7 +435,11 @@ def test_magic_code_1001_buyer_confirms_after_two_seconds(
 
 def test_query_of_unknown_trade_is_trade_not_exist(sim: GatewaySimulator, keys: Keys) -> None:
     answer = call(sim, keys, "query", query_params("T-NOWHERE"))
-    assert answer.fields == {"result_code": "FAIL", "error": "TRADE_NOT_EXIST"}
+    assert answer.fields == {
+        "result_code": "FAIL",
+        "error": "TRADE_NOT_EXIST",
+        "partner_trans_id": "T-NOWHERE",
+    }
 
 
 def test_query_by_alipay_trans_id_wins(sim: GatewaySimulator, keys: Keys) -> None:
@@ -703,6 +722,362 @@ def test_magic_code_3002_drops_after_charging(sim: GatewaySimulator, keys: Keys)
     with pytest.raises(requests.ConnectionError):
         call(sim, keys, "pay", pay_params("T-3002", code=new_code("3002")))
     assert held(sim, "T-3002")
+
+
+# What the client needs of every signed answer ---------------------------------------------------
+
+Scenario = tuple[str, dict[str, str], Answer]  # (service, the request's parameters, its answer)
+
+
+def _paid(sim: GatewaySimulator, keys: Keys, trans_id: str) -> None:
+    assert call(sim, keys, "pay", pay_params(trans_id)).fields["result_code"] == "SUCCESS"
+
+
+def _pay(
+    sim: GatewaySimulator, keys: Keys, params: dict[str, str], plan: FaultPlan | None = None
+) -> Scenario:
+    if plan is not None:
+        sim.inject(plan, partner_trans_id=params["partner_trans_id"])
+    return "pay", params, call(sim, keys, "pay", params)
+
+
+def _again(sim: GatewaySimulator, keys: Keys, params: dict[str, str], **change: str) -> Scenario:
+    call(sim, keys, "pay", params)
+    return _pay(sim, keys, {**params, **change})
+
+
+def _after_cancel(sim: GatewaySimulator, keys: Keys, params: dict[str, str]) -> Scenario:
+    call(sim, keys, "cancel", cancel_params(params["partner_trans_id"]))
+    return _pay(sim, keys, params)
+
+
+def _with_used_code(sim: GatewaySimulator, keys: Keys) -> Scenario:
+    code = new_code()
+    call(sim, keys, "pay", pay_params("E-CODE-1", code=code))
+    return _pay(sim, keys, pay_params("E-CODE-2", code=code))
+
+
+def _closed_then_retried(sim: GatewaySimulator, keys: Keys) -> Scenario:
+    params = pay_params("E-CLOSED")
+    sim.inject(FaultPlan(Fault.WAIT_BUYER_PAY, delay_s=None), partner_trans_id="E-CLOSED")
+    call(sim, keys, "pay", params)
+    call(sim, keys, "cancel", cancel_params("E-CLOSED"))
+    return _pay(sim, keys, params)
+
+
+def _other(
+    sim: GatewaySimulator,
+    keys: Keys,
+    service: str,
+    params: dict[str, str],
+    plan: FaultPlan | None = None,
+    paid: bool = True,
+    amount: str = "1.50",
+) -> Scenario:
+    trans_id = params.get("partner_trans_id") or params["out_trade_no"]
+    if paid:
+        assert call(sim, keys, "pay", pay_params(trans_id, amount=amount)).fields["result_code"]
+    if plan is not None:
+        sim.inject(plan, partner_trans_id=trans_id)
+    return service, params, call(sim, keys, service, params)
+
+
+def _unpaid(sim: GatewaySimulator, keys: Keys, service: str, params: dict[str, str]) -> Scenario:
+    trans_id = params.get("partner_trans_id") or params["out_trade_no"]
+    sim.inject(FaultPlan(Fault.WAIT_BUYER_PAY, delay_s=None), partner_trans_id=trans_id)
+    return _other(sim, keys, service, params)
+
+
+def _refund_twice(sim: GatewaySimulator, keys: Keys) -> Scenario:
+    _paid(sim, keys, "E-RTWICE")
+    call(sim, keys, "refund", refund_params("E-RTWICE", "R-TWICE", "0.50"))
+    return _other(sim, keys, "refund", refund_params("E-RTWICE", "R-TWICE", "0.70"), paid=False)
+
+
+Q, C = query_params, cancel_params
+SCENARIOS: dict[str, Callable[[GatewaySimulator, Keys], Scenario]] = {
+    "pay paid": lambda s, k: _pay(s, k, pay_params("E-PAID")),
+    "pay declined": lambda s, k: _pay(s, k, pay_params("E-DECL"), FaultPlan(Fault.DECLINE)),
+    "pay declined by magic code": lambda s, k: _pay(
+        s, k, pay_params("E-2022", code=new_code("2022"))
+    ),
+    "pay parameter error": lambda s, k: _pay(s, k, {**pay_params("E-PARAM"), "extend_info": "{}"}),
+    "pay SYSTEM_ERROR charged": lambda s, k: _pay(
+        s, k, pay_params("E-SYSC"), FaultPlan(Fault.SYSTEM_ERROR_CHARGED)
+    ),
+    "pay SYSTEM_ERROR not charged": lambda s, k: _pay(
+        s, k, pay_params("E-SYSN"), FaultPlan(Fault.SYSTEM_ERROR_NOT_CHARGED)
+    ),
+    "pay waiting for the buyer": lambda s, k: _pay(
+        s, k, pay_params("E-WAIT"), FaultPlan(Fault.WAIT_BUYER_PAY, delay_s=None)
+    ),
+    "pay in GBK": lambda s, k: _pay(s, k, pay_params("E-GBK"), FaultPlan(Fault.GBK)),
+    "pay retried with another amount": lambda s, k: _again(
+        s, k, pay_params("E-CTX"), trans_amount="2.00"
+    ),
+    "pay retried with another code": lambda s, k: _again(
+        s, k, pay_params("E-BUYER"), buyer_identity_code=new_code()
+    ),
+    "pay with a used code": _with_used_code,
+    "pay of a cancelled id": lambda s, k: _after_cancel(s, k, pay_params("E-BURNT")),
+    "pay retried after its trade closed": _closed_then_retried,
+    "query paid": lambda s, k: _other(s, k, "query", Q("E-QPAID")),
+    "query of no trade": lambda s, k: _other(s, k, "query", Q("E-QNONE"), paid=False),
+    "query SYSTEM_ERROR": lambda s, k: _other(
+        s, k, "query", Q("E-QSYS"), FaultPlan(Fault.SYSTEM_ERROR_NOT_CHARGED, service="query")
+    ),
+    "query declined": lambda s, k: _other(
+        s, k, "query", Q("E-QDECL"), FaultPlan(Fault.DECLINE, service="query")
+    ),
+    "cancel paid": lambda s, k: _other(s, k, "cancel", C("E-CPAID")),
+    "cancel of no trade": lambda s, k: _other(s, k, "cancel", C("E-CNONE"), paid=False),
+    "cancel after the window": lambda s, k: _other(
+        s, k, "cancel", C("E-CWIN"), FaultPlan(Fault.CANCEL_WINDOW_CLOSED)
+    ),
+    "cancel declined": lambda s, k: _other(
+        s, k, "cancel", C("E-CDECL"), FaultPlan(Fault.DECLINE, service="cancel")
+    ),
+    "cancel SYSTEM_ERROR": lambda s, k: _other(
+        s, k, "cancel", C("E-CSYS"), FaultPlan(Fault.SYSTEM_ERROR_CHARGED, service="cancel")
+    ),
+    "cancel naming another trade_no": lambda s, k: _other(
+        s, k, "cancel", {**C("E-CTNO"), "trade_no": "2024000000000000000000000000"}
+    ),
+    "cancel without a timestamp": lambda s, k: _other(
+        s, k, "cancel", {"out_trade_no": "E-CNOTS"}, paid=False
+    ),
+    "refund": lambda s, k: _other(s, k, "refund", refund_params("E-REF", "R-1", "1.50")),
+    "refund of too much": lambda s, k: _other(
+        s, k, "refund", refund_params("E-RMUCH", "R-1", "1.50"), amount="1.00"
+    ),
+    "refund of no trade": lambda s, k: _other(
+        s, k, "refund", refund_params("E-RNONE", "R-1", "1.50"), paid=False
+    ),
+    "refund of an unpaid trade": lambda s, k: _unpaid(
+        s, k, "refund", refund_params("E-RUNPAID", "R-1", "1.50")
+    ),
+    "refund in another currency": lambda s, k: _other(
+        s, k, "refund", {**refund_params("E-RCUR", "R-1", "1.50"), "currency": "HKD"}
+    ),
+    "refund id reused for another amount": _refund_twice,
+    "refund declined": lambda s, k: _other(
+        s,
+        k,
+        "refund",
+        refund_params("E-RDECL", "R-1", "1.50"),
+        FaultPlan(Fault.DECLINE, service="refund"),
+    ),
+    "refund SYSTEM_ERROR": lambda s, k: _other(
+        s,
+        k,
+        "refund",
+        refund_params("E-RSYS", "R-1", "1.50"),
+        FaultPlan(Fault.SYSTEM_ERROR_NOT_CHARGED, service="refund"),
+    ),
+}
+# The fields a client needs echoed, equal to its request (ALIPAY.md's answer fields).
+ECHOES = {
+    "pay": ("partner_trans_id", "trans_amount", "currency"),
+    "query": ("partner_trans_id",),
+    "cancel": ("out_trade_no",),
+    "refund": ("partner_trans_id", "partner_refund_id", "refund_amount", "currency"),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_every_signed_answer_echoes_what_its_request_asked(
+    sim: GatewaySimulator, keys: Keys, scenario: str
+) -> None:
+    service, params, answer = SCENARIOS[scenario](sim, keys)
+    assert answer.is_success == "T"
+    assert verifies(sim, answer)
+    for name in ECHOES[service]:
+        assert answer.fields.get(name) == params[name], name
+
+
+@pytest.mark.parametrize("scenario", ["query paid", "query SYSTEM_ERROR", "query declined"])
+def test_a_query_about_an_existing_trade_names_its_amount_and_currency(
+    sim: GatewaySimulator, keys: Keys, scenario: str
+) -> None:
+    _, params, answer = SCENARIOS[scenario](sim, keys)
+    trade = sim.ledger.trade(PARTNER, params["partner_trans_id"])
+    assert trade is not None
+    assert (answer.fields["trans_amount"], answer.fields["currency"]) == ("1.50", "USD")
+
+
+# The client's view of each fault: what it says on the tin -------------------------------------
+
+FAULT_VERDICTS: dict[str, tuple[FaultPlan, Outcome, str | None, str]] = {
+    # name: (the fault, on its service, what the client makes of it, its error, its detail)
+    "decline": (
+        FaultPlan(Fault.DECLINE, error="BUYER_BALANCE_NOT_ENOUGH"),
+        Outcome.FAILED,
+        "BUYER_BALANCE_NOT_ENOUGH",
+        "FAILED BUYER_BALANCE_NOT_ENOUGH",
+    ),
+    "system_error_charged": (
+        FaultPlan(Fault.SYSTEM_ERROR_CHARGED),
+        Outcome.UNKNOWN,
+        "SYSTEM_ERROR",
+        "FAILED SYSTEM_ERROR",
+    ),
+    "system_error_not_charged": (
+        FaultPlan(Fault.SYSTEM_ERROR_NOT_CHARGED),
+        Outcome.UNKNOWN,
+        "SYSTEM_ERROR",
+        "FAILED SYSTEM_ERROR",
+    ),
+    "http_500": (FaultPlan(Fault.HTTP_500), Outcome.UNKNOWN, None, "HTTP 500"),
+    "http_500 not charged": (
+        FaultPlan(Fault.HTTP_500, charge=False),
+        Outcome.UNKNOWN,
+        None,
+        "HTTP 500",
+    ),
+    "forged_signature": (
+        FaultPlan(Fault.FORGED_SIGNATURE),
+        Outcome.UNKNOWN,
+        None,
+        "bad signature",
+    ),
+    "gbk": (FaultPlan(Fault.GBK), Outcome.SUCCESS, None, "SUCCESS"),
+    "truncated": (FaultPlan(Fault.TRUNCATED), Outcome.UNKNOWN, None, "answer does not parse"),
+    "drop_after_charge": (
+        FaultPlan(Fault.DROP_AFTER_CHARGE),
+        Outcome.UNKNOWN,
+        None,
+        "connection closed without an answer",
+    ),
+    "slow_after_charge": (
+        FaultPlan(Fault.SLOW_AFTER_CHARGE, delay_s=5.0),
+        Outcome.UNKNOWN,
+        None,
+        "read timeout",
+    ),
+    "wait_buyer_pay": (
+        FaultPlan(Fault.WAIT_BUYER_PAY, delay_s=None),
+        Outcome.UNKNOWN,
+        None,
+        "UNKNOW",
+    ),
+    "query decline": (
+        FaultPlan(Fault.DECLINE, service="query"),
+        Outcome.FAILED,
+        "PAYMENT_FAIL",
+        "FAIL PAYMENT_FAIL",
+    ),
+    "query system_error": (
+        FaultPlan(Fault.SYSTEM_ERROR_NOT_CHARGED, service="query"),
+        Outcome.UNKNOWN,
+        "SYSTEM_ERROR",
+        "FAIL SYSTEM_ERROR",
+    ),
+    "query gbk": (FaultPlan(Fault.GBK, service="query"), Outcome.SUCCESS, None, "TRADE_SUCCESS"),
+    "cancel_window_closed": (
+        FaultPlan(Fault.CANCEL_WINDOW_CLOSED),
+        Outcome.FAILED,
+        "TRADE_CANCEL_TIME_OUT",
+        "FAIL TRADE_CANCEL_TIME_OUT",
+    ),
+    "cancel decline": (
+        FaultPlan(Fault.DECLINE, service="cancel"),
+        Outcome.FAILED,
+        "TRADE_STATUS_ERROR",
+        "FAIL TRADE_STATUS_ERROR",
+    ),
+    "cancel system_error": (
+        FaultPlan(Fault.SYSTEM_ERROR_CHARGED, service="cancel"),
+        Outcome.UNKNOWN,
+        "SYSTEM_ERROR",
+        "UNKNOWN SYSTEM_ERROR",
+    ),
+    "cancel gbk": (FaultPlan(Fault.GBK, service="cancel"), Outcome.SUCCESS, None, "SUCCESS"),
+    "refund decline": (
+        FaultPlan(Fault.DECLINE, service="refund"),
+        Outcome.FAILED,
+        "TRADE_STATUS_ERROR",
+        "FAILED TRADE_STATUS_ERROR",
+    ),
+    "refund system_error": (
+        FaultPlan(Fault.SYSTEM_ERROR_NOT_CHARGED, service="refund"),
+        Outcome.UNKNOWN,
+        "SYSTEM_ERROR",
+        "FAILED SYSTEM_ERROR",
+    ),
+    "refund forged_signature": (
+        FaultPlan(Fault.FORGED_SIGNATURE, service="refund"),
+        Outcome.UNKNOWN,
+        None,
+        "bad signature",
+    ),
+}
+# Only what a signed answer says is verified; transport faults and forgeries are not.
+_UNVERIFIED = {Fault.HTTP_500, Fault.FORGED_SIGNATURE, Fault.TRUNCATED, Fault.DROP_AFTER_CHARGE}
+
+
+@pytest.mark.parametrize("name", list(FAULT_VERDICTS))
+def test_the_client_sees_each_fault_as_its_name_says(
+    simulator: GatewaySimulator, make_client: Callable[..., AlipayClient], name: str
+) -> None:
+    plan, expected, error, detail = FAULT_VERDICTS[name]
+    timed_out = plan.fault is Fault.SLOW_AFTER_CHARGE
+    client = make_client(SignType.RSA2, pay_timeout_s=0.5 if timed_out else 5.0)
+    trans_id = "F-" + name.replace(" ", "-")
+    order = PayOrder(
+        partner_trans_id=trans_id,
+        amount=Decimal("1.50"),
+        currency="USD",
+        buyer_identity_code=payment_code("0001"),
+        trans_name="Vending purchase",
+        trans_create_time="20240601120000",
+        extend_info={"secondary_merchant_id": "M-001", "store_id": "S-042"},
+    )
+    if plan.service != "pay":
+        assert client.pay(order).outcome is Outcome.SUCCESS
+    simulator.inject(plan, partner_trans_id=trans_id)
+    result: PayResult | QueryResult | CancelResult | RefundResult
+    if plan.service == "pay":
+        result = client.pay(order)
+    elif plan.service == "query":
+        result = client.query(trans_id, amount=Decimal("1.50"), currency="USD")
+    elif plan.service == "cancel":
+        result = client.cancel(trans_id, int(time.time() * 1000))
+    else:
+        result = client.refund(trans_id, trans_id + "-R", Decimal("1.50"), "USD")
+    assert (result.outcome, result.error, result.detail) == (expected, error, detail)
+    assert result.verified is not (plan.fault in _UNVERIFIED or timed_out)
+    if isinstance(result, CancelResult) and expected is Outcome.FAILED:
+        assert result.retry_flag is False
+
+
+def test_a_query_of_no_trade_is_a_verified_refusal(
+    simulator: GatewaySimulator, make_client: Callable[..., AlipayClient]
+) -> None:
+    # What the kiosk's gateway probe relies on: a signed "no such trade" proves the key works.
+    result = make_client(SignType.RSA2).query("VM-0042-probe")
+    assert (result.outcome, result.error, result.verified) == (
+        Outcome.FAILED,
+        "TRADE_NOT_EXIST",
+        True,
+    )
+
+
+def test_a_request_with_the_wrong_key_is_rejected_unverified(
+    simulator: GatewaySimulator,
+) -> None:
+    settings = GatewaySettings(
+        gateway=simulator.url,
+        partner=PARTNER,
+        seller_id=PARTNER,
+        signature=Md5Signature(b"f" * 32),
+    )
+    with AlipayClient(settings) as client:
+        result = client.query("VM-0042-probe")
+    assert (result.outcome, result.error, result.verified) == (
+        Outcome.REJECTED,
+        "ILLEGAL_SIGN",
+        False,
+    )
 
 
 # Network and the control endpoint -----------------------------------------------------------

@@ -117,7 +117,7 @@ def test_unreadable_journal_keeps_the_kiosk_out_of_service_and_untouched(
                 amount=Decimal("1.50"),
                 currency="USD",
                 item="coffee",
-                buyer_code=payment_code("0001", 100 + i),
+                code_last4="0001",
                 trans_create_time="20261126000000",
             )
             journal.update(txn, state=TxnState.VENDED, note="x" * 300)
@@ -171,7 +171,7 @@ def test_a_full_journal_refuses_the_write_and_keeps_earlier_rows(tmp_path: Path)
             amount=Decimal("1.50"),
             currency="USD",
             item="coffee",
-            buyer_code=payment_code("0001"),
+            code_last4="0001",
             trans_create_time="20261126000000",
         )
         pages = journal._conn.execute("PRAGMA page_count").fetchone()[0]
@@ -183,7 +183,7 @@ def test_a_full_journal_refuses_the_write_and_keeps_earlier_rows(tmp_path: Path)
                     amount=Decimal("1.50"),
                     currency="USD",
                     item="coffee",
-                    buyer_code=payment_code("0001", i),
+                    code_last4="0001",
                     trans_create_time="20261126000000",
                 )
         assert journal.get(first.ref) is not None

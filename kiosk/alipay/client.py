@@ -1,8 +1,13 @@
 """The MAPI client: build, sign, send and verify pay, query, cancel and refund calls.
 
-Every call ends in a typed result whose `outcome` is SUCCESS, FAILED or UNKNOWN; anything the
-client cannot prove is UNKNOWN, never success. Only a request that provably never reached a
-gateway raises `GatewayUnreachable`. It knows nothing of kiosks.
+Every call ends in a typed result whose `outcome` is SUCCESS, FAILED, REJECTED or UNKNOWN.
+Only an answer that proves itself decides: its signature verifies against the configured key,
+and it echoes the request's identifying fields (`REQUIRED_ECHOES`), present and equal. Such an
+answer gives SUCCESS or FAILED; a refusal that does not prove itself (a gateway rejection,
+`is_success=F`, which is unsigned by design, or a signed refusal that names no trade) is
+REJECTED; anything else is UNKNOWN, never success. Error codes are normalised where they enter
+(`UNRECOGNISED_ERROR`). Only a request that provably never reached a gateway raises
+`GatewayUnreachable`. It knows nothing of kiosks.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import re
 import ssl
 import time
 import types
@@ -40,9 +46,33 @@ SERVICE_REFUND = "alipay.acquire.overseas.spot.refund"
 
 
 class Outcome(enum.StrEnum):
-    SUCCESS = "success"
-    FAILED = "failed"
-    UNKNOWN = "unknown"
+    SUCCESS = "success"  # proven: verified, and names this very request
+    FAILED = "failed"  # a proven refusal: verified, and names this very request
+    # A refusal that does not prove itself: a gateway rejection (unsigned by design), or a
+    # signed refusal without the echoes that tie it to this request. `error` says what was
+    # claimed, but the transaction stays open (resolve it as an unknown outcome).
+    REJECTED = "rejected"
+    UNKNOWN = "unknown"  # nothing certain came back
+
+
+# An error code as Alipay spells them; anything else entering from an answer is replaced by
+# UNRECOGNISED_ERROR, and its text (printable, cut short) goes into `detail` only.
+ERROR_CODE_RE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+UNRECOGNISED_ERROR = "UNRECOGNISED_ERROR"
+_RAW_ERROR_CHARS = 40
+
+# The answer fields that tie an answer to its request, per service: a SUCCESS or FAILED counts
+# only when each is present and equal to what was asked. A query also needs `trans_amount` and
+# `currency` when the caller gave them, except in a FAIL answer (no such trade has no amount).
+REQUIRED_ECHOES: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
+    {
+        "pay": ("partner_trans_id", "trans_amount", "currency"),
+        "query": ("partner_trans_id",),
+        "cancel": ("out_trade_no",),
+        "refund": ("partner_trans_id", "partner_refund_id", "refund_amount"),
+    }
+)
+_PAID = ("TRADE_SUCCESS", "TRADE_FINISHED")
 
 
 class TradeStatus(enum.StrEnum):
@@ -84,12 +114,16 @@ class PayOrder:
         )
 
 
+# Every result: `error` is a normalised code (or None); `detail` a short reason for the log;
+# `verified` is True only when the answer's signature verified against the configured key
+# (whatever it then said: a signed "no such trade" still proves the key and partner work).
 @dataclass(frozen=True)
 class PayResult:
     outcome: Outcome
     error: str | None
-    alipay_trans_id: str | None
+    alipay_trans_id: str | None  # set only from an answer that names this request (FAILED too)
     detail: str
+    verified: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,14 +133,16 @@ class QueryResult:
     error: str | None
     alipay_trans_id: str | None
     detail: str
+    verified: bool = False
 
 
 @dataclass(frozen=True)
 class CancelResult:
     outcome: Outcome
-    retry_flag: bool | None
+    retry_flag: bool | None  # None unless the answer names this cancel
     error: str | None
     detail: str
+    verified: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,9 +150,19 @@ class RefundResult:
     outcome: Outcome
     error: str | None
     detail: str
+    verified: bool = False
 
 
 Result = TypeVar("Result", PayResult, QueryResult, CancelResult, RefundResult)
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """An answer that may be believed (or a rejection, to be called REJECTED), or None and why."""
+
+    answer: Answer | None
+    verified: bool  # the signature verified against the configured key
+    why: str
 
 
 @dataclass(frozen=True)
@@ -235,25 +281,31 @@ class AlipayClient:
         amount: Decimal | None = None,
         currency: str | None = None,
     ) -> QueryResult:
-        """The trade's state. Give `amount` and `currency` to have an answer that names another
-        amount or currency treated as UNKNOWN (a query request carries neither)."""
+        """The trade's state. Give `amount` and `currency` to have only an answer that names
+        that amount and currency count (a query request carries neither)."""
         params = self.query_params(partner_trans_id, alipay_trans_id)
         expect = dict(params)
+        required = list(REQUIRED_ECHOES["query"])
         if amount is not None and currency is not None:
             expect["trans_amount"] = format_amount(amount, currency)
+            required.append("trans_amount")
         if currency is not None:
             expect["currency"] = currency
+            required.append("currency")
         return self._exchange(
             SERVICE_QUERY,
             partner_trans_id,
-            lambda: self._query_result(self._call(params, self.settings.read_timeout_s), expect),
+            lambda: self._query_result(
+                self._call(params, self.settings.read_timeout_s), expect, tuple(required)
+            ),
         )
 
     def cancel(
         self, partner_trans_id: str, timestamp_ms: int, alipay_trans_id: str | None = None
     ) -> CancelResult:
-        """Close or reverse the trade. `timestamp_ms` is epoch milliseconds; a retry of the same
-        cancel should send the same value."""
+        """Close or reverse the trade. `timestamp_ms` is epoch milliseconds, the moment this
+        request is sent: pass a fresh value on every send (idempotency rests on `out_trade_no`,
+        which is the `partner_trans_id`)."""
         params = self.cancel_params(partner_trans_id, timestamp_ms, alipay_trans_id)
         return self._exchange(
             SERVICE_CANCEL,
@@ -350,132 +402,189 @@ class AlipayClient:
 
     # -- judging answers --------------------------------------------------------------------
 
-    def _trusted(self, reply: _Reply, expect: Mapping[str, str]) -> tuple[Answer | None, str]:
-        """The answer if it can be believed, else None and why not.
-
-        A gateway rejection (`is_success=F`) is unsigned by design and is returned as is.
-        """
+    def _checked(self, reply: _Reply, expect: Mapping[str, str]) -> _Checked:
+        """Whether the answer can be believed at all: a sound signature, and no echoed field
+        that differs from the request. A gateway rejection (`is_success=F`) is unsigned by
+        design and is passed on, unverified, for the caller to call REJECTED."""
         answer = reply.answer
         if answer is None:
-            return None, reply.unknown or "no answer"
+            return _Checked(None, False, reply.unknown or "no answer")
         if not answer.is_success:
-            return answer, f"rejected {answer.error or 'without a code'}"
+            return _Checked(answer, False, "")
         if not answer.has_response:
-            return None, "answer has no response"
+            return _Checked(None, False, "answer has no response")
         ours = self.settings.signature.sign_type
         if answer.sign_type is not None and answer.sign_type != ours.value:
-            return None, f"answer sign_type {answer.sign_type[:10]}, expected {ours.value}"
+            why = f"answer sign_type {answer.sign_type[:10]}, expected {ours.value}"
+            return _Checked(None, False, why)
         if answer.sign is None:
-            return None, "answer is not signed"
+            return _Checked(None, False, "answer is not signed")
         if not verify_answer(answer, self.settings.signature):
-            return None, "bad signature"
+            return _Checked(None, False, "bad signature")
         mismatch = _mismatch(answer.fields, expect)
         if mismatch is not None:
-            return None, f"{mismatch} differs"
-        return answer, ""
+            return _Checked(None, True, f"{mismatch} differs")
+        return _Checked(answer, True, "")
 
     def _pay_result(self, reply: _Reply, params: Mapping[str, str]) -> PayResult:
-        answer, why = self._trusted(reply, params)
+        checked = self._checked(reply, params)
+        answer = checked.answer
         if answer is None:
-            return PayResult(Outcome.UNKNOWN, None, None, why)
+            return PayResult(Outcome.UNKNOWN, None, None, checked.why, checked.verified)
         if not answer.is_success:
-            return PayResult(_rejected(answer), answer.error, None, why)
+            outcome, error, detail = _rejection(answer)
+            return PayResult(outcome, error, None, detail)
         fields = answer.fields
         code = fields.get("result_code", "")
-        error = fields.get("error") or None
-        trans_id = fields.get("alipay_trans_id") or None
+        error, raw = normalise_error(fields.get("error"))
+        missing = _missing(fields, REQUIRED_ECHOES["pay"])
+        # Alipay's trade id only from an answer that names this very payment.
+        trans_id = None if missing else fields.get("alipay_trans_id") or None
         if error == "SYSTEM_ERROR":
-            return PayResult(Outcome.UNKNOWN, error, trans_id, f"{code} SYSTEM_ERROR")
+            return PayResult(Outcome.UNKNOWN, error, trans_id, _said(code, error), True)
         if code == "SUCCESS":
-            return PayResult(Outcome.SUCCESS, None, trans_id, "SUCCESS")
+            if missing:
+                return PayResult(Outcome.UNKNOWN, error, None, f"SUCCESS without {missing}", True)
+            # A query's answer carries a trade status, a pay answer none: a replayed query
+            # answer of a trade still waiting for the buyer is not a payment.
+            status = fields.get("alipay_trans_status")
+            if status is not None and status not in _PAID:
+                detail = _said("SUCCESS with trade status", status[:30])
+                return PayResult(Outcome.UNKNOWN, error, trans_id, detail, True)
+            return PayResult(Outcome.SUCCESS, None, trans_id, "SUCCESS", True)
         if code == "FAILED":
-            return PayResult(Outcome.FAILED, error, trans_id, f"FAILED {error or ''}".strip())
+            detail = _said("FAILED", error, raw)
+            if missing:
+                return PayResult(Outcome.REJECTED, error, None, f"{detail} without {missing}", True)
+            return PayResult(Outcome.FAILED, error, trans_id, detail, True)
         if code == "UNKNOW":
-            return PayResult(Outcome.UNKNOWN, error, trans_id, "UNKNOW")
-        return PayResult(Outcome.UNKNOWN, error, trans_id, _odd_code(code))
+            return PayResult(Outcome.UNKNOWN, error, trans_id, "UNKNOW", True)
+        return PayResult(Outcome.UNKNOWN, error, trans_id, _odd_code(code), True)
 
-    def _query_result(self, reply: _Reply, expect: Mapping[str, str]) -> QueryResult:
-        answer, why = self._trusted(reply, expect)
+    def _query_result(
+        self, reply: _Reply, expect: Mapping[str, str], required: tuple[str, ...]
+    ) -> QueryResult:
+        checked = self._checked(reply, expect)
+        answer = checked.answer
         if answer is None:
-            return QueryResult(Outcome.UNKNOWN, None, None, None, why)
+            return QueryResult(Outcome.UNKNOWN, None, None, None, checked.why, checked.verified)
         if not answer.is_success:
-            return QueryResult(_rejected(answer), None, answer.error, None, why)
+            outcome, error, detail = _rejection(answer)
+            return QueryResult(outcome, None, error, None, detail)
         fields = answer.fields
         code = fields.get("result_code", "")
-        error = fields.get("error") or None
-        trans_id = fields.get("alipay_trans_id") or None
+        error, raw = normalise_error(fields.get("error"))
+        missing = _missing(fields, required)
+        trans_id = None if missing else fields.get("alipay_trans_id") or None
         if error == "SYSTEM_ERROR":
-            return QueryResult(Outcome.UNKNOWN, None, error, trans_id, f"{code} SYSTEM_ERROR")
+            return QueryResult(Outcome.UNKNOWN, None, error, trans_id, _said(code, error), True)
         if code == "SUCCESS":
             status_text = fields.get("alipay_trans_status", "")
             try:
                 status = TradeStatus(status_text)
             except ValueError:
-                detail = f"trade status {status_text[:30] or 'missing'}"
-                return QueryResult(Outcome.UNKNOWN, None, error, trans_id, detail)
-            return QueryResult(Outcome.SUCCESS, status, None, trans_id, status.value)
+                detail = _said("trade status", status_text[:30] or "missing")
+                return QueryResult(Outcome.UNKNOWN, None, error, trans_id, detail, True)
+            if missing:
+                detail = f"{status.value} without {missing}"
+                return QueryResult(Outcome.UNKNOWN, None, error, None, detail, True)
+            return QueryResult(Outcome.SUCCESS, status, None, trans_id, status.value, True)
         if code == "FAIL":
-            detail = f"FAIL {error or ''}".strip()
-            return QueryResult(Outcome.FAILED, None, error, trans_id, detail)
-        return QueryResult(Outcome.UNKNOWN, None, error, trans_id, _odd_code(code))
+            detail = _said("FAIL", error, raw)
+            # "No such trade" cannot name an amount: the trade's id is all it can echo.
+            missing = _missing(fields, REQUIRED_ECHOES["query"])
+            if missing:
+                detail = f"{detail} without {missing}"
+                return QueryResult(Outcome.REJECTED, None, error, None, detail, True)
+            trans_id = fields.get("alipay_trans_id") or None
+            return QueryResult(Outcome.FAILED, None, error, trans_id, detail, True)
+        return QueryResult(Outcome.UNKNOWN, None, error, trans_id, _odd_code(code), True)
 
     def _cancel_result(self, reply: _Reply, params: Mapping[str, str]) -> CancelResult:
-        # A cancel answer names the trade as out_trade_no, or sometimes partner_trans_id.
+        # A cancel answer names the trade as out_trade_no (which it must), sometimes also as
+        # partner_trans_id, and Alipay's id as trade_no or alipay_trans_id: all must agree.
         expect = dict(params, partner_trans_id=params["out_trade_no"])
-        answer, why = self._trusted(reply, expect)
+        if "trade_no" in params:
+            expect["alipay_trans_id"] = params["trade_no"]
+        checked = self._checked(reply, expect)
+        answer = checked.answer
         if answer is None:
-            return CancelResult(Outcome.UNKNOWN, None, None, why)
+            return CancelResult(Outcome.UNKNOWN, None, None, checked.why, checked.verified)
         if not answer.is_success:
-            return CancelResult(_rejected(answer), None, answer.error, why)
+            outcome, error, detail = _rejection(answer)
+            return CancelResult(outcome, None, error, detail)
         fields = answer.fields
         code = fields.get("result_code", "")
-        error = fields.get("detail_error_code") or fields.get("error") or None
-        retry = {"Y": True, "N": False}.get(fields.get("retry_flag", ""))
+        error, raw = normalise_error(fields.get("detail_error_code") or fields.get("error"))
+        missing = _missing(fields, REQUIRED_ECHOES["cancel"])
+        # retry_flag is believed only from an answer that names this cancel.
+        retry = None if missing else {"Y": True, "N": False}.get(fields.get("retry_flag", ""))
         if code == "SUCCESS":
-            return CancelResult(Outcome.SUCCESS, retry, None, "SUCCESS")
+            if missing:
+                detail = f"SUCCESS without {missing}"
+                return CancelResult(Outcome.UNKNOWN, None, error, detail, True)
+            return CancelResult(Outcome.SUCCESS, retry, None, "SUCCESS", True)
         if code == "FAIL" and error != "SYSTEM_ERROR":
-            return CancelResult(Outcome.FAILED, retry, error, f"FAIL {error or ''}".strip())
+            detail = _said("FAIL", error, raw)
+            if missing:
+                detail = f"{detail} without {missing}"
+                return CancelResult(Outcome.REJECTED, None, error, detail, True)
+            return CancelResult(Outcome.FAILED, retry, error, detail, True)
         if code in ("FAIL", "UNKNOWN"):
-            return CancelResult(Outcome.UNKNOWN, retry, error, f"{code} {error or ''}".strip())
-        return CancelResult(Outcome.UNKNOWN, retry, error, _odd_code(code))
+            return CancelResult(Outcome.UNKNOWN, retry, error, _said(code, error, raw), True)
+        return CancelResult(Outcome.UNKNOWN, retry, error, _odd_code(code), True)
 
     def _refund_result(self, reply: _Reply, params: Mapping[str, str]) -> RefundResult:
-        answer, why = self._trusted(reply, params)
+        checked = self._checked(reply, params)
+        answer = checked.answer
         if answer is None:
-            return RefundResult(Outcome.UNKNOWN, None, why)
+            return RefundResult(Outcome.UNKNOWN, None, checked.why, checked.verified)
         if not answer.is_success:
-            return RefundResult(_rejected(answer), answer.error, why)
+            outcome, error, detail = _rejection(answer)
+            return RefundResult(outcome, error, detail)
         fields = answer.fields
         code = fields.get("result_code", "")
-        error = fields.get("error") or None
+        error, raw = normalise_error(fields.get("error"))
+        missing = _missing(fields, REQUIRED_ECHOES["refund"])
         if error == "SYSTEM_ERROR":
-            return RefundResult(Outcome.UNKNOWN, error, f"{code} SYSTEM_ERROR")
+            return RefundResult(Outcome.UNKNOWN, error, _said(code, error), True)
         if code == "SUCCESS":
-            return RefundResult(Outcome.SUCCESS, None, "SUCCESS")
+            if missing:
+                return RefundResult(Outcome.UNKNOWN, error, f"SUCCESS without {missing}", True)
+            return RefundResult(Outcome.SUCCESS, None, "SUCCESS", True)
         if code == "FAILED":
-            return RefundResult(Outcome.FAILED, error, f"FAILED {error or ''}".strip())
+            detail = _said("FAILED", error, raw)
+            if missing:
+                return RefundResult(Outcome.REJECTED, error, f"{detail} without {missing}", True)
+            return RefundResult(Outcome.FAILED, error, detail, True)
         if code == "UNKNOW":
-            return RefundResult(Outcome.UNKNOWN, error, "UNKNOW")
-        return RefundResult(Outcome.UNKNOWN, error, _odd_code(code))
+            return RefundResult(Outcome.UNKNOWN, error, "UNKNOW", True)
+        return RefundResult(Outcome.UNKNOWN, error, _odd_code(code), True)
 
     def _exchange(self, service: str, partner_trans_id: str, call: Callable[[], Result]) -> Result:
         """Send one call and judge its answer; log the outcome (never the request itself)."""
         started = time.monotonic()
         result = call()
-        self._log(service, partner_trans_id, result.outcome, result.detail, started)
+        self._log(service, partner_trans_id, result, started)
         return result
 
     def _log(
-        self, service: str, partner_trans_id: str, outcome: Outcome, detail: str, started: float
+        self,
+        service: str,
+        partner_trans_id: str,
+        result: PayResult | QueryResult | CancelResult | RefundResult,
+        started: float,
     ) -> None:
+        outcome = result.outcome
         event(
             log,
             "alipay.call",
-            logging.WARNING if outcome is Outcome.UNKNOWN else logging.INFO,
+            logging.WARNING if outcome in (Outcome.UNKNOWN, Outcome.REJECTED) else logging.INFO,
             service=service,
             partner_trans_id=partner_trans_id,
             outcome=outcome.value,
-            detail=detail,
+            verified=result.verified,
+            detail=result.detail,
             elapsed_ms=round((time.monotonic() - started) * 1000),
         )
 
@@ -510,13 +619,47 @@ def _same_amount(answered: str, asked: str) -> bool:
         return False
 
 
-def _rejected(answer: Answer) -> Outcome:
-    # Rejected at the gateway: nothing was created, except that SYSTEM_ERROR proves nothing.
-    return Outcome.UNKNOWN if answer.error == "SYSTEM_ERROR" else Outcome.FAILED
+def _missing(fields: Mapping[str, str], required: tuple[str, ...]) -> str | None:
+    """The first required echo the answer leaves out (or leaves empty), or None."""
+    return next((name for name in required if not fields.get(name)), None)
+
+
+def normalise_error(text: str | None) -> tuple[str | None, str]:
+    """An error code as it entered from an answer: (code, shown). A well-formed code is kept
+    and `shown` is empty; anything else becomes UNRECOGNISED_ERROR, and `shown` holds the raw
+    text, made printable and cut short, in brackets, for a `detail` and nothing else."""
+    if not text:
+        return None, ""
+    if ERROR_CODE_RE.fullmatch(text):
+        return text, ""
+    return UNRECOGNISED_ERROR, "(" + _printable(text)[:_RAW_ERROR_CHARS] + ")"
+
+
+def _printable(text: str) -> str:
+    """Printable ASCII only: control characters and other scripts become escapes."""
+    return "".join(
+        char if " " <= char <= "~" else char.encode("unicode_escape").decode("ascii")
+        for char in text
+    )
+
+
+def _rejection(answer: Answer) -> tuple[Outcome, str | None, str]:
+    """A gateway rejection (`is_success=F`, unsigned by design) proves nothing about the trade:
+    REJECTED with its code, or UNKNOWN for SYSTEM_ERROR (the trade may exist)."""
+    error, raw = normalise_error(answer.error)
+    outcome = Outcome.UNKNOWN if error == "SYSTEM_ERROR" else Outcome.REJECTED
+    return outcome, error, _said("rejected", error or "without a code", raw)
+
+
+def _said(*parts: str | None) -> str:
+    """A detail from the parts an answer gave: blanks left out, each printable and short."""
+    return " ".join(_printable(part)[:64] for part in parts if part)
 
 
 def _odd_code(code: str) -> str:
-    return f"result_code {code[:20]!r} not known" if code else "answer has no result_code"
+    return (
+        f"result_code '{_printable(code)[:20]}' not known" if code else "answer has no result_code"
+    )
 
 
 def _host(url: str) -> str:
@@ -618,6 +761,9 @@ def _after_connect(exc: requests.RequestException) -> str:
 
 
 __all__ = [
+    "ERROR_CODE_RE",
+    "REQUIRED_ECHOES",
+    "UNRECOGNISED_ERROR",
     "AlipayClient",
     "CancelResult",
     "GatewaySettings",
@@ -628,4 +774,5 @@ __all__ = [
     "RefundResult",
     "SignType",
     "TradeStatus",
+    "normalise_error",
 ]

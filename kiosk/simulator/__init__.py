@@ -4,7 +4,7 @@ Used by the payment flow's tests, `kiosk demo` and technicians' rigs; see docs/s
 """
 
 from kiosk.simulator.faults import SEED_ERROR_CODES, Fault, FaultPlan, plan_for_code
-from kiosk.simulator.gateway import GatewaySimulator, MerchantAccount, SeenRequest
+from kiosk.simulator.gateway import GatewaySimulator, MerchantAccount, SeenRequest, SentAnswer
 from kiosk.simulator.ledger import Ledger, Trade, TradeStatus
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "Ledger",
     "MerchantAccount",
     "SeenRequest",
+    "SentAnswer",
     "Trade",
     "TradeStatus",
     "plan_for_code",

@@ -87,6 +87,17 @@ class Fault(enum.StrEnum):
     DECLINE = "decline"  # answer FAILED with `error`, no charge
     WAIT_BUYER_PAY = "wait_buyer_pay"  # UNKNOW; buyer confirms after `delay_s` (None: never)
     CANCEL_WINDOW_CLOSED = "cancel_window_closed"  # cancels fail: FAIL, retry_flag=N
+    # Answers a kiosk must never believe; the request's effect happens when `charge` is set.
+    UNSIGNED_REJECT = "unsigned_reject"  # is_success=F, <error> `error` (ILLEGAL_SIGN), no sign
+    OTHER_TRADE = "other_trade"  # this service's signed answer about another trade
+    CANCEL_ANSWER = "cancel_answer"  # a signed cancel SUCCESS (another trade's) in its place
+
+
+# Faults whose request takes effect only when the plan's `charge` says so.
+CHARGE_DECIDES = frozenset(
+    {Fault.HTTP_500, Fault.UNSIGNED_REJECT, Fault.OTHER_TRADE, Fault.CANCEL_ANSWER}
+)
+DEFAULT_UNSIGNED_ERROR = "ILLEGAL_SIGN"
 
 
 @dataclass
@@ -99,13 +110,15 @@ class FaultPlan:
 
     fault: Fault
     service: str = "pay"  # pay | query | cancel | refund
-    error: str | None = None  # for DECLINE
+    error: str | None = None  # for DECLINE and UNSIGNED_REJECT
     delay_s: float | None = None
-    charge: bool = True  # for HTTP_500
+    charge: bool = True  # for HTTP_500, UNSIGNED_REJECT, OTHER_TRADE, CANCEL_ANSWER
     times: int = 1
+    omit: tuple[str, ...] = ()  # answer fields left out (the answer is signed without them)
 
     def __post_init__(self) -> None:
         self.fault = Fault(self.fault)
+        self.omit = tuple(str(name) for name in self.omit)
         if self.fault is Fault.CANCEL_WINDOW_CLOSED:
             self.service = "cancel"
         elif self.fault is Fault.WAIT_BUYER_PAY:
@@ -120,7 +133,7 @@ class FaultPlan:
     @property
     def takes_effect(self) -> bool:
         """Whether the request's effect (charge, cancel, refund) happens under this fault."""
-        if self.fault is Fault.HTTP_500:
+        if self.fault in CHARGE_DECIDES:
             return self.charge
         return self.fault not in (
             Fault.SYSTEM_ERROR_NOT_CHARGED,
@@ -130,7 +143,7 @@ class FaultPlan:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> FaultPlan:
-        known = {"fault", "service", "error", "delay_s", "charge", "times"}
+        known = {"fault", "service", "error", "delay_s", "charge", "times", "omit"}
         unknown = set(obj) - known - {"partner_trans_id"}
         if unknown:
             raise ValueError(f"unknown FaultPlan fields: {', '.join(sorted(unknown))}")
@@ -144,6 +157,7 @@ class FaultPlan:
             delay_s=None if delay is None else float(delay),
             charge=bool(obj.get("charge", True)),
             times=int(obj.get("times", 1)),
+            omit=tuple(str(name) for name in obj.get("omit") or ()),
         )
 
 

@@ -48,8 +48,14 @@ from kiosk.alipay.signing import (
 )
 from kiosk.log import event, mask_code
 from kiosk.simulator import services
-from kiosk.simulator.faults import SLOW_DEFAULT_S, Fault, FaultBook, FaultPlan
-from kiosk.simulator.ledger import Ledger
+from kiosk.simulator.faults import (
+    DEFAULT_UNSIGNED_ERROR,
+    SLOW_DEFAULT_S,
+    Fault,
+    FaultBook,
+    FaultPlan,
+)
+from kiosk.simulator.ledger import Ledger, Trade
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +91,32 @@ class SeenRequest:
     gateway_error: str | None = None  # is_success=F code, if rejected at the gateway
 
 
+@dataclass(frozen=True)
+class SentAnswer:
+    """What the gateway answered to one request (`number` as in `requests_seen`)."""
+
+    number: int
+    service: str
+    trade: str | None  # the partner_trans_id the request was about
+    about: str | None  # the trade the answer's fields describe (another one under a replay)
+    signed: bool  # the answer carries a signature that verifies over its fields
+    fields: dict[str, str]  # <response><alipay>, as sent
+    error: str | None = None  # the <error> of an is_success=F answer
+    fault: str | None = None
+
+
+# Answers that carry no good signature over their fields.
+_UNSIGNED_FAULTS = frozenset(
+    {
+        Fault.HTTP_500,
+        Fault.DROP_AFTER_CHARGE,
+        Fault.FORGED_SIGNATURE,
+        Fault.TRUNCATED,
+        Fault.UNSIGNED_REJECT,
+    }
+)
+
+
 @dataclass
 class _Reply:
     status: int = 200
@@ -118,6 +150,9 @@ class GatewaySimulator:
         self._faults = FaultBook()
         self._seen: list[SeenRequest] = []
         self._seen_lock = threading.Lock()
+        self._answers: list[SentAnswer] = []
+        # Plans waiting for the first pay that carries a payment code (by the code's hash).
+        self._code_plans: dict[str, list[FaultPlan]] = {}
         self._life = threading.Lock()  # start/stop/offline/online, one at a time
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -230,13 +265,49 @@ class GatewaySimulator:
             times=plan.times,
         )
 
+    def inject_for_code(self, code: str, plan: FaultPlan) -> None:
+        """Arm `plan` for the trade that payment code `code` starts: the first pay carrying
+        the code binds it to that pay's `partner_trans_id`, as `inject(plan, partner_trans_id)`
+        would. For rigs that cannot know the kiosk's trade id before the scan."""
+        with self._seen_lock:
+            self._code_plans.setdefault(services.code_hash(code), []).append(plan)
+
+    def _arm_code_plans(self, params: dict[str, str]) -> None:
+        code = params.get("buyer_identity_code", "")
+        trans_id = params.get("partner_trans_id", "")
+        if not code or not trans_id:
+            return
+        with self._seen_lock:
+            plans = self._code_plans.pop(services.code_hash(code), [])
+        for plan in plans:
+            self.inject(plan, trans_id)
+
     def clear_faults(self) -> None:
         self._faults.clear()
+        with self._seen_lock:
+            self._code_plans.clear()
+
+    def shift_clock(self, seconds: float) -> None:
+        """Move the simulated Alipay's clocks by `seconds` (forward, to play a kiosk that comes
+        back a day later): unpaid trades past their time close, the Beijing-day cancel window
+        of older trades shuts, pay times and trade ids carry the new date."""
+        self.ledger.shift_clock(seconds)
+        event(log, "simulator.clock", shift_s=seconds, offset_s=self.ledger.clock_offset_s)
 
     @property
     def requests_seen(self) -> list[SeenRequest]:
         with self._seen_lock:
             return list(self._seen)
+
+    @property
+    def answers_sent(self) -> list[SentAnswer]:
+        """Every answer, with the trade it described and whether it was signed."""
+        with self._seen_lock:
+            return list(self._answers)
+
+    def _note_answer(self, answer: SentAnswer) -> None:
+        with self._seen_lock:
+            self._answers.append(answer)
 
     def _record(
         self, service: str, params: dict[str, str], verified: bool, error: str | None
@@ -285,11 +356,17 @@ class GatewaySimulator:
         seen = self._record(service, params, error is None, error)
         if error is not None or account is None or answer_signer is None:
             event(log, "simulator.rejected", number=seen.number, service=raw_service, error=error)
+            self._note_answer(
+                SentAnswer(seen.number, service, None, None, False, {}, error or "ILLEGAL_SIGN")
+            )
             return _Reply(body=_gateway_error(error or "ILLEGAL_SIGN"))
 
         ref = f"{service}#{seen.number}"
         partner = account.partner
-        plan = self._faults.take(service, self._trade_id(service, partner, params))
+        if service == "pay":
+            self._arm_code_plans(params)
+        trade_id = self._trade_id(service, partner, params)
+        plan = self._faults.take(service, trade_id)
         if service == "pay":
             fields, plan = services.pay(
                 self.ledger,
@@ -315,7 +392,65 @@ class GatewaySimulator:
             error=fields.get("error"),
             fault=None if plan is None else str(plan.fault),
         )
+        fields, about = self._misdirect(service, partner, trade_id, fields, plan)
+        fault = None if plan is None else plan.fault
+        unsigned_error = None
+        if plan is not None and fault is Fault.UNSIGNED_REJECT:
+            unsigned_error = plan.error or DEFAULT_UNSIGNED_ERROR
+        self._note_answer(
+            SentAnswer(
+                seen.number,
+                service,
+                trade_id,
+                about,
+                fault not in _UNSIGNED_FAULTS,
+                {key: value for key, value in fields.items() if value},
+                unsigned_error,
+                None if fault is None else str(fault),
+            )
+        )
         return self._answer(params, fields, answer_signer, charset, plan)
+
+    def _misdirect(
+        self,
+        service: str,
+        partner: str,
+        trade_id: str | None,
+        fields: dict[str, str],
+        plan: FaultPlan | None,
+    ) -> tuple[dict[str, str], str | None]:
+        """The replay faults: put another trade's answer in place of this one, leave fields
+        out. Returns the fields to sign and the trade they describe."""
+        about = trade_id
+        if plan is None:
+            return fields, about
+        if plan.fault in (Fault.OTHER_TRADE, Fault.CANCEL_ANSWER):
+            other = self._other_trade(partner, trade_id)
+            if other is not None:
+                kind = "cancel" if plan.fault is Fault.CANCEL_ANSWER else service
+                fields = services.answer_about(self.ledger, other, kind)
+                about = other.partner_trans_id
+            elif plan.fault is Fault.CANCEL_ANSWER and trade_id is not None:
+                # No other trade yet: this trade's own cancel answer, not that it was cancelled.
+                fields = {
+                    "result_code": "SUCCESS",
+                    "retry_flag": "N",
+                    "out_trade_no": trade_id,
+                }
+        if plan.omit:
+            fields = {key: value for key, value in fields.items() if key not in plan.omit}
+        return fields, about
+
+    def _other_trade(self, partner: str, trade_id: str | None) -> Trade | None:
+        """The newest other trade of this partner, one that holds money if there is one."""
+        others = [
+            trade
+            for trade in self.ledger.trades()
+            if trade.partner == partner and trade.partner_trans_id != trade_id
+        ]
+        paying = [trade for trade in others if trade.holds_money]
+        pool = paying or others
+        return pool[-1] if pool else None
 
     def _signers(
         self, account: MerchantAccount, sign_type: SignType
@@ -350,6 +485,8 @@ class GatewaySimulator:
         plan: FaultPlan | None,
     ) -> _Reply:
         fault = None if plan is None else plan.fault
+        if plan is not None and fault is Fault.UNSIGNED_REJECT:
+            return _Reply(body=_gateway_error(plan.error or DEFAULT_UNSIGNED_ERROR))
         if fault is Fault.HTTP_500:
             return _Reply(status=500, body=HTTP_500_BODY, content_type="text/html")
         if fault is Fault.DROP_AFTER_CHARGE:
@@ -394,6 +531,11 @@ class GatewaySimulator:
                 trans_id = obj.get("partner_trans_id")
                 self.inject(plan, None if trans_id is None else str(trans_id))
                 return 200, {"ok": True}
+            if method == "POST" and path == "/_sim/clock":
+                obj = json.loads(body or b"{}")
+                seconds = float(obj["shift_s"] if isinstance(obj, dict) else obj)
+                self.shift_clock(seconds)
+                return 200, {"ok": True, "offset_s": self.ledger.clock_offset_s}
             if method == "POST" and path == "/_sim/clear":
                 self.clear_faults()
                 return 200, {"ok": True}

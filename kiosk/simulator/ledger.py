@@ -2,7 +2,10 @@
 
 All state lives here under one lock; the MAPI services in `services.py` change it only while
 holding `Ledger.lock`. Time-driven changes (buyer confirms, unpaid trade closes) are applied
-lazily from `time.monotonic()` whenever the ledger is read.
+lazily from the ledger's clock whenever the ledger is read. The clock is `time.monotonic()`
+(and `time.time()` for Alipay's wall clock) plus an offset a rig can move forward with
+`shift_clock`, to play a restart a day later: unpaid trades close, the Beijing-day cancel
+window shuts.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+
+BEIJING_S = 8 * 3600  # Alipay's clock is Beijing time, UTC+8
+CANCEL_GRACE_S = 15 * 60  # a cancel still works this long past the Beijing midnight
 
 
 class TradeStatus(enum.StrEnum):
@@ -40,6 +46,7 @@ class Trade:
     pay_time: str | None = None  # alipay_pay_time, Beijing wall clock: a record, not a deadline
     confirm_at: float | None = None  # monotonic: when the buyer confirms on the phone
     close_at: float | None = None  # monotonic: when an unpaid trade closes
+    created_wall: float | None = None  # the ledger's wall clock when created (set by add)
 
     @property
     def holds_money(self) -> bool:
@@ -82,6 +89,35 @@ class Ledger:
         # Ids whose magic code behaviour was already played once (a retry then just pays).
         self.magic_played: set[tuple[str, str]] = set()
         self._counter = 0
+        # How far the simulated Alipay's clocks run ahead of this machine's (shift_clock).
+        self.clock_offset_s = 0.0
+        # Cancels refused past the Beijing-day cancel window, as Alipay does.
+        self.enforce_cancel_window = True
+
+    # The clock ---------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The ledger's monotonic clock: `time.monotonic()` plus the shift."""
+        return time.monotonic() + self.clock_offset_s
+
+    def wall(self) -> float:
+        """Alipay's wall clock in epoch seconds: `time.time()` plus the shift."""
+        return time.time() + self.clock_offset_s
+
+    def shift_clock(self, seconds: float) -> None:
+        """Move the simulated Alipay's clocks forward (or back) by `seconds`; what the new time
+        decides (buyers confirming, unpaid trades closing) happens at once."""
+        with self.lock:
+            self.clock_offset_s += seconds
+            self.advance()
+            self.changed()
+
+    def past_cancel_window(self, trade: Trade) -> bool:
+        """Alipay cancels only trades of the same Beijing-time day (15 minutes of grace)."""
+        if not self.enforce_cancel_window or trade.created_wall is None:
+            return False
+        created_day = int((trade.created_wall + BEIJING_S) // 86400)
+        return self.wall() + BEIJING_S - CANCEL_GRACE_S >= (created_day + 1) * 86400
 
     # Reading -----------------------------------------------------------------------------
 
@@ -116,15 +152,16 @@ class Ledger:
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                now = time.monotonic()
+                real = time.monotonic()
+                now = self.now()
                 self.advance(now)
                 trade = self._trades.get((partner, partner_trans_id))
                 if trade is not None and trade.status == status:
                     return True
-                if now >= deadline:
+                if real >= deadline:
                     return False
                 # Sleep until the next scheduled change, a notified change, or the deadline.
-                self._changed.wait(min(deadline, self._next_due(now)) - now)
+                self._changed.wait(min(deadline - real, self._next_due(now) - now))
 
     # Changing (callers hold `lock`) --------------------------------------------------------
 
@@ -135,6 +172,8 @@ class Ledger:
         return self._by_alipay_id.get(alipay_trans_id)
 
     def add(self, trade: Trade) -> None:
+        if trade.created_wall is None:
+            trade.created_wall = self.wall()
         self._trades[(trade.partner, trade.partner_trans_id)] = trade
         self._by_alipay_id[trade.alipay_trans_id] = trade
         self.changed()
@@ -142,14 +181,14 @@ class Ledger:
     def next_alipay_trans_id(self) -> str:
         """28 digits like Alipay's: date, a fixed block, a counter."""
         self._counter += 1
-        return time.strftime("%Y%m%d", time.gmtime()) + "1100" + f"{self._counter:016d}"
+        return time.strftime("%Y%m%d", time.gmtime(self.wall())) + "1100" + f"{self._counter:016d}"
 
     def changed(self) -> None:
         self._changed.notify_all()
 
     def advance(self, now: float | None = None) -> None:
         """Apply what time has decided: buyers who confirmed, unpaid trades that closed."""
-        now = time.monotonic() if now is None else now
+        now = self.now() if now is None else now
         with self.lock:
             for trade in self._trades.values():
                 if trade.status != TradeStatus.WAIT_BUYER_PAY:
@@ -157,7 +196,7 @@ class Ledger:
                 confirm = trade.confirm_at
                 close = trade.close_at
                 if confirm is not None and confirm <= now and (close is None or confirm < close):
-                    mark_paid(trade, "buyer confirmed on the phone")
+                    mark_paid(trade, "buyer confirmed on the phone", self.wall())
                     self.changed()
                 elif close is not None and close <= now:
                     trade.status = TradeStatus.TRADE_CLOSED
@@ -175,9 +214,11 @@ class Ledger:
         return max(min(due), now + 0.001) if due else now + 60.0
 
 
-def mark_paid(trade: Trade, why: str) -> None:
+def mark_paid(trade: Trade, why: str, wall: float | None = None) -> None:
+    """`wall`: the ledger's wall clock (`Ledger.wall()`), for the pay time."""
     trade.status = TradeStatus.TRADE_SUCCESS
     trade.charged = True
     # Alipay's clock is Beijing time (UTC+8).
-    trade.pay_time = time.strftime("%Y%m%d%H%M%S", time.gmtime(time.time() + 8 * 3600))
+    moment = time.time() if wall is None else wall
+    trade.pay_time = time.strftime("%Y%m%d%H%M%S", time.gmtime(moment + BEIJING_S))
     trade.events.append(f"charged {trade.amount} {trade.currency}: {why}")

@@ -1,8 +1,12 @@
 """The four MAPI services as the simulated Alipay runs them: pay, query, cancel, refund.
 
 Each takes the verified request's parameters and the fault that applies (if any), changes the
-ledger under its lock, and returns the fields of `<response><alipay>`. Transport faults (slow,
-dropped, HTTP 500, forged, GBK, truncated) are the gateway's business, not these functions'.
+ledger under its lock, and returns the fields of `<response><alipay>`. Every answer, success or
+refusal, echoes the fields that tie it to its request (pay: `partner_trans_id`, `trans_amount`,
+`currency`; query: the trade's ids, and its amount and currency when it exists; cancel:
+`out_trade_no`; refund: `partner_trans_id`, `partner_refund_id`, `refund_amount`, `currency`),
+as a client believes only an answer that names what it asked. Transport faults (slow, dropped,
+HTTP 500, forged, GBK, truncated) are the gateway's business, not these functions'.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -73,6 +76,15 @@ def _failed(error: str, result_code: str = "FAILED", **fields: str) -> Fields:
     return {"result_code": result_code, "error": error, **fields}
 
 
+def _echo(params: dict[str, str], *names: str) -> Fields:
+    """The request's own values of `names`, as a refusal echoes them."""
+    return {name: params.get(name, "") for name in names}
+
+
+def _pay_echo(params: dict[str, str]) -> Fields:
+    return _echo(params, "partner_trans_id", "trans_amount", "currency")
+
+
 # spot.pay -------------------------------------------------------------------------------
 
 
@@ -127,7 +139,12 @@ def _answer_for_trade(trade: Trade) -> Fields:
         return {"result_code": "SUCCESS", **_trade_fields(trade)}
     if trade.status == TradeStatus.WAIT_BUYER_PAY:
         return {"result_code": "UNKNOW", **_trade_fields(trade)}
-    return _failed("TRADE_HAS_CLOSE", partner_trans_id=trade.partner_trans_id)
+    return _failed(
+        "TRADE_HAS_CLOSE",
+        partner_trans_id=trade.partner_trans_id,
+        trans_amount=format_amount(trade.amount, trade.currency),
+        currency=trade.currency,
+    )
 
 
 def pay(
@@ -143,8 +160,9 @@ def pay(
     that shaped it (the injected one, or the one the payment code's magic digits chose)."""
     error = _pay_parameter_error(partner, params)
     trans_id = params.get("partner_trans_id", "")
+    echo = _pay_echo(params)
     if error is not None:
-        return _failed(error, partner_trans_id=trans_id), injected
+        return _failed(error, **echo), injected
     key = (partner, trans_id)
     code = params["buyer_identity_code"]
     hashed = code_hash(code)
@@ -166,24 +184,24 @@ def pay(
             if existing is None:
                 ledger.used_codes.setdefault(hashed, key)
             if plan.fault is Fault.DECLINE:
-                return _failed(plan.error or DEFAULT_DECLINE, partner_trans_id=trans_id), plan
-            return _failed("SYSTEM_ERROR", partner_trans_id=trans_id), plan
+                return _failed(plan.error or DEFAULT_DECLINE, **echo), plan
+            return _failed("SYSTEM_ERROR", **echo), plan
 
         if key in ledger.burnt_ids:
-            fields = _failed("TRADE_HAS_CLOSE", partner_trans_id=trans_id)
+            fields = _failed("TRADE_HAS_CLOSE", **echo)
         elif existing is not None:
             if existing.amount != amount or existing.currency != currency:
-                fields = _failed("CONTEXT_INCONSISTENT", partner_trans_id=trans_id)
+                fields = _failed("CONTEXT_INCONSISTENT", **echo)
             elif existing.buyer_code_hash != hashed:
-                fields = _failed("TRADE_BUYER_NOT_MATCH", partner_trans_id=trans_id)
+                fields = _failed("TRADE_BUYER_NOT_MATCH", **echo)
             else:
                 existing.events.append(f"{request_ref}: pay retried, answered its real state")
                 fields = _answer_for_trade(existing)
         elif ledger.used_codes.get(hashed, key) != key:
-            fields = _failed(STALE_CODE_ERROR, partner_trans_id=trans_id)
+            fields = _failed(STALE_CODE_ERROR, **echo)
         else:
             ledger.used_codes[hashed] = key
-            now = time.monotonic()
+            now = ledger.now()
             trade = Trade(
                 partner=partner,
                 partner_trans_id=trans_id,
@@ -200,11 +218,11 @@ def pay(
                     trade.confirm_at = now + plan.delay_s
                 trade.events.append(f"{request_ref}: waiting for the buyer to confirm")
             else:
-                mark_paid(trade, request_ref)
+                mark_paid(trade, request_ref, ledger.wall())
             ledger.add(trade)
             fields = _answer_for_trade(trade)
         if plan is not None and plan.fault is Fault.SYSTEM_ERROR_CHARGED:
-            fields = _failed("SYSTEM_ERROR", partner_trans_id=trans_id)
+            fields = _failed("SYSTEM_ERROR", **echo)
         return fields, plan
 
 
@@ -223,19 +241,28 @@ def find_trade(ledger: Ledger, partner: str, params: dict[str, str]) -> Trade | 
 
 
 def query(ledger: Ledger, partner: str, params: dict[str, str], plan: FaultPlan | None) -> Fields:
+    echo = _echo(params, "partner_trans_id", "alipay_trans_id")
     if not params.get("partner_trans_id") and not params.get("alipay_trans_id"):
         return _failed("INVALID_PARAMETER", "FAIL")
-    if plan is not None and plan.fault in (
-        Fault.SYSTEM_ERROR_CHARGED,
-        Fault.SYSTEM_ERROR_NOT_CHARGED,
-    ):
-        return _failed("SYSTEM_ERROR", "FAIL")
-    if plan is not None and plan.fault is Fault.DECLINE:
-        return _failed(plan.error or DEFAULT_DECLINE, "FAIL")
     with ledger.lock:
         trade = find_trade(ledger, partner, params)
+        if trade is not None:
+            # The trade's own ids, amount and currency: a refusal about it names it whole.
+            echo = {
+                "partner_trans_id": trade.partner_trans_id,
+                "alipay_trans_id": trade.alipay_trans_id,
+                "trans_amount": format_amount(trade.amount, trade.currency),
+                "currency": trade.currency,
+            }
+        if plan is not None and plan.fault in (
+            Fault.SYSTEM_ERROR_CHARGED,
+            Fault.SYSTEM_ERROR_NOT_CHARGED,
+        ):
+            return _failed("SYSTEM_ERROR", "FAIL", **echo)
+        if plan is not None and plan.fault is Fault.DECLINE:
+            return _failed(plan.error or DEFAULT_DECLINE, "FAIL", **echo)
         if trade is None:
-            return _failed("TRADE_NOT_EXIST", "FAIL")
+            return _failed("TRADE_NOT_EXIST", "FAIL", **echo)
         return {
             "result_code": "SUCCESS",
             "alipay_trans_status": str(trade.status),
@@ -254,9 +281,14 @@ def cancel(
     request_ref: str,
 ) -> Fields:
     out_trade_no = params.get("out_trade_no", "")
-    if not out_trade_no or not params.get("timestamp", "").isdigit():
-        return {"result_code": "FAIL", "retry_flag": "N", "detail_error_code": "INVALID_PARAMETER"}
     base = {"out_trade_no": out_trade_no}
+    if not out_trade_no or not params.get("timestamp", "").isdigit():
+        return {
+            "result_code": "FAIL",
+            "retry_flag": "N",
+            "detail_error_code": "INVALID_PARAMETER",
+            **base,
+        }
     with ledger.lock:
         ledger.advance()
         trade = ledger.find(partner, out_trade_no)
@@ -283,6 +315,19 @@ def cancel(
                 "result_code": "FAIL",
                 "retry_flag": "N",
                 "detail_error_code": "TRADE_NOT_EXIST",
+                **base,
+                "trade_no": trade_no,  # no trade by this pair: the refusal names what was asked
+            }
+        if (
+            trade is not None
+            and trade.status in (TradeStatus.WAIT_BUYER_PAY, TradeStatus.TRADE_SUCCESS)
+            and ledger.past_cancel_window(trade)
+        ):
+            trade.events.append(f"{request_ref}: cancel refused (past the cancel window)")
+            return {
+                "result_code": "FAIL",
+                "retry_flag": "N",
+                "detail_error_code": CANCEL_WINDOW_ERROR,
                 **base,
             }
         if trade is None:
@@ -330,7 +375,7 @@ def refund(
     trans_id = params.get("partner_trans_id", "")
     refund_id = params.get("partner_refund_id", "")
     currency = params.get("currency", "")
-    base = {"partner_trans_id": trans_id, "partner_refund_id": refund_id}
+    base = _echo(params, "partner_trans_id", "partner_refund_id", "refund_amount", "currency")
     if not trans_id or not refund_id or len(refund_id) > 64 or refund_id == trans_id:
         return _failed("INVALID_PARAMETER", **base)
     try:
@@ -387,3 +432,29 @@ def _refund_fields(trade: Trade, refund_id: str, amount: Decimal) -> Fields:
         "exchange_rate": f"{rate:.8f}",
         "refund_amount_cny": str((amount * rate).quantize(Decimal("0.01"))),
     }
+
+
+# Answers about another trade, for the replay faults (OTHER_TRADE, CANCEL_ANSWER) ---------
+
+
+def answer_about(ledger: Ledger, trade: Trade, service: str) -> Fields:
+    """The signed answer `service` gives about `trade` as it stands, changing nothing: what a
+    replayed or misrouted answer would carry."""
+    with ledger.lock:
+        ledger.advance()
+        if service == "pay":
+            return _answer_for_trade(trade)
+        if service == "query":
+            return {
+                "result_code": "SUCCESS",
+                "alipay_trans_status": str(trade.status),
+                **_trade_fields(trade),
+            }
+        if service == "cancel":
+            return {
+                "result_code": "SUCCESS",
+                "retry_flag": "N",
+                "out_trade_no": trade.partner_trans_id,
+                "trade_no": trade.alipay_trans_id,
+            }
+        return _refund_fields(trade, f"{trade.partner_trans_id}-R", trade.amount)
