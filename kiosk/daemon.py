@@ -261,7 +261,9 @@ class Kiosk:
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.ready = threading.Event()
-        self.recent_codes = RecentCodes()
+        # Rule 7 across a restart: the journal keeps the key and the hashes of codes sold.
+        self.recent_codes = RecentCodes(key=journal.code_key or None)
+        self._seed_recent_codes()
         self.clock_recheck_out_s = CLOCK_RECHECK_OUT_S
         self.clock_recheck_s = CLOCK_RECHECK_S
         # Created once, for the whole process: every flow shares these refs in hand, and the
@@ -299,6 +301,15 @@ class Kiosk:
         self._shown: KioskState | None = None
 
     # -- callbacks from drivers and threads (any thread; they only enqueue) ----------------
+
+    def _seed_recent_codes(self) -> None:
+        now = self._wall().timestamp()
+        try:
+            seen = self.journal.recent_codes(since=now - self.recent_codes.window_s)
+        except JournalError as exc:
+            event(log, "journal.error", level=logging.ERROR, error=str(exc))
+            return
+        self.recent_codes.seed(seen, now)
 
     def on_scan(self, text: str) -> None:
         self.events.put(("scan", text))

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
+import hmac
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -25,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from kiosk.errors import JournalCorrupt, JournalError
+from kiosk.payment_code import CODE_REUSE_WINDOW_S
 
 JOURNAL_FILE = "journal.sqlite3"
-SCHEMA_VERSION = 1
+# 2: each transaction names its merchant (partner, gateway); keyed hashes of recent codes.
+SCHEMA_VERSION = 2
 
 
 class TxnState(enum.StrEnum):
@@ -71,6 +76,10 @@ class Transaction:
     attempts: int = 0  # requests sent to the gateway
     refund_id: str | None = None
     note: str | None = None
+    # The merchant it was paid to: the partner and the primary gateway URL. None (a row of
+    # schema 1) is "as configured": taken as the current merchant's.
+    partner: str | None = None
+    gateway: str | None = None
 
     @property
     def final(self) -> bool:
@@ -96,6 +105,19 @@ class Transaction:
 
 
 _COLUMNS = [f.name for f in fields(Transaction)]
+_MERCHANT_COLUMNS = ("partner", "gateway")  # added by schema 2
+
+
+@dataclass(frozen=True)
+class UnreadableRow:
+    """A transaction row this firmware cannot understand (a newer firmware's state, a bit
+    flip): skipped when reading, so it never stops the others from being settled."""
+
+    seq: int
+    ref: str | None
+    why: str
+
+
 # Columns of schema 1 that this firmware no longer writes (left NULL or at their default):
 # buyer_code (whole codes: never stored now), cancel_timestamp_ms (fresh on every send),
 # retry_count and next_retry_at (the worker schedules retries in memory, on the monotonic clock).
@@ -137,6 +159,15 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_ref ON requests (ref);
 """
 
+# Forward-only migrations: from schema N to N+1, each in one transaction with its version.
+_MIGRATIONS: dict[int, str] = {
+    1: """
+ALTER TABLE transactions ADD COLUMN partner TEXT;
+ALTER TABLE transactions ADD COLUMN gateway TEXT;
+CREATE TABLE IF NOT EXISTS recent_codes (digest BLOB PRIMARY KEY, seen_at REAL NOT NULL);
+""",
+}
+
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
@@ -153,6 +184,8 @@ class Journal:
         self.path = Path(state_dir) / JOURNAL_FILE
         self._lock = threading.RLock()
         self._closed = False
+        self._schema = SCHEMA_VERSION
+        self._code_key = b""  # made (or read) when opened for writing
         self._conn = self._open(read_only)
 
     # -- opening ---------------------------------------------------------------------------
@@ -186,13 +219,13 @@ class Journal:
                 conn.execute("PRAGMA secure_delete=ON")
                 conn.execute("PRAGMA foreign_keys=ON")
                 conn.executescript(_SCHEMA)
-                conn.execute(
-                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-            self._check_schema(conn)
+                # A new file starts at schema 1 and is migrated like any older journal.
+                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1')")
+                self._migrate(conn)
+            self._schema = self._check_schema(conn)
             if not read_only:
                 self._scrub_codes(conn)
+                self._code_key = self._make_code_key(conn)
         except JournalError:
             conn.close()
             raise
@@ -230,16 +263,75 @@ class Journal:
         if changed:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def _check_schema(self, conn: sqlite3.Connection) -> None:
+    def _schema_of(self, conn: sqlite3.Connection) -> int | None:
         try:
             row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         except sqlite3.DatabaseError as exc:
             raise JournalCorrupt(f"journal {self.path} has no kiosk schema: {exc}") from None
-        if row is None or row[0] != str(SCHEMA_VERSION):
+        try:
+            return int(row[0]) if row is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Bring an older journal forward, one schema at a time, each step in one commit.
+        Never backwards: a newer journal is refused by `_check_schema`, untouched."""
+        while True:
+            version = self._schema_of(conn)
+            if version is None or version >= SCHEMA_VERSION or version not in _MIGRATIONS:
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in filter(None, (s.strip() for s in _MIGRATIONS[version].split(";"))):
+                    conn.execute(statement)
+                conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version + 1),))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _check_schema(self, conn: sqlite3.Connection) -> int:
+        """The journal's schema: this firmware's, or (read-only) an older one it can read."""
+        version = self._schema_of(conn)
+        if version is None or not 1 <= version <= SCHEMA_VERSION:
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             raise JournalCorrupt(
                 f"journal {self.path} has schema {row[0] if row else 'none'}, "
                 f"this firmware reads {SCHEMA_VERSION}"
             )
+        return version
+
+    def _make_code_key(self, conn: sqlite3.Connection) -> bytes:
+        """The key of the recent codes' hashes: random, made once, kept in the journal (so
+        a restart still knows a code it saw); without it a hash tells nothing of a code."""
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('code_key', ?)",
+            (os.urandom(32).hex(),),
+        )
+        row = conn.execute("SELECT value FROM meta WHERE key='code_key'").fetchone()
+        return bytes.fromhex(row[0])
+
+    @property
+    def code_key(self) -> bytes:
+        """The HMAC key of `recent_codes` (a journal opened for writing only)."""
+        return self._code_key
+
+    def code_digest(self, digits: str) -> bytes:
+        return hmac.new(self._code_key, digits.encode("ascii"), hashlib.sha256).digest()
+
+    def recent_codes(self, since: float) -> list[tuple[bytes, float]]:
+        """(keyed hash, wall-clock time seen) of every code journaled with a sale since
+        `since` (epoch seconds)."""
+        if self._schema < 2:
+            return []
+        with self._lock:
+            try:
+                rows = self._conn.execute(
+                    "SELECT digest, seen_at FROM recent_codes WHERE seen_at >= ?", (since,)
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise self._classify(exc) from None
+        return [(bytes(d), float(t)) for d, t in rows]
 
     def _classify(self, exc: sqlite3.Error) -> JournalError:
         text = str(exc)
@@ -280,10 +372,15 @@ class Journal:
         code_last4: str,
         trans_create_time: str,
         first_request: tuple[str, dict[str, str]] | None = None,
+        partner: str | None = None,
+        gateway: str | None = None,
+        code_digest: bytes | None = None,
     ) -> Transaction:
         """Record a new scan's payment in state `paying`, and with it (one commit, one fsync)
-        the first request about to be sent, if given."""
-        now = _now_iso()
+        the first request about to be sent, if given, and the keyed hash of its code (for
+        rule 7 across a restart; hashes older than the reuse window are pruned then too)."""
+        seen_at = time.time()
+        now = _iso(seen_at)
         txn = Transaction(
             ref=ref,
             amount=amount,
@@ -295,6 +392,8 @@ class Journal:
             created_at=now,
             updated_at=now,
             attempts=1 if first_request else 0,
+            partner=partner,
+            gateway=gateway,
         )
         row = self._row(txn)
         with self._write() as conn:
@@ -305,6 +404,15 @@ class Journal:
             )
             if first_request is not None:
                 self._insert_request(conn, txn, *first_request)
+            if code_digest is not None:
+                conn.execute(
+                    "DELETE FROM recent_codes WHERE seen_at < ?",
+                    (seen_at - CODE_REUSE_WINDOW_S,),
+                )
+                conn.execute(
+                    "INSERT OR REPLACE INTO recent_codes (digest, seen_at) VALUES (?, ?)",
+                    (code_digest, seen_at),
+                )
         return txn
 
     @staticmethod
@@ -382,9 +490,18 @@ class Journal:
     # -- reading ---------------------------------------------------------------------------
 
     def _select(
-        self, where: str, args: tuple[Any, ...] = (), limit: int | None = None
+        self,
+        where: str,
+        args: tuple[Any, ...] = (),
+        limit: int | None = None,
+        unreadable: list[UnreadableRow] | None = None,
     ) -> list[Transaction]:
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM transactions {where} ORDER BY seq DESC"
+        """The readable rows; a row this firmware cannot understand is skipped (and noted in
+        `unreadable`), never the reason the others cannot be read."""
+        columns = [
+            f"NULL AS {c}" if c in _MERCHANT_COLUMNS and self._schema < 2 else c for c in _COLUMNS
+        ]
+        sql = f"SELECT seq, {', '.join(columns)} FROM transactions {where} ORDER BY seq DESC"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         with self._lock:
@@ -392,33 +509,54 @@ class Journal:
                 rows = self._conn.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
                 raise self._classify(exc) from None
-        return [self._from_row(r) for r in rows]
+        found: list[Transaction] = []
+        for seq, *values in rows:
+            try:
+                found.append(self._from_row(tuple(values)))
+            except JournalCorrupt as exc:
+                if unreadable is not None:
+                    ref = values[0] if isinstance(values[0], str) else None
+                    unreadable.append(UnreadableRow(seq, ref, str(exc)))
+        return found
 
     def _from_row(self, values: tuple[Any, ...]) -> Transaction:
         data = dict(zip(_COLUMNS, values, strict=True))
         try:
             data["amount"] = Decimal(data["amount"])
             data["state"] = TxnState(data["state"])
-        except (ValueError, ArithmeticError) as exc:
+            txn = Transaction(**data)
+        except (ValueError, ArithmeticError, TypeError) as exc:
             raise JournalCorrupt(
                 f"journal {self.path}: transaction {data.get('ref')!r} is unreadable ({exc})"
             ) from None
-        return Transaction(**data)
+        return txn
 
     def get(self, ref: str) -> Transaction | None:
+        """The transaction, or None if there is none (or its row is unreadable)."""
         found = self._select("WHERE ref=?", (ref,))
         return found[0] if found else None
 
-    def unfinished(self) -> list[Transaction]:
-        """Every transaction a worker must still drive, oldest first."""
-        return list(reversed(self._select("WHERE final=0 AND state != 'attention'")))
+    def unfinished(self, unreadable: list[UnreadableRow] | None = None) -> list[Transaction]:
+        """Every transaction a worker must still drive, oldest first. Rows that cannot be
+        read are left out (and listed in `unreadable`, if given)."""
+        skipped: list[UnreadableRow] = []
+        found = self._select("WHERE final=0 AND state != 'attention'", unreadable=skipped)
+        if unreadable is not None:
+            unreadable.extend(reversed(skipped))
+        return list(reversed(found))
 
-    def listing(self, include_all: bool = False, recent: int = 20) -> list[Transaction]:
-        """Newest first: all, or every unfinished one plus the last `recent` finished."""
+    def listing(
+        self,
+        include_all: bool = False,
+        recent: int = 20,
+        unreadable: list[UnreadableRow] | None = None,
+    ) -> list[Transaction]:
+        """Newest first: all, or every unfinished one plus the last `recent` finished. Rows
+        that cannot be read are listed in `unreadable`, if given."""
         if include_all:
-            return self._select("")
-        open_ = self._select("WHERE final=0")
-        done = self._select("WHERE final=1", limit=recent)
+            return self._select("", unreadable=unreadable)
+        open_ = self._select("WHERE final=0", unreadable=unreadable)
+        done = self._select("WHERE final=1", limit=recent, unreadable=unreadable)
         return sorted(open_ + done, key=lambda t: (t.created_at, t.ref), reverse=True)
 
     def requests_for(self, ref: str) -> list[dict[str, Any]]:

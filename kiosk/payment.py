@@ -136,6 +136,8 @@ class RefsInHand:
 
     refs: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Refs already alarmed for belonging to another merchant (one alarm each per process).
+    other_merchant: set[str] = field(default_factory=set)
 
 
 def new_ref(terminal_id: str, now: datetime | None = None) -> str:
@@ -231,6 +233,9 @@ class PaymentFlow:
                 code_last4=code.last4,
                 trans_create_time=stamp,
                 first_request=("pay", _public_pay(ref, amount, self.settings, stamp)),
+                partner=self._merchant()[0],
+                gateway=self._merchant()[1],
+                code_digest=self.journal.code_digest(code.digits),
             )
             event(log, "payment.start", ref=ref, amount=str(amount), item=item, code=code.masked)
             sale = self._sell(txn, code, abandoned or threading.Event())
@@ -648,10 +653,46 @@ class PaymentFlow:
             fresh = self.journal.get(txn.ref)
             if fresh is None or fresh.final or fresh.state is TxnState.ATTENTION:
                 return fresh or txn
+            if not self._same_merchant(fresh):
+                return fresh  # left open, untouched, until its own merchant is configured
             txn = self._settle(fresh)
         if txn.state in FINAL_STATES or txn.state is TxnState.ATTENTION:
             event(log, "payment.settled", ref=txn.ref, state=txn.state.value)
         return txn
+
+    def _merchant(self) -> tuple[str | None, str | None]:
+        """(partner, primary gateway URL) of this flow's client; (None, None) for a client
+        that names none (a stand-in)."""
+        settings = getattr(self.client, "settings", None)
+        if settings is None:
+            return None, None
+        return settings.partner, settings.gateway
+
+    def _same_merchant(self, txn: Transaction) -> bool:
+        """A transaction is settled only with the partner and gateway it was paid through
+        (None, from an older journal: as configured). Under another merchant a query would
+        find nothing and a cancel "succeed" for a trade it never had, while the first
+        merchant keeps the money: nothing is sent, and one alarm per ref is raised."""
+        partner, gateway = self._merchant()
+        if txn.partner in (None, partner) and txn.gateway in (None, gateway):
+            return True
+        with self.in_hand.lock:
+            first = txn.ref not in self.in_hand.other_merchant
+            self.in_hand.other_merchant.add(txn.ref)
+        if first:
+            event(
+                log,
+                "alarm",
+                level=logging.ERROR,
+                kind="other_merchant",
+                ref=txn.ref,
+                partner=txn.partner,
+                gateway=txn.gateway,
+                state=txn.state.value,
+                why="paid to another partner or gateway than configured; left open until "
+                "that configuration is back",
+            )
+        return False
 
     def _settle(self, txn: Transaction) -> Transaction:
         match txn.state:

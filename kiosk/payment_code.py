@@ -8,7 +8,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kiosk.errors import PaymentCodeError
@@ -62,27 +62,48 @@ class RecentCodes:
     """Codes seen in the last few minutes, remembered as keyed hashes (never the code itself).
 
     Alipay codes are single-use; a second scan of the same screen must not start a second
-    payment. The key lives in memory only, so the hashes are useless outside this process.
+    payment. The key is the journal's (`Journal.code_key`), so the hashes a sale journaled
+    (`seed`) are still known after a restart; without a key given it is random, per process.
     """
 
     def __init__(
         self,
         window_s: float = CODE_REUSE_WINDOW_S,
         clock: Callable[[], float] = time.monotonic,
+        key: bytes | None = None,
     ) -> None:
-        self._key = os.urandom(32)
+        self._key = key or os.urandom(32)
         self._window_s = window_s
         self._clock = clock
         self._seen: dict[bytes, float] = {}
         self._lock = threading.Lock()
 
-    def _digest(self, code: PaymentCode) -> bytes:
+    @property
+    def window_s(self) -> float:
+        return self._window_s
+
+    def digest(self, code: PaymentCode) -> bytes:
         return hmac.new(self._key, code.digits.encode("ascii"), hashlib.sha256).digest()
+
+    def seed(self, seen: Iterable[tuple[bytes, float]], now_wall: float) -> int:
+        """Remember hashes seen `now_wall - seen_at` seconds ago (wall clock, as journaled);
+        those outside the window are left out; one stamped a little ahead (the clock was set
+        back) counts as seen now. Returns how many were taken."""
+        now = self._clock()
+        taken = 0
+        with self._lock:
+            for digest, seen_at in seen:
+                age = now_wall - seen_at
+                if -self._window_s <= age <= self._window_s:
+                    age = max(age, 0.0)
+                    self._seen[digest] = max(self._seen.get(digest, now - age), now - age)
+                    taken += 1
+        return taken
 
     def seen_recently(self, code: PaymentCode) -> bool:
         """True if this code was remembered within the window; remembers it either way."""
         now = self._clock()
-        digest = self._digest(code)
+        digest = self.digest(code)
         with self._lock:
             for key in [k for k, t in self._seen.items() if now - t > self._window_s]:
                 del self._seen[key]

@@ -165,3 +165,98 @@ def test_a_state_dir_that_cannot_be_created_is_a_journal_error(tmp_path: Path) -
     blocker.write_text("x")
     with pytest.raises(JournalError, match="cannot create state directory"):
         Journal(blocker / "state")
+
+
+# -- schema 2: the merchant of each transaction, the recent codes ---------------------------
+
+
+def _schema_1_journal(state_dir: Path) -> Path:
+    """A journal as the schema-1 firmware left it, with one open transaction."""
+    from kiosk.journal import _SCHEMA
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / JOURNAL_FILE
+    conn = sqlite3.connect(path)
+    conn.executescript(_SCHEMA)
+    conn.execute("INSERT INTO meta (key, value) VALUES ('schema', '1')")
+    conn.execute(
+        "INSERT INTO transactions (ref, amount, currency, item, state, code_last4, "
+        "trans_create_time, created_at, updated_at) VALUES "
+        "('VM-1-old', '1.50', 'USD', 'tea', 'cancelling', '1234', '20260101120000', "
+        "'2026-01-01T04:00:00.000Z', '2026-01-01T04:00:00.000Z')"
+    )
+    conn.commit()
+    conn.close()
+    return path
+
+
+def test_a_schema_1_journal_is_read_and_migrated_forward_never_called_corrupt(
+    tmp_path: Path,
+) -> None:
+    _schema_1_journal(tmp_path)
+    with Journal(tmp_path, read_only=True) as ro:  # `kiosk journal` beside an old daemon
+        old = ro.get("VM-1-old")
+        assert old is not None and (old.partner, old.gateway) == (None, None)
+    with Journal(tmp_path) as journal:
+        old = journal.get("VM-1-old")
+        assert old is not None and old.state is TxnState.CANCELLING and old.partner is None
+        assert [t.ref for t in journal.unfinished()] == ["VM-1-old"]
+        new = journal.open_transaction(
+            ref="VM-1-new",
+            amount=Decimal("2.00"),
+            currency="USD",
+            item="tea",
+            code_last4="9999",
+            trans_create_time="20260101120000",
+            partner="2088101122334455",
+            gateway="https://gw.example/gateway.do",
+        )
+        assert journal.get(new.ref) == new
+    conn = sqlite3.connect(tmp_path / JOURNAL_FILE)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    conn.close()
+    with Journal(tmp_path) as again:  # opening a migrated journal changes nothing
+        assert again.get("VM-1-new").partner == "2088101122334455"  # type: ignore[union-attr]
+
+
+def test_a_journal_of_a_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
+    Journal(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / JOURNAL_FILE)
+    conn.execute("UPDATE meta SET value='3' WHERE key='schema'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(JournalCorrupt, match="schema 3"):
+        Journal(tmp_path)
+
+
+def test_recent_codes_are_kept_as_keyed_hashes_for_the_window_and_pruned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time as time_module
+
+    from kiosk.payment_code import CODE_REUSE_WINDOW_S
+
+    journal = Journal(tmp_path)
+    key = journal.code_key
+    assert len(key) == 32
+    now = [1_800_000_000.0]
+    monkeypatch.setattr(time_module, "time", lambda: now[0])
+    for n, digits in enumerate(("281234567890120001", "281234567890120002")):
+        journal.open_transaction(
+            ref=f"VM-1-{n}",
+            amount=Decimal("1"),
+            currency="USD",
+            item="tea",
+            code_last4=digits,
+            trans_create_time="20260101120000",
+            code_digest=journal.code_digest(digits),
+        )
+        now[0] += CODE_REUSE_WINDOW_S + 1  # the second sale prunes the first one's hash
+    assert journal.recent_codes(since=0) == [
+        (journal.code_digest("281234567890120002"), 1_800_000_000.0 + CODE_REUSE_WINDOW_S + 1)
+    ]
+    journal.close()
+    with Journal(tmp_path) as again:
+        assert again.code_key == key  # made once, kept
+    data = b"".join(f.read_bytes() for f in tmp_path.iterdir())
+    assert b"281234567890120002" not in data
