@@ -15,7 +15,7 @@ import threading
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from kiosk import __version__
 from kiosk.errors import ConfigError, JournalError, KioskError
@@ -294,7 +294,7 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_journal(args: argparse.Namespace) -> int:
-    from kiosk.journal import JOURNAL_FILE, Journal
+    from kiosk.journal import JOURNAL_FILE, Journal, UnreadableRow
 
     state_dir = _state_dir(args)
     if not (state_dir / JOURNAL_FILE).exists():
@@ -304,8 +304,11 @@ def cmd_journal(args: argparse.Namespace) -> int:
         else:
             print(f"no transactions yet (no journal in {state_dir})")
         return EXIT_OK
+    unreadable: list[UnreadableRow] = []
     with Journal(state_dir, read_only=True) as journal:
-        rows = [t.export() for t in journal.listing(include_all=args.all)]
+        rows = [t.export() for t in journal.listing(include_all=args.all, unreadable=unreadable)]
+    # A row this firmware cannot read is listed as such (its ref and why), never a failure.
+    rows += [_unreadable_export(u) for u in unreadable]
     if args.json:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
@@ -315,9 +318,9 @@ def cmd_journal(args: argparse.Namespace) -> int:
     header = ("created_at", "ref", "amount", "state", "code", "attempts", "buyer_code")
     table = [header] + [
         (
-            r["created_at"][:19],
-            r["ref"],
-            f"{r['amount']} {r['currency']}",
+            (r["created_at"] or "-")[:19],
+            r["ref"] or f"(row {r['seq']})",
+            f"{r['amount']} {r['currency']}" if r["amount"] is not None else "-",
             r["state"] + ("" if r["final"] else " *"),
             r["code"] or "-",
             str(r["attempts"]),
@@ -330,7 +333,30 @@ def cmd_journal(args: argparse.Namespace) -> int:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     pending = sum(1 for r in rows if not r["final"])
     print(f"\n{pending} unfinished (*), {len(rows) - pending} finished shown")
+    for u in unreadable:
+        print(f"unreadable row {u.seq} ({u.ref or 'no ref'}): {u.why}")
     return EXIT_OK
+
+
+def _unreadable_export(row: Any) -> dict[str, Any]:
+    """An unreadable journal row in the shape of section 5: state `unreadable`, unfinished
+    (a person must look at it), what is known of it, and why in `note`."""
+    return {
+        "ref": row.ref,
+        "amount": None,
+        "currency": None,
+        "item": None,
+        "state": "unreadable",
+        "final": False,
+        "code": None,
+        "alipay_trans_id": None,
+        "buyer_code": None,
+        "created_at": None,
+        "updated_at": None,
+        "attempts": None,
+        "note": row.why,
+        "seq": row.seq,
+    }
 
 
 # -- kiosk run ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from kiosk.errors import JournalError
-from kiosk.journal import FINAL_STATES, Journal, Transaction, TxnState
+from kiosk.journal import FINAL_STATES, Journal, Transaction, TxnState, UnreadableRow
 from kiosk.log import event
 from kiosk.payment import PaymentFlow
 
@@ -79,6 +79,7 @@ class JournalWorker:
         self.last_beat = clock()
         self.backlog = 0
         self._schedule: dict[str, _Retry] = {}  # only the worker's thread touches it
+        self._unreadable_alarmed: set[int] = set()  # seqs of rows already alarmed about
         self._next_flow: PaymentFlow | None = None
         self._lock = threading.Lock()  # guards _next_flow
         self._wake = threading.Event()
@@ -162,7 +163,9 @@ class JournalWorker:
         self._take_new_flow()
         flow = self.flow
         resume_all, self._resume_all = self._resume_all, False
-        pending = self.journal.unfinished()
+        unreadable: list[UnreadableRow] = []
+        pending = self.journal.unfinished(unreadable)
+        self._alarm_unreadable(unreadable)
         if flow is None:  # no usable keys yet: nothing can be settled, only counted
             self._report_backlog(len(pending))
             return self.idle_s
@@ -218,6 +221,23 @@ class JournalWorker:
         if not due:
             return self.idle_s
         return min(self.idle_s, max(0.0, min(due) - self._clock()))
+
+    def _alarm_unreadable(self, rows: list[UnreadableRow]) -> None:
+        """A row this firmware cannot read is skipped (the others are settled all the same);
+        a person must look at it: one alarm per row."""
+        for row in rows:
+            if row.seq in self._unreadable_alarmed:
+                continue
+            self._unreadable_alarmed.add(row.seq)
+            event(
+                log,
+                "alarm",
+                level=logging.ERROR,
+                kind="unreadable_row",
+                ref=row.ref,
+                seq=row.seq,
+                why=f"{row.why}; skipped, the others are settled; a person must look at it",
+            )
 
     def _report_backlog(self, count: int) -> None:
         self.backlog = count
