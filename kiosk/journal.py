@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kiosk.errors import JournalCorrupt, JournalError
+from kiosk.log import mask_codes
 
 JOURNAL_FILE = "journal.sqlite3"
 SCHEMA_VERSION = 1
@@ -321,7 +322,7 @@ class Journal:
         conn.execute(
             "UPDATE requests SET outcome=?, detail=? WHERE id = "
             "(SELECT MAX(id) FROM requests WHERE ref=?)",
-            (outcome, detail[:200], ref),
+            (outcome, mask_codes(detail)[:200], ref),
         )
 
     def before_request(

@@ -13,6 +13,7 @@ REJECTED; anything else is UNKNOWN, never success. Error codes are normalised wh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import json
 import logging
@@ -35,7 +36,7 @@ from urllib3.exceptions import NameResolutionError, NewConnectionError, ReadTime
 from kiosk.alipay.signing import Signature, SignType, presign_string
 from kiosk.alipay.xml import MAX_ANSWER_BYTES, Answer, AnswerUnreadable, parse_answer, verify_answer
 from kiosk.errors import GatewayUnreachable
-from kiosk.log import event
+from kiosk.log import event, mask_codes
 from kiosk.money import format_amount
 
 log = logging.getLogger("kiosk.alipay")
@@ -581,6 +582,8 @@ class AlipayClient:
         """Send one call and judge its answer; log the outcome (never the request itself)."""
         started = time.monotonic()
         result = call()
+        # No detail carries a payment code an answer may have echoed (SPEC rule 6).
+        result = dataclasses.replace(result, detail=mask_codes(result.detail))
         self._log(service, partner_trans_id, result, started)
         return result
 
@@ -646,9 +649,10 @@ def normalise_error(text: str | None) -> tuple[str | None, str]:
     text, made printable and cut short, in brackets, for a `detail` and nothing else."""
     if not text:
         return None, ""
-    if ERROR_CODE_RE.fullmatch(text):
+    masked = mask_codes(text)  # an answer echoing the buyer's code keeps only its last 4
+    if ERROR_CODE_RE.fullmatch(text) and masked == text:
         return text, ""
-    return UNRECOGNISED_ERROR, "(" + _printable(text)[:_RAW_ERROR_CHARS] + ")"
+    return UNRECOGNISED_ERROR, "(" + _printable(masked)[:_RAW_ERROR_CHARS] + ")"
 
 
 def _printable(text: str) -> str:
