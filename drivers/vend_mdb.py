@@ -459,10 +459,20 @@ class MdbVendOutput:
         return self._wait(ref, vend, deadline)
 
     def deny(self, reason: str) -> None:
-        """The payment for the accepted request was refused: `C,STOP` while it is open."""
+        """The payment for the accepted request was refused: `C,STOP` while it is open.
+
+        A deny for the open request the core has not answered yet (say, over
+        `sale.max_price`) is the core's answer to it: it refuses it like `BUSY` does, with
+        `C,STOP`, and settles the answer the driver was owed for it, so later answers still
+        find their own request or drop."""
         with self._lock:
             request = self._request
-            stop = request is not None and request.accepted and request.vend is None
+            if request is not None and not request.accepted and self._owes(request):
+                # Answers are in order: this one belongs to the oldest request still owed.
+                _, request = self._take_owed("OUT_OF_SERVICE")
+            elif request is not None and not request.accepted:
+                request = None  # answered already; this deny is not about it
+            stop = request is not None and request is self._request and request.vend is None
             if stop:
                 self._request = None
         if stop:
@@ -618,6 +628,10 @@ class MdbVendOutput:
             if kind in kinds:
                 return kind, request
         return None, None
+
+    def _owes(self, request: _Request) -> bool:
+        # Called with _lock held: the core has not answered this request yet.
+        return any(owed is request for kind, owed in self._owed if kind == "request")
 
     def _owe(self, kind: str, request: _Request | None) -> None:
         self._owed.append((kind, request))

@@ -1,8 +1,14 @@
 """The serial link to a vending controller (SPEC section 4) as a `VendOutput`, over pyserial.
 
 A reader thread owns the port: it frames lines, answers `PING` and malformed lines itself,
-hands `VEND`/`CANCEL` to the core's listener and settles vends on `SUCCESS`/`FAILURE`. After an
-unplug it reopens the port with backoff. It does not decide anything about money: the core does.
+hands `VEND`/`CANCEL` to the core's listener and hands `SUCCESS`/`FAILURE` to the vend waiting
+for it. After an unplug it reopens the port with backoff. It does not decide anything about
+money: the core does.
+
+`ACK <ref>` tells the controller the kiosk has recorded the outcome, so it stops repeating its
+report. A report is therefore only ACKed once the core says so (`acknowledge(ref)`, after the
+journal commit); until then it is "reported" and a repeat of it gets no answer. A kiosk that
+could not record it (journal full, power cut) hears the repeat after its restart.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ WRITE_TIMEOUT_S = 1.0  # a wedged port must not hang the payment flow
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 5.0
 SETTLED_MEMORY = 256  # settled refs remembered, so a repeated report gets its ACK again
+REPORTED_MEMORY = 256  # reports handed to the core, not yet acknowledged by it
 UNCLAIMED_MEMORY = 32  # reports for refs nobody waits for yet (see await_report)
 
 _REPORTED = {vmc.Success: VendResult.VENDED, vmc.Failure: VendResult.FAILED}
@@ -68,6 +75,7 @@ class SerialVendOutput:
         self._lock = threading.Lock()
         self._waiting: dict[str, _Vend] = {}
         self._settled: OrderedDict[str, VendResult] = OrderedDict()
+        self._reported: OrderedDict[str, VendResult] = OrderedDict()  # no ACK sent yet
         self._unclaimed: OrderedDict[str, VendResult] = OrderedDict()
         self._link = threading.Condition()
         self._connections = 0
@@ -92,7 +100,7 @@ class SerialVendOutput:
         line = vmc.approved(ref, amount, self._currency)
         deadline = time.monotonic() + timeout_s
         with self._lock:
-            known = self._settled.get(ref)
+            known = self._known(ref)
             vend = self._expect(ref) if known is None else None
         if vend is None:
             assert known is not None
@@ -107,23 +115,33 @@ class SerialVendOutput:
     def await_report(self, ref: str, timeout_s: float) -> VendResult:
         """After a restart: wait for a report about a vend approved before it, without
         approving again. A report that came in before this call (and got `ERR unknown-ref`)
-        counts, and is ACKed now."""
+        counts; it is ACKed when the core acknowledges it."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
-            known = self._settled.get(ref)
+            known = self._known(ref)
             early = self._unclaimed.pop(ref, None) if known is None else None
             if early is not None:
-                self._remember(ref, early)
+                self._note_reported(ref, early)
             vend = self._expect(ref) if known is None and early is None else None
         if known is not None:
             return known
         if early is not None:
             event(log, "vend.report_claimed", ref=ref, result=early.value)
-            self._send(vmc.ack(ref))
             return early
         assert vend is not None
         event(log, "vend.awaiting_report", ref=ref, timeout_s=timeout_s)
         return self._wait(ref, vend, deadline)
+
+    def acknowledge(self, ref: str) -> None:
+        """The core has recorded the outcome of `ref`'s report (journal committed): `ACK <ref>`
+        now, and the same ACK for any repeat of it from here on. A ref with no report waiting
+        for its ACK (timed out, or acknowledged already) sends nothing."""
+        with self._lock:
+            reported = self._reported.pop(ref, None)
+            if reported is not None:
+                self._remember(ref, reported)
+        if reported is not None:
+            self._send(vmc.ack(ref))
 
     def deny(self, reason: str) -> None:
         """`DENIED <reason>`: the payment was refused (shown by the controller, if it wants)."""
@@ -203,27 +221,45 @@ class SerialVendOutput:
         self._remember(ref, VendResult.TIMED_OUT)
         vend.done.set()
 
+    def _known(self, ref: str) -> VendResult | None:
+        # Called with _lock held: how `ref` ended, whether or not the core acknowledged it.
+        known = self._settled.get(ref)
+        return known if known is not None else self._reported.get(ref)
+
+    def _note_reported(self, ref: str, result: VendResult) -> None:
+        # Called with _lock held: handed to the core, ACK held back until it acknowledges.
+        self._reported[ref] = result
+        while len(self._reported) > REPORTED_MEMORY:
+            self._reported.popitem(last=False)
+
     def _remember(self, ref: str, result: VendResult) -> None:
         self._settled[ref] = result
         while len(self._settled) > SETTLED_MEMORY:
             self._settled.popitem(last=False)
 
     def _report(self, ref: str, reported: VendResult) -> None:
-        """`SUCCESS`/`FAILURE <ref>` from the controller."""
+        """`SUCCESS`/`FAILURE <ref>` from the controller. Handed to the vend waiting for it; ACKed
+        when the core has recorded it (`acknowledge`), or at once for a ref settled before."""
         with self._lock:
             vend = self._waiting.pop(ref, None)
             settled = self._settled.get(ref)
+            unacknowledged = self._reported.get(ref)
             if vend is not None:
                 vend.result = reported
-                self._remember(ref, reported)
+                self._note_reported(ref, reported)
                 vend.done.set()
-            elif settled is None:
+            elif settled is None and unacknowledged is None:
                 self._unclaimed[ref] = reported
                 while len(self._unclaimed) > UNCLAIMED_MEMORY:
                     self._unclaimed.popitem(last=False)
         if vend is not None:
             event(log, "vend.report", ref=ref, result=reported.value)
-        elif settled is VendResult.TIMED_OUT:
+            return  # the ACK waits for the core to record the outcome
+        if unacknowledged is not None:
+            # The core has it but has not recorded it yet: the ACK follows when it has.
+            event(log, "vend.report_unacknowledged", ref=ref, result=reported.value)
+            return
+        if settled is VendResult.TIMED_OUT:
             # The core has already reversed this charge; a late SUCCESS means free goods.
             event(log, "vend.report_late", logging.WARNING, ref=ref, result=reported.value)
         elif settled is not None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kiosk.errors import JournalCorrupt, JournalError
+from kiosk.log import mask_codes
 from kiosk.payment_code import CODE_REUSE_WINDOW_S
 
 JOURNAL_FILE = "journal.sqlite3"
@@ -429,7 +430,7 @@ class Journal:
         conn.execute(
             "UPDATE requests SET outcome=?, detail=? WHERE id = "
             "(SELECT MAX(id) FROM requests WHERE ref=?)",
-            (outcome, detail[:200], ref),
+            (outcome, mask_codes(detail)[:200], ref),
         )
 
     def before_request(

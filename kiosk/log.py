@@ -3,7 +3,8 @@
 `event(log, "payment.result", ref=ref, outcome="declined")` logs
 `event=payment.result ref=... outcome=declined` as text, or one JSON object per line with
 `--log-format json`. Never pass a whole payment code or key material as a field: use
-`mask_code()`.
+`mask_code()`. As a backstop, `event()` masks anything in a string field that could be a
+payment code (`mask_codes()`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -25,9 +27,33 @@ def mask_code(code: str | None) -> str | None:
     return "*" * max(len(code) - 4, 0) + code[-4:]
 
 
+# A maximal run of digits long enough to be (or to hold) a payment code.
+_DIGIT_RUN = re.compile(r"(?<![0-9])[0-9]{16,}(?![0-9])")
+_CODE_FIRST_TWO = range(25, 31)  # Alipay payment codes are 16-24 digits starting 25-30
+_CODE_LENGTHS = range(16, 25)
+_TRADE_ID_PREFIX = "20"  # Alipay trade ids (and dates) start with 20; they stay readable
+
+
+def _mask_run(match: re.Match[str]) -> str:
+    run = match.group()
+    if len(run) in _CODE_LENGTHS:
+        looks_like_code = int(run[:2]) in _CODE_FIRST_TWO
+    else:  # longer than any code: it may hold one, unless it is an Alipay trade id
+        looks_like_code = not run.startswith(_TRADE_ID_PREFIX)
+    return "*" * (len(run) - 4) + run[-4:] if looks_like_code else run
+
+
+def mask_codes(text: str) -> str:
+    """`text` with every run of digits that could be a payment code masked to its last 4
+    digits (`************1234`), wherever it stands in the text. For text that came from
+    outside (a gateway's error message) on its way to a log line or the disk."""
+    return _DIGIT_RUN.sub(_mask_run, text)
+
+
 def event(log: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log one event with its fields."""
-    log.log(level, name, extra={_FIELDS: {"event": name, **fields}})
+    """Log one event with its fields. String fields pass through `mask_codes()`."""
+    masked = {k: mask_codes(v) if isinstance(v, str) else v for k, v in fields.items()}
+    log.log(level, name, extra={_FIELDS: {"event": name, **masked}})
 
 
 class TextFormatter(logging.Formatter):

@@ -59,7 +59,7 @@ from kiosk.errors import GatewayUnreachable
 from kiosk.journal import FINAL_STATES, Journal, Transaction, TxnState
 from kiosk.log import event
 from kiosk.payment_code import PaymentCode
-from kiosk.ports import VendOutput, VendResult
+from kiosk.ports import VendOutput, VendResult, acknowledge
 
 log = logging.getLogger("kiosk.payment")
 
@@ -495,13 +495,18 @@ class PaymentFlow:
         return self.journal.update(txn, state=TxnState.VENDING, request_outcome=outcome, **changes)
 
     def _vend(self, txn: Transaction) -> Transaction:
-        """VENDING → VENDED, or → CANCELLING when the vend failed."""
+        """VENDING → VENDED, or → CANCELLING when the vend failed. The controller's report is
+        acknowledged only once its outcome is journaled: if that commit fails, it repeats the
+        report, and the restart takes it (rule 1)."""
         self.watch.vending(txn.ref)
         result = self.vend.dispense(txn.ref, txn.amount, self.settings.vend_timeout_s)
         event(log, "vend.result", ref=txn.ref, result=result.value)
         if result is VendResult.VENDED:
-            return self.journal.update(txn, state=TxnState.VENDED)
-        return self._start_reversal(txn, note=f"vend {result.value}")
+            txn = self.journal.update(txn, state=TxnState.VENDED)
+        else:
+            txn = self._start_reversal(txn, note=f"vend {result.value}")
+        acknowledge(self.vend, txn.ref)
+        return txn
 
     def _start_reversal(self, txn: Transaction, note: str) -> Transaction:
         """Every reversal starts with cancel: it closes an unpaid trade, reverses a paid one
@@ -709,8 +714,13 @@ class PaymentFlow:
                 result = self.vend.await_report(txn.ref, self.settings.vend_timeout_s)
                 event(log, "vend.result", ref=txn.ref, result=result.value, after="restart")
                 if result is VendResult.VENDED:
-                    return self.journal.update(txn, state=TxnState.VENDED)
-                return self._start_reversal(txn, note=f"vend unconfirmed after restart ({result})")
+                    txn = self.journal.update(txn, state=TxnState.VENDED)
+                else:
+                    txn = self._start_reversal(
+                        txn, note=f"vend unconfirmed after restart ({result})"
+                    )
+                acknowledge(self.vend, txn.ref)  # journaled: the controller may stop repeating
+                return txn
             case TxnState.CANCELLING | TxnState.REFUNDING:
                 return self._reverse_once(txn)
         return txn

@@ -147,6 +147,15 @@ def set_available(output: VendOutput, available: bool, reason: str | None = None
         switch(available, reason)
 
 
+def acknowledge(output: VendOutput, ref: str) -> None:
+    """The outcome of `ref`'s vend is recorded (journaled): a vend output whose controller
+    repeats its report until it is acknowledged (serial: `ACK <ref>`) may tell it now. A no-op
+    for outputs without acknowledgements (relay, MDB, fake)."""
+    ack = getattr(output, "acknowledge", None)
+    if ack is not None:
+        ack(ref)
+
+
 def vend_running(output: VendOutput) -> bool:
     """Whether the vend output's own machinery runs (for the watchdog). A driver whose
     `healthy()` also counts a problem it retries by itself (see `problem()`) says so with

@@ -443,6 +443,19 @@ def test_deny_stops_the_accepted_request(
     assert not board.request_open()
 
 
+def test_deny_answering_an_unanswered_request_stops_it_and_keeps_answers_in_order(
+    board: MdbBoard, mdb: MdbVendOutput, listener: Listener
+) -> None:
+    choose(board, listener, amount="9.00")
+    mdb.deny("MAX_PRICE")  # the core's answer to the request: over sale.max_price
+    assert board.next_line(WAIT_S) == "C,STOP"
+    assert not board.request_open()
+    # The deny settled that request's answer: the next OK belongs to the next request.
+    chosen_and_accepted(board, listener, mdb)
+    assert mdb.dispense("K20", Decimal("1.50"), 0.2) is VendResult.TIMED_OUT
+    assert board.approved() == "1.50"
+
+
 def test_deny_without_a_request_sends_nothing(board: MdbBoard, mdb: MdbVendOutput) -> None:
     mdb.deny("CODE_REUSED")
     assert_nothing_sent(board, mdb)

@@ -205,6 +205,7 @@ def test_approved_then_success_is_vended_and_acked(
     assert vmc.read_line() == b"APPROVED K1 1.50"
     vmc.send(b"SUCCESS K1\n")
     assert result.result(WAIT_S) is VendResult.VENDED
+    link.acknowledge("K1")  # the core journaled VENDED
     assert vmc.read_line() == b"ACK K1"
 
 
@@ -215,6 +216,7 @@ def test_approved_then_failure_is_failed_and_acked(
     assert vmc.read_line() == b"APPROVED K2 2.00"
     vmc.send(b"FAILURE K2\r\n")
     assert result.result(WAIT_S) is VendResult.FAILED
+    link.acknowledge("K2")
     assert vmc.read_line() == b"ACK K2"
 
 
@@ -232,11 +234,38 @@ def test_repeated_report_gets_the_same_ack_and_changes_nothing(
     assert vmc.read_line() == b"APPROVED K4 1.50"
     vmc.send(b"SUCCESS K4\n")
     assert result.result(WAIT_S) is VendResult.VENDED
+    link.acknowledge("K4")
     assert vmc.read_line() == b"ACK K4"
     assert vmc.ask(b"SUCCESS K4\n") == b"ACK K4"
     assert vmc.ask(b"FAILURE K4\n") == b"ACK K4"
     # The settled result stands, and the ref is never approved a second time.
     assert link.dispense("K4", Decimal("1.50"), WAIT_S) is VendResult.VENDED
+    vmc.assert_nothing_else_sent()
+
+
+def test_a_report_is_acked_only_once_the_core_acknowledges_it(
+    vmc: Controller, link: SerialVendOutput, background
+) -> None:
+    result = background(lambda: link.dispense("K9", Decimal("1.50"), WAIT_S))
+    assert vmc.read_line() == b"APPROVED K9 1.50"
+    vmc.send(b"SUCCESS K9\n")
+    assert result.result(WAIT_S) is VendResult.VENDED
+    # Not recorded yet (the journal commit may still fail): a repeat gets no answer ...
+    vmc.send(b"SUCCESS K9\n")
+    assert vmc.ask(b"PING\n") == b"PONG"
+    # ... and the ref is never approved twice meanwhile.
+    assert link.dispense("K9", Decimal("1.50"), WAIT_S) is VendResult.VENDED
+    link.acknowledge("K9")
+    assert vmc.read_line() == b"ACK K9"
+    assert vmc.ask(b"SUCCESS K9\n") == b"ACK K9"  # settled and ACKed: the same ACK at once
+    link.acknowledge("K9")  # twice: nothing more
+    vmc.assert_nothing_else_sent()
+
+
+def test_a_timed_out_vend_needs_no_acknowledgement(vmc: Controller, link: SerialVendOutput) -> None:
+    assert link.dispense("K10", Decimal("1.50"), 0.2) is VendResult.TIMED_OUT
+    assert vmc.read_line() == b"APPROVED K10 1.50"
+    link.acknowledge("K10")
     vmc.assert_nothing_else_sent()
 
 
@@ -305,9 +334,10 @@ def test_await_report_after_a_restart_takes_success_without_approving(
     result = background(lambda: link.await_report("K6", WAIT_S))
     assert events.wait("vend.awaiting_report")
     vmc.send(b"SUCCESS K6\n")
+    assert result.result(WAIT_S) is VendResult.VENDED
+    link.acknowledge("K6")
     # The first line from the kiosk is the ACK: no APPROVED was sent.
     assert vmc.read_line() == b"ACK K6"
-    assert result.result(WAIT_S) is VendResult.VENDED
 
 
 def test_await_report_times_out_when_the_controller_says_nothing(link: SerialVendOutput) -> None:
@@ -319,6 +349,7 @@ def test_await_report_counts_a_report_that_arrived_before_it(
 ) -> None:
     assert vmc.ask(b"FAILURE K8\n") == b"ERR unknown-ref"
     assert link.await_report("K8", WAIT_S) is VendResult.FAILED
+    link.acknowledge("K8")
     assert vmc.read_line() == b"ACK K8"
 
 

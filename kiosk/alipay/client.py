@@ -12,11 +12,14 @@ REJECTED; anything else is UNKNOWN, never success. Error codes are normalised wh
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
 import json
 import logging
 import re
 import ssl
+import threading
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping
@@ -33,7 +36,7 @@ from urllib3.exceptions import NameResolutionError, NewConnectionError, ReadTime
 from kiosk.alipay.signing import Signature, SignType, presign_string
 from kiosk.alipay.xml import MAX_ANSWER_BYTES, Answer, AnswerUnreadable, parse_answer, verify_answer
 from kiosk.errors import GatewayUnreachable
-from kiosk.log import event
+from kiosk.log import event, mask_codes
 from kiosk.money import format_amount
 
 log = logging.getLogger("kiosk.alipay")
@@ -368,6 +371,10 @@ class AlipayClient:
     def _send(self, gateway: str, body: bytes, read_timeout_s: float) -> _Reply:
         url = gateway + ("&" if "?" in gateway else "?") + f"_input_charset={INPUT_CHARSET}"
         timeout = (self.settings.connect_timeout_s, read_timeout_s)
+        # The read timeout bounds each socket read, not the answer: a gateway (or anything in
+        # its place) trickling bytes just inside it could hold the call for as long as it
+        # liked. The whole exchange gets the connect timeout plus the read timeout.
+        deadline = time.monotonic() + self.settings.connect_timeout_s + read_timeout_s
         try:
             response = self._session.post(
                 url,
@@ -388,12 +395,22 @@ class AlipayClient:
         with response:
             if response.status_code != 200:
                 return _Reply(None, f"HTTP {response.status_code}", gateway)
+            # A read that blocks inside one chunk is ended at the deadline from outside.
+            guard = threading.Timer(max(0.0, deadline - time.monotonic()), _cut, (response,))
+            guard.daemon = True
+            guard.start()
             try:
-                raw = _read_capped(response)
+                raw = _read_capped(response, deadline)
             except _TooLong:
                 return _Reply(None, f"answer over {MAX_ANSWER_BYTES // 1024} KiB", gateway)
+            except _TooSlow:
+                return _Reply(None, "answer too slow", gateway)
             except requests.RequestException as exc:
+                if time.monotonic() >= deadline:
+                    return _Reply(None, "answer too slow", gateway)
                 return _Reply(None, _after_connect(exc), gateway)
+            finally:
+                guard.cancel()
         try:
             answer = parse_answer(raw)
         except AnswerUnreadable as exc:
@@ -565,6 +582,8 @@ class AlipayClient:
         """Send one call and judge its answer; log the outcome (never the request itself)."""
         started = time.monotonic()
         result = call()
+        # No detail carries a payment code an answer may have echoed (SPEC rule 6).
+        result = dataclasses.replace(result, detail=mask_codes(result.detail))
         self._log(service, partner_trans_id, result, started)
         return result
 
@@ -630,9 +649,10 @@ def normalise_error(text: str | None) -> tuple[str | None, str]:
     text, made printable and cut short, in brackets, for a `detail` and nothing else."""
     if not text:
         return None, ""
-    if ERROR_CODE_RE.fullmatch(text):
+    masked = mask_codes(text)  # an answer echoing the buyer's code keeps only its last 4
+    if ERROR_CODE_RE.fullmatch(text) and masked == text:
         return text, ""
-    return UNRECOGNISED_ERROR, "(" + _printable(text)[:_RAW_ERROR_CHARS] + ")"
+    return UNRECOGNISED_ERROR, "(" + _printable(masked)[:_RAW_ERROR_CHARS] + ")"
 
 
 def _printable(text: str) -> str:
@@ -674,13 +694,30 @@ class _TooLong(Exception):
     pass
 
 
-def _read_capped(response: requests.Response) -> bytes:
+class _TooSlow(Exception):
+    pass
+
+
+def _cut(response: requests.Response) -> None:
+    """Close a connection whose answer is past its deadline (from the guard's thread)."""
+    shutdown = getattr(response.raw, "shutdown", None)
+    with contextlib.suppress(Exception):
+        if shutdown is not None:
+            shutdown()  # urllib3 2.3+: unblocks a read in another thread
+        else:
+            response.close()
+
+
+def _read_capped(response: requests.Response, deadline: float) -> bytes:
+    """The answer's body, at most MAX_ANSWER_BYTES, read before `deadline` (monotonic)."""
     length = response.headers.get("Content-Length", "")
     if length.isdigit() and int(length) > MAX_ANSWER_BYTES:
         raise _TooLong
     chunks: list[bytes] = []
     size = 0
     for chunk in response.iter_content(chunk_size=8192):
+        if time.monotonic() >= deadline:
+            raise _TooSlow
         size += len(chunk)
         if size > MAX_ANSWER_BYTES:
             raise _TooLong

@@ -1,7 +1,6 @@
-"""Attack (MDB): a selection above `sale.max_price` is refused by the core with `deny()`, but
-the MDB driver's `deny()` sends `C,STOP` only for a request the core had accepted (OK). The
-refused request is never stopped: the machine sits waiting for an approval that never comes
-(SPEC section 7: refused -> `C,STOP`)."""
+"""MDB: a selection above `sale.max_price` is refused by the core with `deny()` as its answer
+to the request. The driver stops that still-unanswered request with `C,STOP` (SPEC section 7:
+refused -> `C,STOP`), so the machine is not left waiting for an approval that never comes."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from decimal import Decimal
 from tests.test_mdb_sale import WAIT_S, MdbRig, mdb_config, mdb_rig  # noqa: F401
 
 
-def test_attack_mdb_request_over_max_price_is_never_stopped(mdb_rig: MdbRig) -> None:  # noqa: F811
+def test_mdb_request_over_max_price_is_stopped(mdb_rig: MdbRig) -> None:  # noqa: F811
     assert mdb_rig.board.device is not None
     config = mdb_config(mdb_rig.tmp_path / "state", mdb_rig.sim.url, mdb_rig.board.device)
     config = replace(config, sale=replace(config.sale, max_price=Decimal("1.00")))
