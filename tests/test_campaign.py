@@ -390,6 +390,11 @@ def _wait_ready(c: Campaign, start: int) -> None:
     if rig.logs[done].get("message") == "sale failed":
         why = str(rig.logs[done].get("exception", "")).strip().splitlines()[-1:]
         c.find(f"the sale's thread failed: {why[0][:200] if why else '?'}")
+    if rig.logs[done].get("event") in ("scan.rejected", "scan.ignored"):
+        # No sale started (under heavy load a pty can split a scan past the scanner's idle
+        # timeout): the lights never left ready, so there is no light to wait for.
+        c.events["scans_lost"] += 1
+        return
     rig.wait_log_after(
         done + 1,
         lambda e: e.get("event") == "indicator" and e.get("state") in ("ready", "offline"),
