@@ -146,19 +146,17 @@ def build_vend_output(config: Config) -> VendOutput:
 def build_mdb_vend_output(config: Config) -> VendOutput:
     """`vend.driver = "mdb"`: a Qibixx MDB Pi HAT (`/dev/serial0`) or MDB-USB (`/dev/ttyACM*`).
 
-    The MDB keys (`mdb_address`, `mdb_reset_pin`, `approve_within_s`) are read with their SPEC
-    defaults when the config does not carry them.
+    The config check has filled in the mdb driver's own port and baud defaults.
     """
-    from drivers.vend_mdb import BAUD, MdbVendOutput
+    from drivers.vend_mdb import MdbVendOutput
 
     v = config.vend
-    # 9600 is the serial link's default; the boards only ever run at 115200.
-    baud = v.baud if v.baud not in (None, 9600) else BAUD
+    assert v.port is not None
     return MdbVendOutput(
-        v.port or "/dev/serial0",
+        v.port,
         config.alipay.currency,
-        baud=baud,
-        address=getattr(v, "mdb_address", 1),
-        reset_pin=getattr(v, "mdb_reset_pin", None),
-        approve_within_s=getattr(v, "approve_within_s", 60.0),
+        baud=v.baud,
+        address=v.mdb_address,
+        reset_pin=v.mdb_reset_pin,
+        approve_within_s=v.approve_within_s,
     )

@@ -475,14 +475,22 @@ def run_command(board: MdbBoard, line: str, out: Callable[[str], None]) -> bool:
     return True
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m drivers.mdb_board`: a board on a pty, played from standard input."""
-    parser = argparse.ArgumentParser(
-        prog="mdb-board",
-        description="Emulate a Qibixx MDB board (cashless device) with a vending machine "
-        "behind it, on a pty the kiosk can open as vend.port.",
+DESCRIPTION = (
+    "Emulate a Qibixx MDB board (cashless device) with a vending machine behind it, on a pty "
+    "the kiosk can open as vend.port. Type 'select 1.50 12', 'success', 'fail', 'drop', 'reset', "
+    "'silent', 'speak', 'status' or 'help' on standard input; every line the kiosk sends is "
+    "printed as 'host> ...'."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The tool's flags, for its own parser and for `kiosk mdb-emulator`."""
+    parser.add_argument(
+        "--link",
+        type=Path,
+        metavar="PATH",
+        help="also make this symlink to the pty (a stable name for vend.port)",
     )
-    parser.add_argument("--link", type=Path, help="also make this symlink to the pty")
     parser.add_argument(
         "--refuse",
         action="append",
@@ -495,7 +503,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="after C,1 wait for 'enable' instead of enabling the reader at once",
     )
-    parser.add_argument("--version-line", default=VERSION_LINE, help="the answer to V")
+    parser.add_argument(
+        "--version-line",
+        default=VERSION_LINE,
+        metavar="LINE",
+        help=f"the board's answer to V (default: {VERSION_LINE})",
+    )
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "mdb-board") -> int:
+    """`python -m drivers.mdb_board` and `kiosk mdb-emulator`: a board on a pty, played from
+    standard input; prints the pty's path first."""
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    add_arguments(parser)
     args = parser.parse_args(argv)
 
     def out(text: str) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import serial
 
-from kiosk.currencies import numeric_code
+from kiosk.iso4217 import mdb_currency_code
 from kiosk.log import event
 from kiosk.money import MAX_AMOUNT, format_amount, minor_digits
 from kiosk.ports import VendListener, VendRequest, VendResult
@@ -231,7 +231,7 @@ def reader_settings(address: int, currency: str) -> list[tuple[str, str]]:
         raise ValueError(f"mdb_address must be 1 or 2, not {address!r}")
     return [
         ("mdb-addr", f"0x{ADDRESSES[address]:02X}"),
-        ("mdb-currency-code", f"0x1{numeric_code(currency):03d}"),
+        ("mdb-currency-code", mdb_currency_code(currency)),
         ("mdb-always-idle", "1"),
     ]
 

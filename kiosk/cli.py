@@ -165,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--vend", action="store_true", help="also approve one test vend on a serial controller"
     )
 
+    from drivers import mdb_board
+
+    emulator = sub.add_parser(
+        "mdb-emulator",
+        help="emulate a Qibixx MDB board and a vending machine on a pty, for a bench",
+        description=mdb_board.DESCRIPTION,
+    )
+    mdb_board.add_arguments(emulator)
+
     provision = sub.add_parser(
         "provision",
         parents=[common],
@@ -255,6 +264,12 @@ def _dispatch(argv: list[str] | None) -> int:
                 args.vend,
                 ask=ask_in_terminal if person else None,
             )
+        case "mdb-emulator":
+            from drivers import mdb_board
+
+            given = list(sys.argv[1:] if argv is None else argv)
+            rest = given[given.index("mdb-emulator") + 1 :]
+            return mdb_board.main(rest, prog="kiosk mdb-emulator")
         case "provision":
             from kiosk.provision import run_provision
 

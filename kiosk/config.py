@@ -20,6 +20,7 @@ import stat
 import sys
 import tomllib
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -68,7 +69,7 @@ from kiosk.config_keys import (
     VendSection as VendSection,
 )
 from kiosk.errors import ConfigError, KeyFileError
-from kiosk.iso4217 import CURRENCIES, ISO_CODES, SETTLED
+from kiosk.iso4217 import CURRENCIES, ISO_CODES, SETTLED, mdb_currency_code
 from kiosk.log import event
 from kiosk.money import format_amount, parse_amount
 
@@ -115,6 +116,13 @@ log = logging.getLogger(__name__)
 MAX_PIN = 27  # BCM GPIO numbers on the 40-pin header
 MAX_DURATION_S = 86400.0  # one day; far beyond any sane timeout, and what timers can take
 PI5_DEBUG_UART = "/dev/ttyAMA10"
+# The Pi HAT's UART, and the kernel command lines that may give it to a login console.
+PI_HAT_PORT = "/dev/serial0"
+BOOT_CMDLINES = (Path("/boot/firmware/cmdline.txt"), Path("/boot/cmdline.txt"))
+_SERIAL_CONSOLE = re.compile(r"(?:^|\s)console=(serial0|ttyAMA0|ttyS0)\b")
+# What a paid sale needs before its approval can go out after the last answer (the journal's
+# commit and the C,VEND line); the same margin as the daemon's payment budget.
+APPROVAL_MARGIN_S = 1.0
 # The 40-pin header's GPIO pins, header number -> BCM number (gpiozero's BOARD and J8 names).
 HEADER_TO_BCM = {
     3: 2, 5: 3, 7: 4, 8: 14, 10: 15, 11: 17, 12: 18, 13: 27, 15: 22, 16: 23, 18: 24, 19: 10,
@@ -286,8 +294,15 @@ class _Checker:
     """
 
     def __init__(
-        self, file: str, index: LineIndex, base: Path, check_key_modes: bool, check_devices: bool
+        self,
+        file: str,
+        index: LineIndex,
+        base: Path,
+        check_key_modes: bool,
+        check_devices: bool,
+        boot_cmdlines: Sequence[Path] = BOOT_CMDLINES,
     ) -> None:
+        self.boot_cmdlines = boot_cmdlines
         self.file = file
         self.index = index
         self.base = base
@@ -326,8 +341,16 @@ class _Checker:
         return self.has(section, key) and (section, key) not in self.bad
 
     def section(self, name: str) -> dict[str, Any]:
-        """Every key of the section, read and validated; defaults for the absent ones."""
-        return {key: self.value(row) for key, row in ROWS[name].items()}
+        """Every key of the section, read and validated; defaults for the absent ones (the
+        driver's own default where the key declares one)."""
+        values = {key: self.value(row) for key, row in ROWS[name].items()}
+        for key, row in ROWS[name].items():
+            if self.ok(name, key):
+                continue
+            for driver, default in row.key.driver_defaults:
+                if values.get("driver") == driver:
+                    values[key] = default
+        return values
 
     def value(self, row: Row) -> Any:
         raw = self.raw(row.section, row.name)
@@ -566,6 +589,8 @@ class _Checker:
         vend = self.check_vend(sale.mode)
         journal = JournalSection(**self.section("journal"))
         self.check_pins(indicators, vend)
+        if vend.driver == "mdb":
+            self.check_mdb(alipay, sale, vend)
         if kiosk is None or alipay is None or merchant is None:
             return None
         return Config(
@@ -884,7 +909,7 @@ class _Checker:
         if self.has(s, "driver") and not self.ok(s, "driver"):
             driver = None
         if driver in ("serial", "mdb"):
-            if port is None and (s, "port") not in self.bad:
+            if port is None and (s, "port") not in self.bad:  # mdb: never, it has a default
                 self.problem(
                     s,
                     "driver" if self.has(s, "driver") else None,
@@ -894,7 +919,9 @@ class _Checker:
                     else 'like  port = "/dev/serial0"',
                 )
             elif port is not None:
-                self.serial_port_ok(s, port)
+                if driver == "mdb":
+                    self.serial_console_ok(port)
+                self.serial_port_ok(s, port, "port" if self.has(s, "port") else "driver")
         if driver == "relay" and not self.has(s, "relay_pin"):
             self.problem(
                 s, "driver", "vend.driver relay needs vend.relay_pin", "like  relay_pin = 23"
@@ -906,7 +933,8 @@ class _Checker:
                 "sale.mode vmc needs vend.driver serial (or fake): a relay cannot send VEND",
                 'set  driver = "serial"  and the VMC\'s port',
             )
-        if driver == "mdb" and sale_mode != "vmc" and self.ok("sale", "mode"):
+        mode_said = ("sale", "mode") in self.bad  # a wrong mode is reported already
+        if driver == "mdb" and sale_mode != "vmc" and not mode_said:
             self.problem(
                 s,
                 "driver",
@@ -915,25 +943,75 @@ class _Checker:
             )
         return VendSection(**values)
 
-    def serial_port_ok(self, section: str, port: str) -> None:
+    def check_mdb(self, alipay: AlipaySection | None, sale: SaleSection, vend: VendSection) -> None:
+        """The MDB cashless device: its currency code, the Pi HAT's UART, the machine's patience."""
+        s = "vend"
+        if self.ok("alipay", "currency"):
+            try:
+                mdb_currency_code(self.currency)
+            except ValueError:
+                self.problem(
+                    "alipay",
+                    "currency",
+                    f"alipay.currency {self.currency} has no ISO 4217 numeric code for MDB",
+                    "the MDB reader announces its currency by number; use a currency the "
+                    "kiosk knows",
+                )
+        if alipay is not None:
+            budget = alipay.pay_timeout_s + 2 * alipay.query_interval_s + APPROVAL_MARGIN_S
+            if vend.approve_within_s < budget:
+                self.warn(
+                    s,
+                    "approve_within_s" if self.has(s, "approve_within_s") else "driver",
+                    f"vend.approve_within_s {vend.approve_within_s:g} s is less than a payment "
+                    f"needs ({budget:g} s: alipay.pay_timeout_s + 2 x query_interval_s + 1 s): "
+                    "every scan would be refused",
+                    f"raise it to at least {budget:g} s (a little below the machine's cashless "
+                    "timeout), or lower alipay.pay_timeout_s",
+                )
+
+    def serial_console_ok(self, port: str) -> None:
+        """The Pi HAT's UART must not be the kernel's serial console too."""
+        s = "vend"
+        if port != PI_HAT_PORT:
+            return
+        for path in self.boot_cmdlines:
+            try:
+                cmdline = path.read_text(errors="replace")
+            except OSError:
+                continue
+            console = _SERIAL_CONSOLE.search(cmdline)
+            if console is not None:
+                self.warn(
+                    s,
+                    "port" if self.has(s, "port") else "driver",
+                    f"{path} gives the serial console to {console.group(1)}: the kernel's "
+                    f"login prompt would talk to the MDB board on {PI_HAT_PORT}",
+                    f"remove  console={console.group(1)},...  from {path} (raspi-config: "
+                    "Interface Options, Serial Port, login shell No, hardware Yes)",
+                )
+            return
+
+    def serial_port_ok(self, section: str, port: str, key: str = "port") -> None:
         if port == PI5_DEBUG_UART:
             self.warn(
                 section,
-                "port",
+                key,
                 f"{section}.port {port} is the Raspberry Pi 5 debug console UART",
                 "the header UART is /dev/ttyAMA0",
             )
-        self.device_exists(section, "port", port)
+        self.device_exists(section, key, port)
 
     def device_exists(self, section: str, key: str, device: str) -> None:
         if not self.check_devices:
             return
         found, why = _stat(Path(device))
         if found is None:
+            name = "port" if key == "driver" else key  # a driver's default port
             self.warn(
                 section,
                 key,
-                f"{section}.{key} {device} does not exist now ({why})",
+                f"{section}.{name} {device} does not exist now ({why})",
                 "fine if the device is plugged in later; otherwise check the path",
             )
 
@@ -993,7 +1071,11 @@ def load_config(path: Path) -> Config:
 
 
 def check_config(
-    path: Path, *, check_key_modes: bool = True, check_devices: bool = True
+    path: Path,
+    *,
+    check_key_modes: bool = True,
+    check_devices: bool = True,
+    boot_cmdlines: Sequence[Path] = BOOT_CMDLINES,
 ) -> tuple[Config | None, list[ConfigProblem]]:
     """Validate the config and everything it points at; report every problem, sorted by line.
 
@@ -1066,7 +1148,9 @@ def check_config(
                 "no value in the kiosk's config needs more than a few digits",
             )
         ]
-    checker = _Checker(name, LineIndex(text), path.parent, check_key_modes, check_devices)
+    checker = _Checker(
+        name, LineIndex(text), path.parent, check_key_modes, check_devices, boot_cmdlines
+    )
     config = checker.check(data, path)
     problems = sorted(checker.problems, key=lambda p: (p.line, p.warning))
     if any(not p.warning for p in problems):
@@ -1107,6 +1191,10 @@ def format_summary(config: Config) -> str:
         indicators = ind.driver
     if v.driver == "serial":
         vend = f"serial {v.port} at {v.baud} baud, answer within {v.timeout_s:g} s"
+    elif v.driver == "mdb":
+        vend = f"mdb {v.port} at {v.baud} baud, cashless #{v.mdb_address}"
+        vend += f", reset pin {v.mdb_reset_pin}" if v.mdb_reset_pin is not None else ""
+        vend += f", approve within {v.approve_within_s:g} s, answer within {v.timeout_s:g} s"
     elif v.driver == "relay":
         vend = f"relay pin {v.relay_pin}{'' if v.relay_active_high else ' (active low)'}"
         vend += f", pulse {v.pulse_ms:g} ms"
@@ -1127,12 +1215,21 @@ def format_summary(config: Config) -> str:
     return "\n".join(lines)
 
 
+def boot_cmdlines() -> tuple[Path, ...]:
+    """The kernel command lines `kiosk check` reads: $KIOSK_BOOT_CMDLINE (paths separated by
+    the path separator) when set, for a check of an image or a test, else the Pi's own."""
+    env = os.environ.get("KIOSK_BOOT_CMDLINE")
+    if env is None:
+        return BOOT_CMDLINES
+    return tuple(Path(p) for p in env.split(os.pathsep) if p)
+
+
 def run_check(path: Path, output: str = "text") -> int:
     """`kiosk check`: problems and warnings to stderr (exit 2 on any error), summary to stdout.
 
     With output "json", one object on stdout: {"file", "ok", "errors", "warnings", "problems"}.
     """
-    config, problems = check_config(path)
+    config, problems = check_config(path, boot_cmdlines=boot_cmdlines())
     if output == "json":
         report = {
             "file": str(path),

@@ -71,10 +71,10 @@ def markdown() -> str:
             default = "required" if row.required else f"`{_toml(row.default)}`"
             if not row.required and row.default in (None, ""):
                 default = "none"
+            for driver, value in row.key.driver_defaults:
+                default += f"; {driver}: `{_toml(value)}`"
             kind = row.key.kind + (f" ({row.key.unit})" if row.key.unit else "")
-            out.append(
-                f"| `{row.name}` | {kind} | {default} | {_allowed(row)} | {row.key.doc} |"
-            )
+            out.append(f"| `{row.name}` | {kind} | {default} | {_allowed(row)} | {row.key.doc} |")
         out.append("")
     return "\n".join(out)
 

@@ -54,6 +54,8 @@ class Key:
     commented: bool = False  # examples/kiosk.toml shows it commented out
     secret: bool = False  # a key file only its owner may read
     required: bool = False  # required although the dataclass has a default
+    # The default when the section's `driver` is one of these: (("mdb", 115200),).
+    driver_defaults: tuple[tuple[str, Any], ...] = ()
 
 
 def declare(kind: Kind, doc: str, **rest: Any) -> Mapping[str, Key]:
@@ -412,11 +414,22 @@ class VendSection:
     )
     port: str | None = field(
         default=None,
-        metadata=declare("device", "serial, mdb: the controller's port.", example="/dev/ttyAMA0"),
+        metadata=declare(
+            "device",
+            "serial, mdb: the controller's port (mdb: the Pi HAT's UART by default).",
+            example="/dev/ttyAMA0",
+            driver_defaults=(("mdb", "/dev/serial0"),),
+        ),
     )
     baud: int = field(
         default=9600,
-        metadata=declare("int", "serial, mdb: the line speed.", minimum=1, unit="baud"),
+        metadata=declare(
+            "int",
+            "serial, mdb: the line speed (the MDB boards run at 115200).",
+            minimum=1,
+            unit="baud",
+            driver_defaults=(("mdb", 115200),),
+        ),
     )
     timeout_s: float = _seconds(30.0, "serial, mdb: wait for SUCCESS/FAILURE after APPROVED.")
     relay_pin: int | None = _pin("relay: the output pulsed to release the product.")

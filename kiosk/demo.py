@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from kiosk.daemon import Kiosk, KioskStatus
 from kiosk.journal import Journal
 from kiosk.log import setup_logging
 from kiosk.payment import Sale
-from kiosk.ports import VendResult
+from kiosk.ports import VendOutput, VendResult
 from kiosk.simulator import Fault, FaultPlan, GatewaySimulator, MerchantAccount
 
 PARTNER = "2088101122334455"
@@ -122,14 +122,15 @@ class DemoRig:
             )
         )
 
-    def start_kiosk(self) -> None:
+    def start_kiosk(self, config: Config | None = None, vend: VendOutput | None = None) -> None:
+        """Start the daemon on the fake devices, or on CONFIG with the vend output VEND."""
         scanner_cls, indicator_cls, vend_cls = self._fakes
         self.scanner, self.indicator = scanner_cls(), indicator_cls()
-        vend = vend_cls()
-        self.vend = vend
+        if vend is None:
+            self.vend = vend = vend_cls()
         self.journal = Journal(self.config.kiosk.state_dir)
         kiosk = Kiosk(
-            self.config,
+            config or self.config,
             scanner=self.scanner,
             indicator=self.indicator,
             vend=vend,
@@ -242,7 +243,102 @@ def play(rig: DemoRig) -> list[Row]:
         "charged, returned",
     )
     rig.stop_kiosk()
+    approvals = _play_mdb(rig, record, final_state)
+    if approvals != [f"C,VEND,{PRICE}"]:  # the paid sale approved, the cancelled one never
+        rows[-1].ok = rows[-2].ok = False
     return rows
+
+
+class _Events(logging.Handler):
+    """Counts the daemon's events by name, so the demo can wait for one (a selection taken)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name = str((getattr(record, "kiosk_fields", None) or {}).get("event"))
+        self.seen[name] = self.seen.get(name, 0) + 1
+
+
+def _play_mdb(
+    rig: DemoRig, record: Callable[..., None], final_state: Callable[[str], str]
+) -> list[str]:
+    """The kiosk as an MDB cashless device (`vend.driver = "mdb"`, docs/mdb.md) on the board
+    emulator's pty: the machine selects, the customer scans, the kiosk approves. Returns the
+    approvals the board saw (`C,VEND,...`)."""
+    from drivers import build_vend_output
+    from drivers.mdb_board import MdbBoard
+
+    board = MdbBoard.on_pty().start()
+    events = _Events()
+    logging.getLogger("kiosk").addHandler(events)
+    try:
+        assert board.device is not None
+        config = replace(
+            rig.config,
+            sale=SaleSection(mode="vmc", scan_timeout_s=10.0),
+            vend=VendSection(driver="mdb", port=board.device, baud=115200, timeout_s=2.0),
+        )
+        rig.start_kiosk(config, build_vend_output(config))
+        kiosk = rig.kiosk
+        assert kiosk is not None
+        if not board.wait_reader(True, 10):
+            raise RuntimeError("the machine did not enable the kiosk's reader")
+
+        def select_and_scan(code: str) -> int:
+            before, taken = kiosk.status.sales_total, events.seen.get("vend.selection", 0)
+            if not board.select(str(PRICE), "12"):
+                raise RuntimeError(f"the reader is not enabled: {board.status()}")
+            rig.wait_until(lambda: events.seen.get("vend.selection", 0) > taken, 10)
+            rig.scanner.scan(code)
+            return before
+
+        # The machine asks 1.50 for item 12, the customer scans, C,VEND,1.50 approves,
+        # the machine reports c,VEND,SUCCESS.
+        code = _code("0007", 7)
+        before = select_and_scan(code)
+        if board.wait_approved(10) is not None:
+            board.success()
+        rig.wait_until(lambda: kiosk.status.sales_total > before, 20)
+        sale = kiosk.status.sales[-1]
+        record(
+            "MDB: selected, paid, C,VEND, SUCCESS",
+            code,
+            sale,
+            final_state(sale.ref),
+            "vended",
+            "charged",
+        )
+
+        # The pay is charged but its answer is late; the customer cancels on the machine
+        # meanwhile (the request is dropped): nothing is approved, the charge is reversed.
+        code = _code("3001", 8)
+        known = {t.partner_trans_id for t in rig.sim.ledger.trades()}
+        before = select_and_scan(code)
+        rig.wait_until(
+            lambda: any(
+                t.holds_money and t.partner_trans_id not in known for t in rig.sim.ledger.trades()
+            ),
+            10,
+        )
+        board.drop()
+        rig.wait_until(lambda: kiosk.status.sales_total > before, 20)
+        sale = kiosk.status.sales[-1]
+        rig.wait_until(lambda: (t := rig.journal.get(sale.ref)) is not None and t.final, 20)
+        record(
+            "MDB: cancelled while paying, reversed",
+            code,
+            sale,
+            final_state(sale.ref),
+            "cancelled",
+            "charged, returned",
+        )
+        rig.stop_kiosk()
+        return [line for line in board.host_lines() if line.startswith("C,VEND")]
+    finally:
+        logging.getLogger("kiosk").removeHandler(events)
+        board.close()
 
 
 def _cut_after_charge(rig: DemoRig, known: set[str]) -> None:

@@ -1,6 +1,9 @@
 """ISO 4217 currencies the kiosk may meet: alpha code, numeric code, minor digits, and whether
 Alipay's cross-border acquiring settles in it.
 
+The numeric code is what an MDB cashless device announces to the vending machine (`0x1` then
+the code as three BCD digits: USD 840 is `0x1840`); `mdb_currency_code` makes it.
+
 `settled` follows the settlement currencies Alipay lists for merchants of its overseas
 acquiring (MAPI `alipay.acquire.overseas.spot.pay`, "Settlement currencies" in Alipay Global's
 merchant documentation): USD, EUR, GBP, HKD, JPY, KRW, SGD, AUD, CAD, CHF, NZD, THB, MYR, SEK,
@@ -57,3 +60,21 @@ ISO_CODES: frozenset[str] = frozenset(
     ZWG
     """.split()  # noqa: SIM905
 ) | frozenset(CURRENCIES)
+
+
+def numeric_code(currency: str) -> int:
+    """The ISO 4217 numeric code of an upper-case alphabetic code ("USD" -> 840).
+
+    Raises ValueError for a currency this table does not hold.
+    """
+    known = CURRENCIES.get(currency)
+    if known is None:
+        raise ValueError(
+            f"{currency!r} has no ISO 4217 numeric code here (known: {', '.join(CURRENCIES)})"
+        )
+    return known.numeric
+
+
+def mdb_currency_code(currency: str) -> str:
+    """The reader's MDB currency code: "USD" -> "0x1840". ValueError as `numeric_code`."""
+    return f"0x1{numeric_code(currency):03d}"

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from kiosk.clock import clock_synchronised
@@ -26,6 +27,8 @@ from kiosk.payment_code import PaymentCode
 from kiosk.ports import KioskState, Sound, VendResult
 
 STEP_S = 1.5
+MDB_CONFIGURE_S = 10.0  # the board confirms its three settings within a second or two
+MDB_ENABLE_S = 5.0  # then the machine enables the reader on its next polls
 NETWORK_TIMEOUT_S = 10.0
 
 Step = Callable[..., None]  # step(name, ok, detail="", mark=None)
@@ -117,8 +120,10 @@ def run_selftest(
         finally:
             scanner.close()
 
-        output = drivers.build_vend_output(config)
-        if config.vend.driver == "relay" or vend:
+        if config.vend.driver == "mdb":
+            pass  # the MDB board was checked above; a vend needs the machine's own selection
+        elif config.vend.driver == "relay" or vend:
+            output = drivers.build_vend_output(config)
             ref = f"SELFTEST-{int(time.time())}"
             started = time.monotonic()
             result = output.dispense(
@@ -133,13 +138,15 @@ def run_selftest(
                 step("vend output", seen, detail)
             else:
                 step("vend output", result is VendResult.VENDED, detail)
+            output.close()
         else:
+            output = drivers.build_vend_output(config)
             step(
                 "vend link",
                 output.healthy(),
                 f"{config.vend.driver} port open (use --vend to approve one test vend)",
             )
-        output.close()
+            output.close()
     finally:
         indicator.close()
     out(f"selftest: {'all good' if not failures else f'{failures} step(s) failed'}")
@@ -209,12 +216,74 @@ def check_signed_request(config: Config, step: Step) -> None:
         step("Alipay signed request", False, f"not accepted: {why} ({result.detail})")
 
 
-def check_mdb_board(config: Config, step: Step) -> None:
-    """The MDB board, when the config names one. The hook for the MDB driver: its check
-    (reset, setup, the board's answer) goes here; no other kiosk has an MDB board."""
+class _NoSales:
+    """The selftest's listener: a customer who selects meanwhile is refused (C,STOP)."""
+
+    def __init__(self) -> None:
+        self.output: Any = None
+
+    def on_vend_request(self, request: object) -> None:
+        self.output.answer_vend("OUT_OF_SERVICE selftest")
+
+    def on_vend_cancel(self) -> None:
+        self.output.answer_vend("CANCELLED")
+
+    def on_vend_problem(self, problem: str | None) -> None:
+        pass
+
+
+def check_mdb_board(
+    config: Config,
+    step: Step,
+    configure_s: float = MDB_CONFIGURE_S,
+    enable_s: float = MDB_ENABLE_S,
+) -> None:
+    """The MDB board, when the config names one: the driver configures it (reader off, address,
+    currency, always idle, reader on), then the machine should enable the reader. Reports the
+    board's problem if it has one, and the reader as the machine sees it."""
     if config.vend.driver != "mdb":
         return
-    step("MDB board", False, "no MDB check yet in this firmware")
+    import drivers
+
+    v = config.vend
+    where = f"{v.port} at {v.baud} baud"
+    try:
+        output: Any = drivers.build_mdb_vend_output(config)
+    except (KioskError, OSError, ValueError) as exc:
+        step("MDB board", False, f"{where}: {_reason(exc)}")
+        return
+    listener = _NoSales()
+    listener.output = output
+    try:
+        output.start(listener)
+        deadline = time.monotonic() + configure_s
+        configured, problem = False, None
+        # Either the board confirms, or the driver names its problem (then it retries with
+        # backoff, which the technician need not wait for).
+        while problem is None and time.monotonic() < deadline:
+            configured = output.wait_configured(min(0.2, max(0.0, deadline - time.monotonic())))
+            problem = output.problem()
+            if configured:
+                break
+        if not configured or problem is not None:
+            why = problem or f"did not confirm its configuration within {configure_s:g} s"
+            step("MDB board", False, f"{where}: {why}")
+            step("MDB reader", False, "skipped: the board is not configured", mark="skip")
+            return
+        step("MDB board", True, f"configured on {where}, cashless #{v.mdb_address}")
+        output.wait_reader_state("ENABLED", enable_s)
+        state = output.reader_state()
+        if state == "ENABLED":
+            step("MDB reader", True, "the machine has enabled it (ENABLED)")
+        else:
+            step(
+                "MDB reader",
+                False,
+                f"the machine shows it {state}: enable the cashless device (address "
+                f"{v.mdb_address}, always idle) in its service menu",
+            )
+    finally:
+        output.close()
 
 
 def _reason(exc: BaseException) -> str:

@@ -342,7 +342,10 @@ timeout_s = 2
         self.wait_log(lambda e: e.get("event") == "kiosk.ready", 30, "kiosk.ready")
         # pyserial flushes a port's input when it opens it: talk only once both are open.
         self.wait_log(lambda e: e.get("event") == "scanner.opened", 10, "scanner.opened")
-        self.wait_log(lambda e: e.get("event") == "vend.link_up", 10, "vend.link_up")
+        # The serial link is up; an MDB board (vend.driver = "mdb") is configured.
+        self.wait_log(
+            lambda e: e.get("event") in ("vend.link_up", "mdb.configured"), 10, "vend.link_up"
+        )
 
     def _read_log(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stderr is not None
@@ -479,7 +482,8 @@ def _toml(value: Any) -> str:
 
 
 def _with_extra(text: str, extra: dict[str, dict[str, Any]]) -> str:
-    """The config text with extra keys set in their sections (replacing a key given there)."""
+    """The config text with extra keys set in their sections (replacing a key given there; a
+    value of None drops the key)."""
     lines = text.split("\n")
     for section, keys in extra.items():
         header = f"[{section}]"
@@ -489,6 +493,6 @@ def _with_extra(text: str, extra: dict[str, dict[str, Any]]) -> str:
         end = next((i for i in range(start, len(lines)) if lines[i].startswith("[")), len(lines))
         body = [line for line in lines[start:end] if line.split("=", 1)[0].strip() not in keys]
         body = [line for line in body if line.strip()]
-        body += [f"{key} = {_toml(value)}" for key, value in keys.items()]
+        body += [f"{key} = {_toml(value)}" for key, value in keys.items() if value is not None]
         lines[start:end] = [*body, ""]
     return "\n".join(lines)

@@ -115,8 +115,13 @@ def test_demo_prints_each_scenario_once_in_one_table_and_no_deleted_path() -> No
         "timeout resolved by query",
         "vend failure reversed",
         "network lost, recovered from the journal",
+        "MDB: selected, paid, C,VEND, SUCCESS",
+        "MDB: cancelled while paying, reversed",
     ):
         assert sum(line.startswith(scenario) for line in lines) == 1, scenario
+    table = [line for line in lines if line.startswith("MDB: ")]
+    assert [line.split()[-1] for line in table] == ["ok", "ok"]
+    assert lines[-1].startswith("8 scenarios in ")
     assert "kiosk-demo-" not in done.stdout  # its journal is gone at exit: not named
     assert lines[-2].endswith("(balanced)")
 

@@ -2,16 +2,13 @@
 end of a pty, the real MDB driver on the slave end, the real daemon loop, flow, worker and
 journal in-process, and the gateway simulator on loopback. One test per row of MDB.md's
 "Money rules on MDB"; every wait is on a line, a log event or a condition, never a sleep.
-
-The config checker does not take `vend.driver = "mdb"` yet (its keys are being added), so the
-config is built as an object: the demo's, in vmc mode, with a vend section that carries the
-MDB keys.
+The config is the demo's, in vmc mode, with an mdb vend section.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -46,18 +43,9 @@ FAST = MdbTimings(
 SETTINGS = ["mdb-addr", "mdb-currency-code", "mdb-always-idle"]
 
 
-@dataclass(frozen=True)
-class MdbVendSection(VendSection):
-    """The vend section as the config branch declares it (SPEC section 3)."""
-
-    mdb_address: int = 1
-    mdb_reset_pin: int | None = None
-    approve_within_s: float = 60.0
-
-
 def mdb_config(state_dir: Path, gateway: str, port: str, **vend: Any) -> Config:
     config = rig_config(state_dir, gateway, sale={"mode": "vmc", "price": None})
-    section = MdbVendSection(driver="mdb", port=port, baud=115200, timeout_s=2.0, **vend)
+    section = VendSection(driver="mdb", port=port, baud=115200, timeout_s=2.0, **vend)
     return replace(config, vend=section)
 
 

@@ -14,7 +14,9 @@ import pytest
 from gpiozero import Device
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
-from kiosk.selftest import run_selftest
+from drivers.mdb_board import MdbBoard
+from kiosk.config import load_config
+from kiosk.selftest import check_mdb_board, run_selftest
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import PARTNER, payment_code
 
@@ -189,3 +191,77 @@ def test_selftest_with_a_person_asks_what_it_cannot_see(
     assert "[ok] lights: ready: seen" in lines
     assert "[FAIL] lights: declined: not seen" in lines
     assert "[ok] buzzer: error: heard" in lines
+
+
+# -- the MDB board (vend.driver = "mdb") ----------------------------------------------------
+
+
+def _mdb_config(tmp_path: Path, scanner_port: str, gateway: str, board_port: str) -> Path:
+    path = _config(tmp_path, scanner_port, gateway)
+    text = path.read_text()
+    text = text.replace('[sale]\nprice = "1.50"\n', '[sale]\nmode = "vmc"\n')
+    text = text.replace(
+        '[vend]\ndriver = "relay"\nrelay_pin = 23\npulse_ms = 50\n',
+        f'[vend]\ndriver = "mdb"\nport = "{board_port}"\nmdb_address = 2\n',
+    )
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def board() -> Iterator[MdbBoard]:
+    board = MdbBoard.on_pty().start()
+    try:
+        yield board
+    finally:
+        board.close()
+
+
+def test_selftest_configures_the_mdb_board_and_sees_the_reader_enabled(
+    tmp_path: Path,
+    pins: MockFactory,
+    scanner_pty: tuple[int, str],
+    simulator: GatewaySimulator,
+    board: MdbBoard,
+) -> None:
+    _, port = scanner_pty
+    assert board.device is not None
+    lines: list[str] = []
+    status = run_selftest(
+        _mdb_config(tmp_path, port, simulator.url, board.device),
+        scan_timeout_s=0.1,
+        out=lines.append,
+        step_s=0,
+        clock_synced=lambda: True,
+    )
+    assert status == 1  # nobody scanned
+    assert lines[3:6] == [
+        "[ok] Alipay signed request: accepted; the answer's signature verified",
+        f"[ok] MDB board: configured on {board.device} at 115200 baud, cashless #2",
+        "[ok] MDB reader: the machine has enabled it (ENABLED)",
+    ]
+    assert board.config()["mdb-addr"] == "0x60"
+    assert board.host_lines()[-1] == "C,0"  # left off: the machine sells for cash
+    assert not [line for line in lines if "vend" in line]
+    assert lines[-1] == "selftest: 1 step(s) failed"
+
+
+def test_selftest_names_the_setting_the_mdb_board_refused(
+    tmp_path: Path, scanner_pty: tuple[int, str], board: MdbBoard
+) -> None:
+    _, port = scanner_pty
+    assert board.device is not None
+    board.refuse("mdb-currency-code")
+    config = load_config(_mdb_config(tmp_path, port, ALIPAY, board.device))
+    lines: list[str] = []
+    check_mdb_board(
+        config,
+        lambda name, ok, detail="", mark=None: lines.append(
+            f"[{mark or ('ok' if ok else 'FAIL')}] {name}: {detail}"
+        ),
+    )
+    assert lines[0] == (
+        f"[FAIL] MDB board: {board.device} at 115200 baud: the MDB board refused "
+        "mdb-currency-code=0x1840: invalid parameter"
+    ), lines
+    assert lines[1] == "[skip] MDB reader: skipped: the board is not configured"

@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
@@ -756,22 +755,22 @@ def test_no_sequence_of_lines_crashes_the_driver(
 # -- the builder ------------------------------------------------------------------------------
 
 
-def test_the_builder_makes_an_mdb_output_from_a_config_without_the_mdb_keys(
-    board: MdbBoard, link: Path, listener: Listener
+def test_the_builder_makes_an_mdb_output_from_the_declared_mdb_keys(
+    board: MdbBoard, link: Path, listener: Listener, tmp_path: Path
 ) -> None:
     from drivers import build_vend_output
+    from kiosk.config import VendSection
+    from tests.loop_rig import rig_config
 
-    # The MDB keys arrive with the config change; until then the SPEC defaults apply.
-    config: Any = SimpleNamespace(
-        vend=SimpleNamespace(driver="mdb", port=str(link), baud=9600),
-        alipay=SimpleNamespace(currency="EUR"),
-    )
-    output = build_vend_output(config)
+    config = rig_config(tmp_path / "state", "http://127.0.0.1:9", sale={"mode": "vmc"})
+    vend = VendSection(driver="mdb", port=str(link), baud=115200, mdb_address=2)
+    alipay = dataclasses.replace(config.alipay, currency="EUR")
+    output = build_vend_output(dataclasses.replace(config, vend=vend, alipay=alipay))
     assert isinstance(output, MdbVendOutput)
     try:
         output.start(listener)
         assert output.wait_configured(WAIT_S)
         assert board.config()["mdb-currency-code"] == "0x1978"
-        assert board.config()["mdb-addr"] == "0x10"
+        assert board.config()["mdb-addr"] == "0x60"
     finally:
         output.close()
