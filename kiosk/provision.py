@@ -121,7 +121,7 @@ def provision(
         if done_marker.exists() or record_path.exists():
             return ProvisionReport("nothing_to_do", source, record=record_path)
         problem = ConfigProblem(
-            str(source), 0, "no config file to provision", "copy kiosk.toml onto the boot partition"
+            str(source), 1, "no config file to provision", "copy kiosk.toml onto the boot partition"
         )
         raise ProvisionFailed([problem], None)
 
@@ -294,7 +294,7 @@ def _rewrite_paths(text: str, new_paths: dict[str, Path]) -> str:
         if not number or not found:
             problem = ConfigProblem(
                 "kiosk.toml",
-                number or 0,
+                number or 1,
                 f"cannot rewrite alipay.{key} for the installed config",
                 f'write it on one line under [alipay] as  {key} = "path"',
             )
