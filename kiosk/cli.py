@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -423,22 +424,34 @@ def _wait_out_of_service(notifier: object, reason: str) -> bool:
     from kiosk.systemd import Notifier
 
     assert isinstance(notifier, Notifier)
-    woke = threading.Event()
     why: list[str] = []
 
     def on_signal(signum: int, frame: object) -> None:
+        # Only a note: a handler that took a lock (Event.set) could interrupt its own thread
+        # inside that lock and hang. The C handler's write to the wakeup fd ends the select.
         why.append("hup" if signum == signal.SIGHUP else "term")
-        woke.set()
 
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    event(log, "indicator", state="out_of_service")
-    event(log, "kiosk.out_of_service", level=logging.ERROR, reason=reason)
-    notifier.ready(f"out of service: {reason}")
-    interval = notifier.watchdog_interval_s or 3600.0
-    while not woke.wait(interval):
-        notifier.watchdog()
-    if why and why[-1] == "hup":
+    try:
+        event(log, "indicator", state="out_of_service")
+        event(log, "kiosk.out_of_service", level=logging.ERROR, reason=reason)
+        notifier.ready(f"out of service: {reason}")
+        interval = notifier.watchdog_interval_s or 3600.0
+        while not why:
+            readable, _, _ = select.select([read_fd], [], [], interval)
+            if readable:
+                os.read(read_fd, 64)
+            elif not why:
+                notifier.watchdog()
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(write_fd)
+        os.close(read_fd)
+    if why[-1] == "hup":
         event(log, "config.reload")
         return True
     notifier.stopping()
