@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -133,10 +134,15 @@ def test_interactive_demo_says_at_once_why_a_scan_did_nothing() -> None:
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        # Not a pipe nobody reads: a full pipe would block the demo, and the test with it.
+        stderr=subprocess.DEVNULL,
         text=True,
     )
     assert proc.stdin is not None and proc.stdout is not None
+    # The reads below have no timeout of their own: a demo that stops answering is killed
+    # (and the test fails) instead of hanging the suite.
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
     try:
         assert proc.stdout.readline().rstrip("\n") == INTRO_LINE
         kept = proc.stdout.readline()
@@ -159,6 +165,7 @@ def test_interactive_demo_says_at_once_why_a_scan_did_nothing() -> None:
         listing = kiosk("journal", "--all", "--state-dir", str(state_dir))
         assert "vended" in listing.stdout
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
