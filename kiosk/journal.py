@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import hashlib
-import hmac
 import json
 import os
 import sqlite3
@@ -29,7 +27,7 @@ from typing import Any
 
 from kiosk.errors import JournalCorrupt, JournalError
 from kiosk.log import mask_codes
-from kiosk.payment_code import CODE_REUSE_WINDOW_S
+from kiosk.payment_code import CODE_REUSE_WINDOW_S, code_digest
 
 JOURNAL_FILE = "journal.sqlite3"
 # 2: each transaction names its merchant (partner, gateway); keyed hashes of recent codes.
@@ -318,7 +316,7 @@ class Journal:
         return self._code_key
 
     def code_digest(self, digits: str) -> bytes:
-        return hmac.new(self._code_key, digits.encode("ascii"), hashlib.sha256).digest()
+        return code_digest(self._code_key, digits)
 
     def recent_codes(self, since: float) -> list[tuple[bytes, float]]:
         """(keyed hash, wall-clock time seen) of every code journaled with a sale since
@@ -602,8 +600,6 @@ class Journal:
     def check_writable(self, min_free_bytes: int = 1 << 20) -> None:
         """A real durable write (and room for more), to tell when a write fault is over:
         raises JournalError while the journal still cannot take a transaction."""
-        import os
-
         try:
             free = os.statvfs(self.path.parent)
         except OSError as exc:

@@ -221,6 +221,7 @@ class PaymentFlow:
         now = self._wall()
         ref = new_ref(self.settings.terminal_id, now)
         # Held before the row exists, so the worker never picks up a sale still in hand.
+        partner, gateway = self._merchant()
         with self._holding(ref):
             stamp = trans_create_time(now)
             # The row and its pay request in one commit: journaled before it is sent. The
@@ -233,8 +234,8 @@ class PaymentFlow:
                 code_last4=code.last4,
                 trans_create_time=stamp,
                 first_request=("pay", _public_pay(ref, amount, self.settings, stamp)),
-                partner=self._merchant()[0],
-                gateway=self._merchant()[1],
+                partner=partner,
+                gateway=gateway,
                 code_digest=self.journal.code_digest(code.digits),
             )
             event(log, "payment.start", ref=ref, amount=str(amount), item=item, code=code.masked)

@@ -58,6 +58,11 @@ class PaymentCode:
     __str__ = __repr__
 
 
+def code_digest(key: bytes, digits: str) -> bytes:
+    """The keyed hash the kiosk remembers of a code, in memory and in the journal (rule 7)."""
+    return hmac.new(key, digits.encode("ascii"), hashlib.sha256).digest()
+
+
 class RecentCodes:
     """Codes seen in the last few minutes, remembered as keyed hashes (never the code itself).
 
@@ -83,7 +88,7 @@ class RecentCodes:
         return self._window_s
 
     def digest(self, code: PaymentCode) -> bytes:
-        return hmac.new(self._key, code.digits.encode("ascii"), hashlib.sha256).digest()
+        return code_digest(self._key, code.digits)
 
     def seed(self, seen: Iterable[tuple[bytes, float]], now_wall: float) -> int:
         """Remember hashes seen `now_wall - seen_at` seconds ago (wall clock, as journaled);
