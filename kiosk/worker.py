@@ -173,9 +173,11 @@ class JournalWorker:
         for ref in set(self._schedule) - {t.ref for t in pending}:
             del self._schedule[ref]  # finished elsewhere (the foreground, or a person)
         journal_failed: JournalError | None = None
+        left: list[Transaction] = []  # what is still unfinished after this pass
         for txn in pending:
+            left.append(txn)
             if self._stop.is_set() or flow.stopping.is_set():
-                break
+                continue  # winding down: counted, not settled
             if flow.owns(txn.ref):
                 continue  # the foreground has it in hand
             retry = self._schedule.get(txn.ref)
@@ -202,11 +204,13 @@ class JournalWorker:
                 settled.state in FINAL_STATES or settled.state is TxnState.ATTENTION
             ):
                 self._schedule.pop(txn.ref, None)
+                left.pop()
             else:
                 self._back_off(txn, flow, now)
         if journal_failed is not None:
             self.on_journal_error(journal_failed)
-        left = self.journal.unfinished()
+        # No second read of the journal: a sale that ends unfinished wakes the worker, and its
+        # row is in the next pass.
         self._report_backlog(len(left))
         if flow.stopping.is_set():
             return self.idle_s  # the kiosk is winding down: nothing new is started
