@@ -86,7 +86,6 @@ REASON_ORDER = (JOURNAL, KEY, CLOCK, MERCHANT)
 
 # MDB (vend.driver = "mdb"): the machine waits at most approve_within_s for an approval. A scan
 # must leave room for the pay (pay_timeout_s), a couple of queries and the approval itself.
-APPROVE_WITHIN_S = 60.0  # vend.approve_within_s when the config does not carry it
 APPROVAL_MARGIN_S = 1.0  # the journal's commit and the C,VEND line, after the last answer
 
 # Keys a reload cannot apply: the journal and the drivers are opened once per process.
@@ -185,7 +184,7 @@ def approve_within_s(config: Config) -> float | None:
     (`vend.approve_within_s`); None for links that wait as long as the kiosk says."""
     if config.vend.driver != "mdb":
         return None
-    return float(getattr(config.vend, "approve_within_s", APPROVE_WITHIN_S))
+    return config.vend.approve_within_s
 
 
 def payment_budget_s(config: Config) -> float:
@@ -934,12 +933,8 @@ class Kiosk:
             self._gateway_unreachable()  # schedules the next probe
             return
         # A signed, verified answer (even "no such trade") proves the key and partner are
-        # accepted. Before the client says `verified`, the rule it replaces.
-        verified = getattr(result, "verified", None)
-        if verified is None:
-            accepted = result.error == "TRADE_NOT_EXIST" or result.outcome.value == "success"
-        else:
-            accepted = bool(verified)
+        # accepted; an unsigned rejection proves nothing.
+        accepted = result.verified
         event(log, "gateway.probe", accepted=accepted, error=result.error, detail=result.detail)
         self._gateway_reachable()
         if generation != self._generation:

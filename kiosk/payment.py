@@ -666,13 +666,9 @@ class PaymentFlow:
             event(log, "payment.settled", ref=txn.ref, state=txn.state.value)
         return txn
 
-    def _merchant(self) -> tuple[str | None, str | None]:
-        """(partner, primary gateway URL) of this flow's client; (None, None) for a client
-        that names none (a stand-in)."""
-        settings = getattr(self.client, "settings", None)
-        if settings is None:
-            return None, None
-        return settings.partner, settings.gateway
+    def _merchant(self) -> tuple[str, str]:
+        """(partner, primary gateway URL) of this flow's client."""
+        return self.client.settings.partner, self.client.settings.gateway
 
     def _same_merchant(self, txn: Transaction) -> bool:
         """A transaction is settled only with the partner and gateway it was paid through

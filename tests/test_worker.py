@@ -10,6 +10,7 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -254,6 +255,9 @@ def test_a_new_flow_takes_effect_at_the_next_pass_never_mid_settle(journal: Jour
 
 class OfflineClient:
     """A gateway that never answers: every cancel fails to connect. Counts the tries."""
+
+    # The merchant it speaks for (the rows here name none: "as configured").
+    settings = SimpleNamespace(partner="2088101122334455", gateway="http://127.0.0.1:9/gateway.do")
 
     def __init__(self) -> None:
         self.cancels = 0
