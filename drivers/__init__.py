@@ -148,15 +148,16 @@ def build_mdb_vend_output(config: Config) -> VendOutput:
 
     The config check has filled in the mdb driver's own port and baud defaults.
     """
-    from drivers.vend_mdb import MdbVendOutput
-
     v = config.vend
     assert v.port is not None
-    return MdbVendOutput(
-        v.port,
-        config.alipay.currency,
-        baud=v.baud,
-        address=v.mdb_address,
-        reset_pin=v.mdb_reset_pin,
-        approve_within_s=v.approve_within_s,
-    )
+    with _hardware("MDB board"):
+        from drivers.vend_mdb import MdbVendOutput
+
+        return MdbVendOutput(
+            v.port,
+            config.alipay.currency,
+            baud=v.baud,
+            address=v.mdb_address,
+            reset_pin=v.mdb_reset_pin,
+            approve_within_s=v.approve_within_s,
+        )

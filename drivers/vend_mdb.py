@@ -419,7 +419,14 @@ class MdbVendOutput:
                 self._send(STOP)
             return VendResult.FAILED
         assert request is not None
-        if not self._send(approve(amount, self._currency)):
+        line = approve(amount, self._currency)
+        with self._lock:
+            # Checked again and sent under one hold (lock order: _lock, then the write lock):
+            # a request the machine dropped or replaced since the check above is never
+            # approved; the reader has settled this vend FAILED, and the wait returns that.
+            current = self._request is request and request.vend is vend
+            sent = current and self._send(line)
+        if current and not sent:
             # The board never saw the approval: nothing can come out. Reverse at once.
             event(log, "vend.approve_not_sent", logging.WARNING, ref=ref)
             with self._lock:
@@ -427,7 +434,8 @@ class MdbVendOutput:
                 request.ref = None
                 self._settle_locked(ref, vend, VendResult.TIMED_OUT)
             return VendResult.TIMED_OUT
-        event(log, "vend.approved", ref=ref, amount=str(amount), currency=self._currency)
+        if sent:
+            event(log, "vend.approved", ref=ref, amount=str(amount), currency=self._currency)
         return self._wait(ref, vend, deadline)
 
     def await_report(self, ref: str, timeout_s: float) -> VendResult:

@@ -22,6 +22,7 @@ from gpiozero.pins.mock import MockFactory, MockPin
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drivers import vend_mdb
 from drivers.mdb_board import MdbBoard
 from drivers.vend_mdb import (
     MdbTimings,
@@ -774,3 +775,25 @@ def test_the_builder_makes_an_mdb_output_from_the_declared_mdb_keys(
         assert board.config()["mdb-addr"] == "0x60"
     finally:
         output.close()
+
+
+def test_a_request_dropped_and_replaced_while_approving_is_never_approved(
+    board: MdbBoard,
+    mdb: MdbVendOutput,
+    listener: Listener,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The machine drops the paid-for request and the next customer selects, between the
+    driver's check and its `C,VEND`: the new request must not take the old payment."""
+    request = chosen_and_accepted(board, listener, mdb)
+    real_approve = vend_mdb.approve
+
+    def approve_after_a_drop_and_a_new_selection(amount: Decimal, currency: str) -> bytes:
+        mdb._handle(b"c,STATUS,IDLE")  # the reader thread's work, right at that moment
+        mdb._handle(b"c,STATUS,VEND,1.50,99")
+        return real_approve(amount, currency)
+
+    monkeypatch.setattr(vend_mdb, "approve", approve_after_a_drop_and_a_new_selection)
+    assert mdb.dispense("K-race", request.amount, WAIT_S) is VendResult.FAILED
+    assert not any(line.startswith("C,VEND") for line in board.host_lines())
+    assert board.approved() is None
