@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,13 +48,22 @@ class _Timex(ctypes.Structure):
     ]
 
 
+@functools.cache
+def _adjtimex() -> Callable[..., int] | None:
+    """libc's adjtimex, looked up once: `find_library` runs `ldconfig -p` on every call, and
+    the clock is checked every minute."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        return libc.adjtimex
+    except (OSError, AttributeError):
+        return None
+
+
 def kernel_clock_state() -> tuple[int, int] | None:
     """`adjtimex` with modes=0 (read only): (return value, status bits), or None when the
     call is unavailable or refused."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        adjtimex = libc.adjtimex
-    except (OSError, AttributeError):
+    adjtimex = _adjtimex()
+    if adjtimex is None:
         return None
     timex = _Timex()
     result = adjtimex(ctypes.byref(timex))

@@ -121,8 +121,17 @@ PI_HAT_PORT = "/dev/serial0"
 BOOT_CMDLINES = (Path("/boot/firmware/cmdline.txt"), Path("/boot/cmdline.txt"))
 _SERIAL_CONSOLE = re.compile(r"(?:^|\s)console=(serial0|ttyAMA0|ttyS0)\b")
 # What a paid sale needs before its approval can go out after the last answer (the journal's
-# commit and the C,VEND line); the same margin as the daemon's payment budget.
+# commit and the C,VEND line).
 APPROVAL_MARGIN_S = 1.0
+
+
+def payment_budget_s(alipay: AlipaySection) -> float:
+    """What a scan needs before an MDB approval can go out: the pay's own timeout, two query
+    intervals for an unknown outcome, and the approval. The checker warns when
+    `vend.approve_within_s` leaves less; the daemon refuses a scan with less time left."""
+    return alipay.pay_timeout_s + 2 * alipay.query_interval_s + APPROVAL_MARGIN_S
+
+
 # The 40-pin header's GPIO pins, header number -> BCM number (gpiozero's BOARD and J8 names).
 HEADER_TO_BCM = {
     3: 2, 5: 3, 7: 4, 8: 14, 10: 15, 11: 17, 12: 18, 13: 27, 15: 22, 16: 23, 18: 24, 19: 10,
@@ -958,7 +967,7 @@ class _Checker:
                     "kiosk knows",
                 )
         if alipay is not None:
-            budget = alipay.pay_timeout_s + 2 * alipay.query_interval_s + APPROVAL_MARGIN_S
+            budget = payment_budget_s(alipay)
             if vend.approve_within_s < budget:
                 self.warn(
                     s,

@@ -35,7 +35,7 @@ from kiosk.alipay.signing import (
     read_secret_file,
 )
 from kiosk.clock import clock_synchronised
-from kiosk.config import Config
+from kiosk.config import Config, payment_budget_s
 from kiosk.errors import (
     GatewayUnreachable,
     JournalCorrupt,
@@ -83,10 +83,6 @@ KEY = "key"  # unusable key files (re-checked by building the clients)
 CLOCK = "clock"  # clock not set, or not synchronised (re-checked periodically)
 MERCHANT = "merchant"  # Alipay refused the merchant set-up (re-checked by a probe)
 REASON_ORDER = (JOURNAL, KEY, CLOCK, MERCHANT)
-
-# MDB (vend.driver = "mdb"): the machine waits at most approve_within_s for an approval. A scan
-# must leave room for the pay (pay_timeout_s), a couple of queries and the approval itself.
-APPROVAL_MARGIN_S = 1.0  # the journal's commit and the C,VEND line, after the last answer
 
 # Keys a reload cannot apply: the journal and the drivers are opened once per process.
 RELOADABLE_DRIVER_KEYS = {"indicators": ("declined_hold_s",), "vend": ("timeout_s",)}
@@ -185,13 +181,6 @@ def approve_within_s(config: Config) -> float | None:
     if config.vend.driver != "mdb":
         return None
     return config.vend.approve_within_s
-
-
-def payment_budget_s(config: Config) -> float:
-    """What a scan needs before the approval can go out: the pay's own timeout, two query
-    intervals for an unknown outcome, and the approval."""
-    a = config.alipay
-    return a.pay_timeout_s + 2 * a.query_interval_s + APPROVAL_MARGIN_S
 
 
 @dataclass
@@ -703,7 +692,7 @@ class Kiosk:
             amount, item = self._selection.request.amount, self._selection.request.item
             approve_by = self._selection.approve_by
             if approve_by is not None and approve_by - time.monotonic() < payment_budget_s(
-                self.config
+                self.config.alipay
             ):
                 # The machine would stop waiting before a paid sale could be approved:
                 # refuse rather than charge.
@@ -818,7 +807,7 @@ class Kiosk:
             approve_by = None if patience is None else now + patience
             if approve_by is not None:
                 # A scan later than this could not be paid before the machine stops waiting.
-                deadline = min(deadline, approve_by - payment_budget_s(self.config))
+                deadline = min(deadline, approve_by - payment_budget_s(self.config.alipay))
             self._selection = _Selection(request, deadline, approve_by)
             self._answer_vend("OK")
             event(log, "vend.selection", item=request.item, amount=str(request.amount))

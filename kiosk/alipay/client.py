@@ -107,7 +107,7 @@ class PayOrder:
     currency: str
     buyer_identity_code: str
     trans_name: str
-    trans_create_time: str  # yyyyMMddHHmmss, UTC
+    trans_create_time: str  # yyyyMMddHHmmss, Beijing time (UTC+8)
     extend_info: Mapping[str, str] = field(default_factory=dict)
 
     def __repr__(self) -> str:  # the buyer's code stays out of tracebacks and logs
