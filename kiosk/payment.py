@@ -47,6 +47,7 @@ from decimal import Decimal
 from typing import Any, Protocol, TypeVar
 
 from kiosk.alipay.client import (
+    PAID_STATUSES,
     AlipayClient,
     Outcome,
     PayOrder,
@@ -63,7 +64,6 @@ from kiosk.ports import VendOutput, VendResult, acknowledge
 
 log = logging.getLogger("kiosk.payment")
 
-PAID_STATUSES = (TradeStatus.TRADE_SUCCESS, TradeStatus.TRADE_FINISHED)
 ABSENT = "TRADE_NOT_EXIST"  # a query's answer that no such trade exists (yet)
 BEIJING = timezone(timedelta(hours=8), "Beijing")
 CANCEL_GRACE = timedelta(minutes=15)

@@ -75,14 +75,15 @@ REQUIRED_ECHOES: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
         "refund": ("partner_trans_id", "partner_refund_id", "refund_amount"),
     }
 )
-_PAID = ("TRADE_SUCCESS", "TRADE_FINISHED")
-
-
 class TradeStatus(enum.StrEnum):
     WAIT_BUYER_PAY = "WAIT_BUYER_PAY"
     TRADE_SUCCESS = "TRADE_SUCCESS"
     TRADE_CLOSED = "TRADE_CLOSED"
     TRADE_FINISHED = "TRADE_FINISHED"
+
+
+# Paid, and still refundable or past that: the statuses that mean Alipay holds the money.
+PAID_STATUSES = (TradeStatus.TRADE_SUCCESS, TradeStatus.TRADE_FINISHED)
 
 
 @dataclass(frozen=True)
@@ -465,7 +466,7 @@ class AlipayClient:
             # A query's answer carries a trade status, a pay answer none: a replayed query
             # answer of a trade still waiting for the buyer is not a payment.
             status = fields.get("alipay_trans_status")
-            if status is not None and status not in _PAID:
+            if status is not None and status not in PAID_STATUSES:
                 detail = _said("SUCCESS with trade status", status[:30])
                 return PayResult(Outcome.UNKNOWN, error, trans_id, detail, True)
             return PayResult(Outcome.SUCCESS, None, trans_id, "SUCCESS", True)
