@@ -160,7 +160,9 @@ CREATE INDEX IF NOT EXISTS requests_ref ON requests (ref);
 
 # Forward-only migrations: from schema N to N+1, each in one transaction with its version.
 _MIGRATIONS: dict[int, str] = {
+    # Schema 1 kept the whole code of an open transaction: erased (secure_delete is on).
     1: """
+UPDATE transactions SET buyer_code=NULL WHERE buyer_code IS NOT NULL;
 ALTER TABLE transactions ADD COLUMN partner TEXT;
 ALTER TABLE transactions ADD COLUMN gateway TEXT;
 CREATE TABLE IF NOT EXISTS recent_codes (digest BLOB PRIMARY KEY, seen_at REAL NOT NULL);
@@ -220,10 +222,11 @@ class Journal:
                 conn.executescript(_SCHEMA)
                 # A new file starts at schema 1 and is migrated like any older journal.
                 conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1')")
-                self._migrate(conn)
+                if self._migrate(conn):
+                    # Old page images (schema 1 kept whole codes) leave the WAL at once.
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._schema = self._check_schema(conn)
             if not read_only:
-                self._scrub_codes(conn)
                 self._code_key = self._make_code_key(conn)
         except JournalError:
             conn.close()
@@ -253,15 +256,6 @@ class Journal:
                 "it was left untouched — copy it off for recovery, then move it aside"
             )
 
-    def _scrub_codes(self, conn: sqlite3.Connection) -> None:
-        """Erase whole payment codes an older firmware kept for open transactions, and fold
-        the WAL so no old page image holds them either."""
-        changed = conn.execute(
-            "UPDATE transactions SET buyer_code=NULL WHERE buyer_code IS NOT NULL"
-        ).rowcount
-        if changed:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
     def _schema_of(self, conn: sqlite3.Connection) -> int | None:
         try:
             row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -272,13 +266,16 @@ class Journal:
         except (TypeError, ValueError):
             return None
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        """Bring an older journal forward, one schema at a time, each step in one commit.
-        Never backwards: a newer journal is refused by `_check_schema`, untouched."""
+    def _migrate(self, conn: sqlite3.Connection) -> bool:
+        """Bring an older journal forward, one schema at a time, each step in one commit;
+        True if it took a step. Never backwards: a newer journal is refused by
+        `_check_schema`, untouched."""
+        stepped = False
         while True:
             version = self._schema_of(conn)
             if version is None or version >= SCHEMA_VERSION or version not in _MIGRATIONS:
-                return
+                return stepped
+            stepped = True
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for statement in filter(None, (s.strip() for s in _MIGRATIONS[version].split(";"))):

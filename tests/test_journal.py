@@ -77,10 +77,12 @@ def test_an_open_transaction_keeps_only_the_last_four_digits(tmp_path: Path) -> 
 
 
 def test_whole_codes_an_older_journal_kept_are_scrubbed_on_open(tmp_path: Path) -> None:
-    with Journal(tmp_path) as journal:
-        txn = _open(journal)
-        # as the first firmware wrote it: the whole code beside an open transaction
-        journal._conn.execute("UPDATE transactions SET buyer_code=? WHERE ref=?", (CODE, txn.ref))
+    path = _schema_1_journal(tmp_path)
+    # as the first firmware wrote it: the whole code beside an open transaction
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE transactions SET buyer_code=?, code_last4=?", (CODE, CODE[-4:]))
+    conn.commit()
+    conn.close()
     assert any(CODE.encode() in p.read_bytes() for p in tmp_path.iterdir())
     with Journal(tmp_path) as journal:
         assert [p.name for p in tmp_path.iterdir() if CODE.encode() in p.read_bytes()] == []
