@@ -55,6 +55,7 @@ from kiosk.ports import (
     Sound,
     VendOutput,
     VendRequest,
+    cancel_abandons_payment,
     set_available,
     vend_problem,
     vend_running,
@@ -166,13 +167,17 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
 
 def keep_running_values(old: Config, new: Config) -> Config:
     """The new config with the restart-only keys (state_dir, drivers) as they run now."""
-    return replace(
-        new,
-        kiosk=replace(new.kiosk, state_dir=old.kiosk.state_dir),
-        scanner=old.scanner,
-        indicators=replace(old.indicators, declined_hold_s=new.indicators.declined_hold_s),
-        vend=replace(old.vend, timeout_s=new.vend.timeout_s),
-    )
+    drivers = {
+        section: replace(
+            getattr(old, section),
+            **{
+                key: getattr(getattr(new, section), key)
+                for key in RELOADABLE_DRIVER_KEYS.get(section, ())
+            },
+        )
+        for section in ("scanner", "indicators", "vend")
+    }
+    return replace(new, kiosk=replace(new.kiosk, state_dir=old.kiosk.state_dir), **drivers)
 
 
 def approve_within_s(config: Config) -> float | None:
@@ -486,7 +491,7 @@ class Kiosk:
                 steps.append(lambda: self._answer_vend("OUT_OF_SERVICE ERROR"))
         elif kind == "vend_cancel":
             steps.append(self._clear_selection)
-            if getattr(self.vend, "cancel_abandons_payment", False):
+            if cancel_abandons_payment(self.vend):
                 steps.append(self._abandon_sale)  # MDB: the request is gone either way
             if not self._said:
                 steps.append(lambda: self._answer_vend("CANCELLED"))
@@ -814,7 +819,7 @@ class Kiosk:
 
     def _handle_vend_cancel(self) -> None:
         if self._sale_busy():
-            if getattr(self.vend, "cancel_abandons_payment", False):
+            if cancel_abandons_payment(self.vend):
                 # MDB: the machine dropped the request before approval. The payment in flight
                 # is cancelled (query, then cancel) and nothing is approved late.
                 self._abandon_sale("the controller dropped the request")

@@ -168,3 +168,9 @@ def vend_problem(output: VendOutput) -> str | None:
     """The vend output's own reason for not taking payments, if it has a way to say one."""
     problem = getattr(output, "problem", None)
     return problem() if problem is not None else None
+
+
+def cancel_abandons_payment(output: VendOutput) -> bool:
+    """Whether the controller dropping its request mid-payment abandons the payment (MDB:
+    nothing may be approved late), rather than being answered BUSY (the serial link)."""
+    return bool(getattr(output, "cancel_abandons_payment", False))
