@@ -166,3 +166,34 @@ def test_a_success_while_the_next_customer_pays_settles_the_vend_awaited_after_a
     mdb_rig.board.send_line("c,VEND,SUCCESS")
     state_a = mdb_rig.settled(ref_a)
     assert state_a is TxnState.CANCELLED, (state_a, held(simulator, ref_a))
+
+
+def test_two_vends_cut_by_two_crashes_one_report_settles_the_wrong_one(
+    mdb_rig: MdbRig,
+    simulator: GatewaySimulator,
+    make_client: Callable[..., AlipayClient],
+    tmp_path: Path,
+) -> None:
+    """A crash loop: A was cut at its vend; during the restart's wait for A's report a new
+    sale B was approved and the kiosk died again. Now the journal holds A and B VENDING. The
+    machine reports B's product out (the only vend it still knew). The worker awaits A first,
+    and the one c,VEND,SUCCESS settles A: A kept, B (which was dispensed) reversed (rule 2:
+    A's buyer paid for nothing)."""
+    state_dir = tmp_path / "state"
+    config = mdb_config(state_dir, simulator.url, str(mdb_rig.board.device))
+    config = replace(config, vend=replace(config.vend, timeout_s=3.0))
+    ref_a = _vending_row(state_dir, simulator, make_client, config)
+    from kiosk.daemon import flow_settings
+
+    with Journal(state_dir) as journal:
+        flow = PaymentFlow(make_client(), journal, CutAtTheVend(), flow_settings(config))
+        with pytest.raises(PowerCut) as cut:
+            flow.sell(PaymentCode.parse(payment_code("0002")), Decimal("2.00"), "7")
+        ref_b = str(cut.value)
+    rig = mdb_rig.start(config=config)
+    rig.log.wait_for("vend.awaiting_report", WAIT_S)
+    assert mdb_rig.mdb is not None and mdb_rig.mdb.wait_configured(WAIT_S)
+    mdb_rig.board.success()  # the machine's one report: B's product is out
+    state_a, state_b = mdb_rig.settled(ref_a), mdb_rig.settled(ref_b)
+    # At most: B kept (its product came out) and A reversed; never A kept for B's product.
+    assert state_a is not TxnState.VENDED, (state_a, state_b)
