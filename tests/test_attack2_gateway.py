@@ -14,7 +14,9 @@ from kiosk.errors import GatewayUnreachable
 
 @pytest.mark.parametrize(
     "gateway", ["https://" + "a" * 300 + ".com/gateway.do", "https://xn--/gateway.do",
-                "https://[fe80::1%25eth0]/gateway.do"]
+                "https://[fe80::1%25eth0]/gateway.do",
+                "https://a:99999999999999999/gateway.do", "https://%zz.com/gateway.do",
+                "https://u:p@[::1]:0/gateway.do"]
 )
 def test_pay_to_a_checker_accepted_gateway(make_client, gateway: str) -> None:
     client = make_client(gateway=gateway)
