@@ -54,3 +54,14 @@ def test_a_baud_the_checker_accepts_does_not_kill_the_mdb_reader(
         # The checker said OK; the driver must then at least stay up (out of service with a
         # reason), not lose its reader thread to an uncaught exception.
         assert running and not died, died
+
+
+def test_a_long_dotted_key_does_not_hang_the_checker(site: Path) -> None:  # noqa: F811
+    """A 60 KB config with one 30000-part dotted key: tomllib is quadratic in the parts, and
+    `kiosk check` (and `kiosk run`, and a SIGHUP reload on the event loop) stall for tens of
+    seconds (100000 parts, 200 KB: over a minute)."""
+    text = GOOD + "\n[x]\n" + ".".join(["k"] * 30000) + " = 1\n"
+    path = write_config(site, text)
+    started = time.monotonic()
+    check_config(path, check_key_modes=False)
+    assert time.monotonic() - started < 5.0
