@@ -305,6 +305,9 @@ class MdbVendOutput:
     # The machine drops a request (customer cancel, its own timeout) while the kiosk may be
     # paying for it: the core then cancels that payment rather than answering BUSY (MDB.md).
     cancel_abandons_payment = True
+    # A report (`c,VEND,SUCCESS`) names no vend: after a restart it can stand for a vend
+    # approved before it only when that vend is the one left unconfirmed.
+    reports_name_the_vend = False
 
     def __init__(
         self,
@@ -686,10 +689,20 @@ class MdbVendOutput:
                 self._settle_locked(request.ref, request.vend, result)
                 self._request = None
                 outcome = "settled"
-            elif self._awaiting:
+            elif (
+                self._awaiting
+                and request is None
+                and len(self._awaiting) == 1
+                and (not self._approved_any)
+            ):
+                # An MDB report names no vend. It can be the one vend approved before the
+                # restart only while nothing was approved since and no new session is open.
                 ref, vend = next(iter(self._awaiting.items()))
                 self._settle_locked(ref, vend, result)
                 outcome = "settled"
+            elif self._awaiting and request is None:
+                ref = None
+                outcome = "unattributable"  # the awaited vend times out and is reversed
             elif request is not None:
                 # A report about a request nobody approved: the machine ended it.
                 ref = None
@@ -711,6 +724,8 @@ class MdbVendOutput:
             event(log, "mdb.report_without_approval", logging.ERROR, result=result.value)
         elif outcome == "unclaimed":
             event(log, "mdb.report_unclaimed", result=result.value)
+        elif outcome == "unattributable":
+            event(log, "mdb.report_unattributable", logging.WARNING, result=result.value)
         else:
             # The vend's wait is over and the core is reversing: a late SUCCESS means free goods.
             event(log, "vend.report_late", logging.WARNING, result=result.value)

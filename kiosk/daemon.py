@@ -696,6 +696,13 @@ class Kiosk:
                 return
             amount, item = self._selection.request.amount, self._selection.request.item
             approve_by = self._selection.approve_by
+            if self._over_max_price(self._selection.request):
+                # The cap was lowered (a reload) after this selection: checked again here,
+                # where the money would move.
+                self._selection = None
+                self._deny("MAX_PRICE")
+                self._hold_declined()
+                return
             if approve_by is not None and approve_by - time.monotonic() < payment_budget_s(
                 self.config.alipay
             ):
@@ -784,26 +791,31 @@ class Kiosk:
         self._apply_pending_config()
         self._refresh_lights()
 
-    def _handle_vend_request(self, request: VendRequest) -> None:
+    def _over_max_price(self, request: VendRequest) -> bool:
+        """A VEND above `sale.max_price` (as configured now) is refused, and logged."""
         max_price = self.config.sale.max_price
+        if max_price is None or request.amount <= max_price:
+            return False
+        event(
+            log,
+            "vend.refused",
+            level=logging.WARNING,
+            reason="MAX_PRICE",
+            item=request.item,
+            amount=str(request.amount),
+            max_price=format_amount(max_price, self.config.alipay.currency),
+        )
+        return True
+
+    def _handle_vend_request(self, request: VendRequest) -> None:
         if self.stopping.is_set():
             self._answer_vend("OUT_OF_SERVICE stopping")
         elif self._unavailable() is not None or self.flow is None:
             self._answer_vend(f"OUT_OF_SERVICE {self._unavailable() or 'starting'}")
         elif self._sale_busy():
             self._answer_vend("BUSY")
-        elif max_price is not None and request.amount > max_price:
+        elif self._over_max_price(request):
             self._selection = None  # the customer chose again; the old choice is gone too
-            currency = self.config.alipay.currency
-            event(
-                log,
-                "vend.refused",
-                level=logging.WARNING,
-                reason="MAX_PRICE",
-                item=request.item,
-                amount=str(request.amount),
-                max_price=format_amount(max_price, currency),
-            )
             self._deny("MAX_PRICE")
         else:
             now = time.monotonic()

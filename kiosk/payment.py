@@ -60,7 +60,7 @@ from kiosk.errors import GatewayUnreachable
 from kiosk.journal import FINAL_STATES, Journal, Transaction, TxnState
 from kiosk.log import event
 from kiosk.payment_code import PaymentCode
-from kiosk.ports import VendOutput, VendResult, acknowledge
+from kiosk.ports import VendOutput, VendResult, acknowledge, reports_name_the_vend
 
 log = logging.getLogger("kiosk.payment")
 
@@ -708,6 +708,15 @@ class PaymentFlow:
             case TxnState.PAID:
                 return self._start_reversal(txn, note="paid, vend never started")
             case TxnState.VENDING:
+                if not reports_name_the_vend(self.vend) and any(
+                    t.state is TxnState.VENDING and t.ref != txn.ref
+                    for t in self.journal.unfinished()
+                ):
+                    # Two vends unconfirmed and reports that name neither: a report cannot
+                    # say whose product came out. Reversed, never credited to the wrong one.
+                    txn = self._start_reversal(txn, note="vend unconfirmed; another one too")
+                    acknowledge(self.vend, txn.ref)
+                    return txn
                 result = self.vend.await_report(txn.ref, self.settings.vend_timeout_s)
                 event(log, "vend.result", ref=txn.ref, result=result.value, after="restart")
                 if result is VendResult.VENDED:

@@ -174,3 +174,10 @@ def cancel_abandons_payment(output: VendOutput) -> bool:
     """Whether the controller dropping its request mid-payment abandons the payment (MDB:
     nothing may be approved late), rather than being answered BUSY (the serial link)."""
     return bool(getattr(output, "cancel_abandons_payment", False))
+
+
+def reports_name_the_vend(output: VendOutput) -> bool:
+    """Whether the controller's vend report names the vend it is about (serial: `SUCCESS
+    <ref>`). An MDB report does not: after a restart, one report cannot tell which of two
+    unconfirmed vends it is about."""
+    return bool(getattr(output, "reports_name_the_vend", True))
