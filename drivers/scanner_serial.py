@@ -150,7 +150,7 @@ class SerialScanner(ScannerThread):
             # No read timeout while idle: the reader sleeps in the kernel until a byte comes
             # (nothing polls); close() wakes it with cancel_read().
             port = self.serial_factory(self.port, baudrate=self.baud, timeout=None, exclusive=True)
-        except (serial.SerialException, OSError, ValueError) as exc:
+        except (serial.SerialException, OSError, ValueError, OverflowError) as exc:
             event(log, "scanner.open_failed", logging.WARNING, port=self.port, error=str(exc))
             return None
         event(log, "scanner.opened", port=self.port, baud=self.baud)

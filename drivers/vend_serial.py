@@ -307,7 +307,7 @@ class SerialVendOutput:
                     write_timeout=WRITE_TIMEOUT_S,
                     exclusive=True,
                 )
-            except (serial.SerialException, OSError, ValueError) as exc:
+            except (serial.SerialException, OSError, ValueError, OverflowError) as exc:
                 if not reported_outage:
                     event(
                         log,

@@ -123,6 +123,7 @@ _SERIAL_CONSOLE = re.compile(r"(?:^|\s)console=(serial0|ttyAMA0|ttyS0)\b")
 # What a paid sale needs before its approval can go out after the last answer (the journal's
 # commit and the C,VEND line).
 APPROVAL_MARGIN_S = 1.0
+MAX_KEY_PARTS = 16  # dots in one key, far beyond any kiosk key (section.key)
 
 
 def payment_budget_s(alipay: AlipaySection) -> float:
@@ -527,6 +528,10 @@ class _Checker:
             return self.refuse(row, f"{url!r} is not a valid URL: {exc}", like)
         if parts.scheme not in ("https", "http") or not host:
             return self.refuse(row, f"{url!r} is not an https URL", like)
+        if len(host) > 253 or any(len(label) > 63 for label in host.split(".")):
+            return self.refuse(
+                row, f"{url!r} has a host name no resolver takes (a label over 63 characters)", like
+            )
         if parts.scheme == "https":
             return url
         if self.raw(row.section, "allow_http") is not True:
@@ -1120,6 +1125,19 @@ def check_config(
                 column=column,
             )
         ]
+    for number, line in enumerate(text.splitlines(), 1):
+        # tomllib takes time quadratic in a dotted key's parts (30,000 parts: ~20 s); the
+        # kiosk's keys have two. Refused before parsing, so check, run and reload never stall.
+        key = line.partition("=")[0]
+        if key.count(".") >= MAX_KEY_PARTS:
+            return None, [
+                ConfigProblem(
+                    name,
+                    number,
+                    f"a dotted key of {key.count('.') + 1} parts; the kiosk's keys have at most 2",
+                    "write keys as  key = value  under their [section]",
+                )
+            ]
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

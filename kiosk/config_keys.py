@@ -107,6 +107,8 @@ def rows_of(section: str, cls: type) -> list[Row]:
 
 ID = r"[A-Za-z0-9_-]{1,32}"
 ID_MUST = "1 to 32 letters, digits, '_' or '-'"
+# Beyond any UART or USB serial port, and what the C int of termios still takes.
+MAX_BAUD = 4_000_000
 PID = r"2088\d{12}"
 PID_MUST = "16 digits starting with 2088"
 KEY_DIR = "/etc/kiosk/keys/"
@@ -366,7 +368,10 @@ class ScannerSection:
         ),
     )
     baud: int = field(
-        default=9600, metadata=declare("int", "serial: the line speed.", minimum=1, unit="baud")
+        default=9600,
+        metadata=declare(
+            "int", "serial: the line speed.", minimum=1, maximum=MAX_BAUD, unit="baud"
+        ),
     )
 
 
@@ -427,6 +432,7 @@ class VendSection:
             "int",
             "serial, mdb: the line speed (the MDB boards run at 115200).",
             minimum=1,
+            maximum=MAX_BAUD,
             unit="baud",
             driver_defaults=(("mdb", 115200),),
         ),

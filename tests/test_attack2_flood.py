@@ -3,17 +3,16 @@ must keep the money rules; failures are breaks)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from kiosk.journal import TxnState
 from kiosk.ports import KioskState
 from kiosk.simulator import Fault, FaultPlan, GatewaySimulator
-from tests.conftest import PARTNER, payment_code
+from tests.conftest import PARTNER
 from tests.test_mdb_sale import WAIT_S, MdbRig, charged, held, mdb_rig  # noqa: F401
 
 
 def test_a_flood_of_requests_while_the_pay_is_in_flight_approves_nothing_wrong(
-    mdb_rig: MdbRig, simulator: GatewaySimulator
+    mdb_rig: MdbRig,
+    simulator: GatewaySimulator,
 ) -> None:
     rig = mdb_rig.ready()
     simulator.inject(FaultPlan(Fault.SLOW_AFTER_CHARGE, delay_s=0.5))
@@ -42,6 +41,9 @@ def test_a_flood_of_requests_while_the_pay_is_in_flight_approves_nothing_wrong(
     assert mdb_rig.board.select("1.50", "12"), mdb_rig.board.status()
     rig.log.wait_for("vend.selection", WAIT_S, after=mark - 1, item="12")
     next_ref = mdb_rig.scan("0001", 2)
-    assert mdb_rig.board.wait_approved(WAIT_S) == "1.50", (mdb_rig.board.status(), mdb_rig.board.host_lines()[-10:])
+    assert mdb_rig.board.wait_approved(WAIT_S) == "1.50", (
+        mdb_rig.board.status(),
+        mdb_rig.board.host_lines()[-10:],
+    )
     mdb_rig.board.success()
     assert mdb_rig.settled(next_ref) is TxnState.VENDED

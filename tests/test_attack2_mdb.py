@@ -39,7 +39,9 @@ class Configs:
 
 
 def test_a_reload_lowering_max_price_while_a_selection_is_open_still_charges_the_old_price(
-    mdb_rig: MdbRig, simulator: GatewaySimulator, tmp_path: Path
+    mdb_rig: MdbRig,
+    simulator: GatewaySimulator,
+    tmp_path: Path,
 ) -> None:
     """sale.max_price is lowered by SIGHUP while the customer's 5.00 selection waits for a
     scan: the reload is applied at once (no sale is busy), but the selection accepted under
@@ -56,7 +58,10 @@ def test_a_reload_lowering_max_price_while_a_selection_is_open_still_charges_the
     rig.log.wait_for("config.reloaded", WAIT_S, after=mark - 1)
     assert rig.kiosk.config.sale.max_price == Decimal("2.00")
     rig.scanner.scan(payment_code("0001"))
-    rig.log.wait_until(lambda: bool(rig.log.named("payment.start")) or mdb_rig.board.wait_for_line("C,STOP", 0.05), WAIT_S)
+    rig.log.wait_until(
+        lambda: bool(rig.log.named("payment.start")) or mdb_rig.board.wait_for_line("C,STOP", 0.05),
+        WAIT_S,
+    )
     started = rig.log.named("payment.start")
     # The cap in force at the scan must hold: no charge above max_price.
     assert started == [], f"charged above the reloaded max_price: {started}"

@@ -8,7 +8,6 @@ import pytest
 
 from kiosk.journal import TxnState
 from kiosk.simulator import Fault, FaultPlan, GatewaySimulator
-from tests.conftest import payment_code
 from tests.test_mdb_sale import WAIT_S, MdbRig, charged, held, mdb_rig  # noqa: F401
 
 PATIENCE_S = 4.0
@@ -16,7 +15,9 @@ PATIENCE_S = 4.0
 
 @pytest.mark.parametrize("paid_after_s", [2.6, 3.0, 3.3, 3.5, 3.7, 3.9, 4.1])
 def test_no_approval_after_the_machine_s_patience(
-    mdb_rig: MdbRig, simulator: GatewaySimulator, paid_after_s: float
+    mdb_rig: MdbRig,
+    simulator: GatewaySimulator,
+    paid_after_s: float,
 ) -> None:
     rig = mdb_rig.start(approve_within_s=PATIENCE_S)
     assert mdb_rig.board.wait_reader(True, WAIT_S)

@@ -12,9 +12,11 @@ from tests.test_mdb_sale import WAIT_S, MdbRig, charged, held, mdb_rig  # noqa: 
 
 @pytest.mark.parametrize("how", ["reset", "drop-reselect", "reselect-other", "success-early"])
 def test_the_machine_moves_at_the_moment_of_the_charge(
-    mdb_rig: MdbRig, simulator: GatewaySimulator, how: str
+    mdb_rig: MdbRig,
+    simulator: GatewaySimulator,
+    how: str,
 ) -> None:
-    rig = mdb_rig.ready()
+    mdb_rig.ready()
     simulator.inject(FaultPlan(Fault.SLOW_AFTER_CHARGE, delay_s=0.4))
     mdb_rig.select("1.50", "12")
     ref = mdb_rig.scan("0001")

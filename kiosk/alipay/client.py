@@ -31,7 +31,12 @@ from urllib.parse import urlencode
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import NameResolutionError, NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import (
+    LocationParseError,
+    NameResolutionError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
 
 from kiosk.alipay.signing import Signature, SignType, presign_string
 from kiosk.alipay.xml import MAX_ANSWER_BYTES, Answer, AnswerUnreadable, parse_answer, verify_answer
@@ -75,6 +80,8 @@ REQUIRED_ECHOES: Mapping[str, tuple[str, ...]] = types.MappingProxyType(
         "refund": ("partner_trans_id", "partner_refund_id", "refund_amount"),
     }
 )
+
+
 class TradeStatus(enum.StrEnum):
     WAIT_BUYER_PAY = "WAIT_BUYER_PAY"
     TRADE_SUCCESS = "TRADE_SUCCESS"
@@ -393,6 +400,8 @@ class AlipayClient:
             if not_sent is not None:
                 raise _NotSent(not_sent) from None
             return _Reply(None, _after_connect(exc), gateway)
+        except LocationParseError:  # a host no resolver takes: nothing was sent
+            raise _NotSent("gateway URL not usable") from None
         with response:
             if response.status_code != 200:
                 return _Reply(None, f"HTTP {response.status_code}", gateway)
