@@ -175,6 +175,10 @@ class EvdevScanner(ScannerThread):
 
     thread_name = "scanner-evdev"
 
+    def connected(self) -> bool:
+        """True while at least one of the scanner's input nodes is open (link-down alarm)."""
+        return bool(self._nodes)
+
     def _wake_reader(self) -> None:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")

@@ -111,6 +111,10 @@ class SerialScanner(ScannerThread):
     def _where(self) -> dict[str, Any]:
         return {"port": self.port}
 
+    def connected(self) -> bool:
+        """True while the port is open (for the link-down alarm)."""
+        return self._port is not None
+
     # -- reader thread ------------------------------------------------------------------------
 
     def _run(self) -> None:

@@ -66,6 +66,9 @@ from kiosk.config_keys import (
     ScannerSection as ScannerSection,
 )
 from kiosk.config_keys import (
+    TelemetrySection as TelemetrySection,
+)
+from kiosk.config_keys import (
     VendSection as VendSection,
 )
 from kiosk.errors import ConfigError, KeyFileError
@@ -550,6 +553,45 @@ class _Checker:
             )
         return url
 
+    def kind_broker(self, row: Row, url: Any) -> Any:
+        """An MQTT broker: mqtts://host[:port]; mqtt:// only to loopback or with allow_plain."""
+        url = self.string(row, url)
+        if url is _BAD or url == "":
+            return url
+        like = 'like "mqtts://broker.example.net:8883"'
+        if any(ch.isspace() or not ch.isprintable() for ch in url):
+            return self.refuse(row, f"{url!r} holds spaces or control characters", like)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            host, port = parts.hostname, parts.port
+        except ValueError as exc:  # a port that is no number, a broken [IPv6] host
+            return self.refuse(row, f"{url!r} is not a valid URL: {exc}", like)
+        if parts.scheme not in ("mqtts", "mqtt") or not host:
+            return self.refuse(row, f"{url!r} is not an mqtts:// URL", like)
+        if parts.username is not None or parts.password is not None:
+            return self.refuse(
+                row,
+                "must not hold a user name or password",
+                "set username and password_file instead: a config file is no place for secrets",
+            )
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            return self.refuse(row, f"{url!r}: a broker URL is only scheme, host and port", like)
+        if port == 0:
+            return self.refuse(row, f"{url!r}: port 0 is no port", like)
+        if len(host) > 253 or any(len(label) > 63 for label in host.split(".")):
+            return self.refuse(
+                row, f"{url!r} has a host name no resolver takes (a label over 63 characters)", like
+            )
+        plain_allowed = self.raw(row.section, "allow_plain") is True
+        if parts.scheme == "mqtt" and not _is_loopback(host) and not plain_allowed:
+            return self.refuse(
+                row,
+                f"uses mqtt:// (no TLS) to {host!r}, which is not this machine",
+                "use mqtts://; over a network, the broker password and every report "
+                "would travel in clear text (allow_plain = true only if you must)",
+            )
+        return url
+
     def kind_money(self, row: Row, raw: Any) -> Any:
         """An amount of money: a string with exactly the currency's minor digits."""
         example = format_amount(Decimal(1 if row.name == "price" else 20), self.currency)
@@ -602,13 +644,23 @@ class _Checker:
         indicators = self.check_indicators()
         vend = self.check_vend(sale.mode)
         journal = JournalSection(**self.section("journal"))
+        telemetry = self.check_telemetry()
         self.check_pins(indicators, vend)
         if vend.driver == "mdb":
             self.check_mdb(alipay, sale, vend)
         if kiosk is None or alipay is None or merchant is None:
             return None
         return Config(
-            kiosk, alipay, merchant, sale, scanner, indicators, vend, source, journal=journal
+            kiosk,
+            alipay,
+            merchant,
+            sale,
+            scanner,
+            indicators,
+            vend,
+            source,
+            journal=journal,
+            telemetry=telemetry,
         )
 
     def check_names(self, data: dict[str, Any]) -> None:
@@ -1029,6 +1081,104 @@ class _Checker:
                 "fine if the device is plugged in later; otherwise check the path",
             )
 
+    def check_telemetry(self) -> TelemetrySection | None:
+        """[telemetry] (SPEC section 8): absent, no telemetry. The password file is a secret
+        like the keys; a plain broker is refused by kind_broker unless on loopback."""
+        s = "telemetry"
+        if s not in self.tables:
+            return None
+        values = self.section(s)
+        password_file = values["password_file"]
+        if password_file is not None:
+            if not self.secret_file_ok(s, "password_file", password_file):
+                values["password_file"] = None
+            elif not values["username"] and ((s, "username") not in self.bad):
+                self.problem(
+                    s,
+                    "password_file",
+                    "telemetry.password_file needs telemetry.username",
+                    'add  username = "..."  under [telemetry]',
+                )
+        ca_bundle = values["ca_bundle"]
+        if self.ok(s, "ca_bundle") and ca_bundle:
+            found, why = _stat(ca_bundle)
+            if found is None or not stat.S_ISREG(found.st_mode):
+                self.problem(
+                    s,
+                    "ca_bundle",
+                    f"telemetry.ca_bundle {ca_bundle}: {why or 'not a file'}",
+                    ROWS[s]["ca_bundle"].key.hint,
+                )
+                ca_bundle = ""
+        values["ca_bundle"] = str(ca_bundle) if ca_bundle else ""
+        textfile = values["prometheus_textfile"]
+        if self.ok(s, "prometheus_textfile") and textfile:
+            path = Path(textfile)
+            if path.suffix != ".prom":
+                self.warn(
+                    s,
+                    "prometheus_textfile",
+                    f"telemetry.prometheus_textfile {path}: node_exporter reads only *.prom files",
+                    f"name it like {path.with_suffix('.prom')}",
+                )
+            if self.check_devices:
+                found, why = _stat(path.parent)
+                if found is None or not stat.S_ISDIR(found.st_mode):
+                    self.warn(
+                        s,
+                        "prometheus_textfile",
+                        f"telemetry.prometheus_textfile: no directory {path.parent} "
+                        f"({why or 'not a directory'})",
+                        "node_exporter's --collector.textfile.directory must exist",
+                    )
+        values["prometheus_textfile"] = str(textfile) if textfile else ""
+        if not values["mqtt_url"] and not values["prometheus_textfile"]:
+            quiet = {(s, "mqtt_url"), (s, "prometheus_textfile")} & self.bad
+            if not quiet:
+                self.warn(
+                    s,
+                    None,
+                    "[telemetry] has neither mqtt_url nor prometheus_textfile: it reports nothing",
+                    'set  mqtt_url = "mqtts://..."  or remove the section',
+                )
+        return TelemetrySection(**values)
+
+    def secret_file_ok(self, section: str, key: str, path: Path) -> bool:
+        """A secret that is not a key (a password): a regular file only its owner may read,
+        that can be read, and is not empty. Never says what it holds."""
+        found, why = _stat(path)
+        dotted = f"{section}.{key}"
+        if found is None:
+            self.problem(section, key, f"{dotted} {path}: {why}", "check the path")
+            return False
+        mode = found.st_mode
+        if not stat.S_ISREG(mode):
+            self.problem(section, key, f"{dotted} {path} is not a file", "check the path")
+            return False
+        if self.check_key_modes and mode & 0o077:
+            self.problem(
+                section,
+                key,
+                f"{dotted} {path} is readable by group or others "
+                f"(mode {stat.S_IMODE(mode):04o}); the kiosk refuses it",
+                f"run: chmod 600 {path}  (owned by the kiosk user)",
+            )
+            return False
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            self.problem(
+                section,
+                key,
+                f"{dotted} {path}: {exc.strerror or exc}",
+                "the kiosk user must be able to read it: chown kiosk it, or run check as root",
+            )
+            return False
+        if not data.strip():
+            self.problem(section, key, f"{dotted} {path} is empty", "write the password in it")
+            return False
+        return True
+
     def check_pins(self, indicators: IndicatorsSection, vend: VendSection) -> None:
         used: list[tuple[str, str, int | None]] = []
         if indicators.driver == "gpio":
@@ -1125,10 +1275,10 @@ def check_config(
                 column=column,
             )
         ]
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, text_line in enumerate(text.splitlines(), 1):
         # tomllib takes time quadratic in a dotted key's parts (30,000 parts: ~20 s); the
         # kiosk's keys have two. Refused before parsing, so check, run and reload never stall.
-        key = line.partition("=")[0]
+        key = text_line.partition("=")[0]
         if key.count(".") >= MAX_KEY_PARTS:
             return None, [
                 ConfigProblem(
@@ -1239,6 +1389,16 @@ def format_summary(config: Config) -> str:
         f"  indicators  {indicators}",
         f"  vend        {vend}",
     ]
+    t = config.telemetry
+    if t is not None:
+        reports = []
+        if t.mqtt_url:
+            reports.append(f"mqtt {t.mqtt_url} as {t.topic_prefix}/{config.kiosk.terminal_id}")
+            if t.homeassistant_discovery:
+                reports.append("Home Assistant discovery")
+        if t.prometheus_textfile:
+            reports.append(f"prometheus {t.prometheus_textfile}")
+        lines.append(f"  telemetry   {', '.join(reports) or 'nothing'}")
     return "\n".join(lines)
 
 

@@ -51,6 +51,8 @@ def _allowed(row: Row) -> str:
         return "a string with the currency's minor digits"
     if k.kind == "url":
         return "https URL"
+    if k.kind == "broker":
+        return "mqtts URL (mqtt on loopback or with allow_plain)"
     return ""
 
 
@@ -65,7 +67,9 @@ def markdown() -> str:
         "",
     ]
     for name, (section, _) in SECTIONS.items():
-        out += [f"## [{name}]", "", section.doc + (" Required." if section.required else ""), ""]
+        note = " Required." if section.required else ""
+        note += " Optional: without it, the feature is off." if section.optional else ""
+        out += [f"## [{name}]", "", section.doc + note, ""]
         out += ["| key | kind | default | allowed | what it is |", "|---|---|---|---|---|"]
         for row in ROWS[name].values():
             default = "required" if row.required else f"`{_toml(row.default)}`"
@@ -86,13 +90,15 @@ def example() -> str:
         "# Check it with:  kiosk check --config kiosk.toml",
     ]
     for name, (section, _) in SECTIONS.items():
-        out += ["", f"[{name}]  # {section.doc}"]
+        # An optional section is shown whole but commented out: the example turns nothing on.
+        off = "# " if section.optional else ""
+        out += ["", f"{off}[{name}]  # {section.doc}"]
         for row in ROWS[name].values():
             shown = _shown(row)
             line = f"{row.name} = {_toml(shown)}" if shown is not None else f'{row.name} = ""'
-            if row.key.commented or shown is None:
+            if (row.key.commented or shown is None) and not off:
                 line = "# " + line
-            out.append(f"{line}  # {row.key.doc}")
+            out.append(f"{off}{line}  # {row.key.doc}")
     return "\n".join(out) + "\n"
 
 
@@ -125,6 +131,8 @@ def _schema_of(row: Row) -> dict[str, Any]:
             schema["pattern"] = f"^({k.pattern})$" + ("|^$" if row.default == "" else "")
         if k.kind == "url":
             schema["pattern"] = "^https?://"
+        if k.kind == "broker":
+            schema["pattern"] = "^$|^mqtts?://"
     if not row.required and row.default is not None:
         schema["default"] = json.loads(json.dumps(row.default, default=str))
     return schema

@@ -32,6 +32,7 @@ Kind = Literal[
     "url",  # the gateway: https (http only on loopback with allow_http)
     "money",  # a string with exactly the currency's minor digits
     "currency",  # an ISO 4217 code Alipay settles
+    "broker",  # an MQTT broker: mqtts (mqtt only on loopback with allow_plain)
 ]
 
 NO_EXAMPLE = object()
@@ -68,6 +69,9 @@ class Section:
     name: str
     doc: str
     required: bool = False
+    # Absent means the feature is off (the example shows it commented out); present, its
+    # keys are read like any other section's.
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -471,6 +475,79 @@ class JournalSection:
     )
 
 
+TOPIC_LEVELS = r"[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,7}"
+
+
+@dataclass(frozen=True)
+class TelemetrySection:
+    mqtt_url: str = field(
+        default="",
+        metadata=declare(
+            "broker",
+            'The MQTT broker, mqtts://host[:port]; "" for no MQTT (Prometheus only).',
+            hint='like "mqtts://broker.example.net:8883"',
+            example="mqtts://broker.example.net:8883",
+        ),
+    )
+    allow_plain: bool = field(
+        default=False,
+        metadata=declare("bool", "Allow mqtt:// (no TLS) to a broker that is not on this machine."),
+    )
+    username: str = field(
+        default="",
+        metadata=declare(
+            "text",
+            "The user name the kiosk logs in to the broker with.",
+            pattern=r"[\x21-\x7e]{1,128}",
+            must="1 to 128 printable characters without spaces",
+            example="VM-0042",
+        ),
+    )
+    password_file: Path | None = field(
+        default=None,
+        metadata=declare(
+            "path",
+            "A file holding the broker password, mode 600.",
+            example=KEY_DIR + "mqtt.pass",
+            secret=True,
+        ),
+    )
+    ca_bundle: str = field(
+        default="",
+        metadata=declare(
+            "path",
+            'CA certificates to trust for the broker; "" means the system\'s trust store.',
+            hint='leave it out (or "") to use the system\'s trust store',
+        ),
+    )
+    topic_prefix: str = field(
+        default="kiosk",
+        metadata=declare(
+            "text",
+            "Topics are <topic_prefix>/<terminal_id>/...",
+            pattern=TOPIC_LEVELS,
+            must="topic levels of letters, digits, '_' or '-' separated by '/'",
+            hint="no '+', '#', spaces, or a '/' at either end",
+        ),
+    )
+    heartbeat_s: float = _seconds(60.0, "The state is published again at least this often.")
+    homeassistant_discovery: bool = field(
+        default=True,
+        metadata=declare(
+            "bool", "Publish Home Assistant MQTT discovery configs under homeassistant/."
+        ),
+    )
+    prometheus_textfile: str = field(
+        default="",
+        metadata=declare(
+            "path",
+            'Write the figures here for node_exporter\'s textfile collector; "" = off.',
+            example="",
+            hint="a .prom file in node_exporter's --collector.textfile.directory",
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     kiosk: KioskSection
@@ -482,6 +559,7 @@ class Config:
     vend: VendSection = field(default_factory=VendSection)
     source: Path | None = None  # the file it was read from
     journal: JournalSection = field(default_factory=JournalSection)
+    telemetry: TelemetrySection | None = None  # absent: no telemetry (SPEC section 8)
 
 
 # The sections, in the file's order; a new section is one dataclass and one line here.
@@ -499,6 +577,14 @@ SECTIONS: dict[str, tuple[Section, type]] = {
         (Section("indicators", "Status lights and buzzer."), IndicatorsSection),
         (Section("vend", "How the product is released."), VendSection),
         (Section("journal", "The offline journal."), JournalSection),
+        (
+            Section(
+                "telemetry",
+                "Reporting to an MQTT broker and Prometheus (SPEC section 8).",
+                optional=True,
+            ),
+            TelemetrySection,
+        ),
     )
 }
 ROWS: dict[str, dict[str, Row]] = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from kiosk.alarms import AlarmBoard
 from kiosk.alipay.client import AlipayClient, GatewaySettings, QueryResult
 from kiosk.alipay.signing import (
     Md5Signature,
@@ -43,7 +45,7 @@ from kiosk.errors import (
     KeyFileError,
     PaymentCodeError,
 )
-from kiosk.journal import Journal
+from kiosk.journal import Journal, Transaction, TxnState
 from kiosk.log import event
 from kiosk.money import format_amount
 from kiosk.payment import FlowSettings, PaymentFlow, RefsInHand, Sale, SaleResult
@@ -56,11 +58,13 @@ from kiosk.ports import (
     VendOutput,
     VendRequest,
     cancel_abandons_payment,
+    link_up,
     set_available,
     vend_problem,
     vend_running,
 )
 from kiosk.systemd import Notifier
+from kiosk.telemetry import FiguresReader, KioskSnapshot, TelemetrySink
 from kiosk.worker import JournalWorker
 
 log = logging.getLogger("kiosk.daemon")
@@ -84,6 +88,13 @@ KEY = "key"  # unusable key files (re-checked by building the clients)
 CLOCK = "clock"  # clock not set, or not synchronised (re-checked periodically)
 MERCHANT = "merchant"  # Alipay refused the merchant set-up (re-checked by a probe)
 REASON_ORDER = (JOURNAL, KEY, CLOCK, MERCHANT)
+
+# Alarms (kiosk/alarms.py) the loop looks for itself, and how often.
+ALARM_CHECK_S = 30.0
+OFFLINE_ALARM_S = 300.0  # offline this long: an alarm (SPEC section 8)
+LINK_ALARM_S = 30.0  # a scanner or vend link down this long: an alarm (a replug is quicker)
+DISK_NEARLY_FULL = (0.05, 64 << 20)  # free below 5 % or below 64 MiB: nearly full
+DISK_CLEAR_FACTOR = 1.25  # ... until free is back above this much more (no flapping)
 
 # Keys a reload cannot apply: the journal and the drivers are opened once per process.
 RELOADABLE_DRIVER_KEYS = {"indicators": ("declined_hold_s",), "vend": ("timeout_s",)}
@@ -155,6 +166,8 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     # The serial vend link formats and parses amounts in the currency it was opened with.
     if old.alipay.currency != new.alipay.currency:
         changed.append("alipay.currency")
+    if old.telemetry != new.telemetry:
+        changed.append("telemetry")  # the sink and its connection live for the process
     for section in ("scanner", "indicators", "vend"):
         before, after = getattr(old, section), getattr(new, section)
         for f in fields(before):
@@ -177,7 +190,12 @@ def keep_running_values(old: Config, new: Config) -> Config:
         )
         for section in ("scanner", "indicators", "vend")
     }
-    return replace(new, kiosk=replace(new.kiosk, state_dir=old.kiosk.state_dir), **drivers)
+    return replace(
+        new,
+        kiosk=replace(new.kiosk, state_dir=old.kiosk.state_dir),
+        telemetry=old.telemetry,
+        **drivers,
+    )
 
 
 def approve_within_s(config: Config) -> float | None:
@@ -267,7 +285,27 @@ class Kiosk:
             journal,
             on_backlog=lambda n: self.events.put(("backlog", n)),
             on_journal_error=lambda e: self.events.put(("journal_error", e)),
+            on_retry_ceiling=self._retry_ceiling,
         )
+        # Alarms and telemetry (SPEC section 8), for the whole process: one board that the
+        # loop, the worker and the journal's changes feed; one sink that reports the kiosk,
+        # only with a [telemetry] section. Feeding the sink never blocks.
+        self.alarms = AlarmBoard(wall_clock)
+        self.figures = FiguresReader(journal.path.parent)
+        self.telemetry: TelemetrySink | None = None
+        if config.telemetry is not None:
+            self.telemetry = TelemetrySink(config, self.figures, self.alarms, wall_clock=wall_clock)
+            self.alarms.listen(self.telemetry.alarm)
+        journal.watch(self._journal_changed)
+        self.alarm_check_s = ALARM_CHECK_S
+        self.offline_alarm_s = OFFLINE_ALARM_S
+        self.link_alarm_s = LINK_ALARM_S
+        self._next_alarm_check: float | None = None  # the first check runs at start
+        self._offline_since: float | None = None  # monotonic
+        self._link_down_since: dict[str, float] = {}
+        self._status_sent: str | None = None  # STATUS= as systemd has it
+        self._reported: tuple[KioskState, str | None] | None = None
+        self._state_since = wall_clock()
         self.flow: PaymentFlow | None = None  # the foreground's; None until keys are usable
         self._sale_thread: threading.Thread | None = None
         self._sale_started = 0.0
@@ -378,6 +416,9 @@ class Kiosk:
         )
 
     def run(self) -> int:
+        if self.telemetry is not None:
+            self.telemetry.start()
+        self._next_alarm_check = time.monotonic()
         self._show(KioskState.STARTING)
         self._check_clock()
         self._build_flows()
@@ -387,7 +428,8 @@ class Kiosk:
         self._update_reader()
         self.vend.start(self)
         self.status.vend_problem = vend_problem(self.vend)
-        self.notifier.ready(self._status_text())
+        self._status_sent = self._status_text()
+        self.notifier.ready(self._status_sent)
         self.ready.set()
         event(
             log,
@@ -437,6 +479,9 @@ class Kiosk:
             self.journal.checkpoint()
         except JournalError as exc:
             event(log, "journal.error", level=logging.ERROR, error=str(exc))
+        if self.telemetry is not None:
+            self.telemetry.stop()  # the last state, then "offline": a clean stop
+        self.figures.close()
         self.stopped.set()
         event(log, "kiosk.stopped")
 
@@ -557,6 +602,7 @@ class Kiosk:
             ("timer.keys", "_next_key_retry", self._retry_keys),
             ("timer.journal", "_next_write_check", self._check_writable),
             ("timer.clock", "_next_clock_check", self._check_clock),
+            ("timer.alarms", "_next_alarm_check", self._check_alarms),
         ]
         for name, attr, action in timers:
             due: float | None = getattr(self, attr)
@@ -857,13 +903,10 @@ class Kiosk:
         self.status.vend_problem = problem
         if problem is not None:
             event(log, "kiosk.out_of_service", level=logging.ERROR, kind="vend", reason=problem)
-            if self.status.out_of_service is None:
-                self.notifier.status(f"out of service: {problem}")
         else:
             event(log, "kiosk.reason_cleared", kind="vend", still=self._unavailable())
             if self._unavailable() is None:
                 event(log, "kiosk.back_in_service", cleared="vend")
-                self.notifier.status("ready")
         self._refresh_lights()
 
     def _clear_selection(self) -> None:
@@ -883,6 +926,8 @@ class Kiosk:
     def _gateway_reachable(self) -> None:
         if self.status.offline:
             self.status.offline = False
+            self._offline_since = None
+            self.alarms.clear("offline")
             event(log, "gateway.online")
             # Everything waiting is due now; no journal writes on the loop's thread.
             self.worker.wake(resume_all=True)
@@ -892,6 +937,7 @@ class Kiosk:
     def _gateway_unreachable(self) -> None:
         if not self.status.offline:
             self.status.offline = True
+            self._offline_since = time.monotonic()
             event(log, "gateway.offline")
         self._schedule_checks()  # offline: the probe stays scheduled until an answer comes
         self._refresh_lights()
@@ -1086,12 +1132,9 @@ class Kiosk:
     def _set_reason(self, kind: str, reason: str) -> None:
         if self.status.reasons.get(kind) == reason:
             return
-        was_out = self.status.out_of_service is not None
         self.status.reasons[kind] = reason
         self._show_reasons()
         event(log, "kiosk.out_of_service", level=logging.ERROR, kind=kind, reason=reason)
-        if not was_out:
-            self.notifier.status(f"out of service: {reason}")
         self._schedule_checks()
         self._refresh_lights()
 
@@ -1101,7 +1144,6 @@ class Kiosk:
         self._show_reasons()
         if self.status.out_of_service is None:
             event(log, "kiosk.back_in_service", cleared=kind)
-            self.notifier.status("ready")
         else:
             event(log, "kiosk.reason_cleared", kind=kind, still=self.status.out_of_service)
         self._schedule_checks()
@@ -1163,17 +1205,20 @@ class Kiosk:
 
     def _refresh_lights(self) -> None:
         self._update_reader()
+        self._show(self._current_state())
+        self._report_status()
+
+    def _current_state(self) -> KioskState:
+        """The state the lights show, from what the loop knows now (SPEC section 6)."""
         if self._unavailable() is not None:
-            state = KioskState.OUT_OF_SERVICE
-        elif self._sale_busy():
-            state = KioskState.VENDING if self._sale_vending else KioskState.PAYING
-        elif self._declined_until is not None:
-            state = KioskState.DECLINED
-        elif self.status.offline:
-            state = KioskState.OFFLINE
-        else:
-            state = KioskState.READY
-        self._show(state)
+            return KioskState.OUT_OF_SERVICE
+        if self._sale_busy():
+            return KioskState.VENDING if self._sale_vending else KioskState.PAYING
+        if self._declined_until is not None:
+            return KioskState.DECLINED
+        if self.status.offline:
+            return KioskState.OFFLINE
+        return KioskState.READY
 
     def _show(self, state: KioskState) -> None:
         if state is self._shown:
@@ -1184,9 +1229,102 @@ class Kiosk:
         self.indicator.show(state)
 
     def _status_text(self) -> str:
-        if self._unavailable():
-            return f"out of service: {self._unavailable()}"
-        return "ready"
+        """systemd's STATUS=: the state now, with why when it takes no payments."""
+        unavailable = self._unavailable()
+        if unavailable:
+            return f"out of service: {unavailable}"
+        state = self._current_state()
+        if state is KioskState.OFFLINE:
+            return f"offline: gateway unreachable, {self.status.backlog} unfinished"
+        return state.value
+
+    # -- reporting: systemd, alarms, telemetry --------------------------------------------------
+
+    def _report_status(self) -> None:
+        """The one place that tells the outside what the kiosk is now: STATUS= (so it never
+        goes stale after a recovery), the out-of-service alarms and telemetry's state, each
+        only when it changed."""
+        text = self._status_text()
+        if text != self._status_sent:
+            self._status_sent = text
+            self.notifier.status(text)
+        self._sync_reason_alarms()
+        state = self.status.state
+        reason = self._unavailable() or (
+            "gateway unreachable" if state is KioskState.OFFLINE else None
+        )
+        if self._reported is None or self._reported[0] is not state:
+            self._state_since = self._wall()
+        if (state, reason) != self._reported:
+            self._reported = (state, reason)
+            if self.telemetry is not None:
+                self.telemetry.state_changed(KioskSnapshot(state, reason, self._state_since))
+
+    def _sync_reason_alarms(self) -> None:
+        """One out_of_service alarm per reason present (its kind is the key), and the clock's."""
+        reasons = dict(self.status.reasons)
+        if self.status.vend_problem is not None:
+            reasons["vend"] = self.status.vend_problem
+        for kind in (*REASON_ORDER, "vend"):
+            self.alarms.update("out_of_service", reasons.get(kind), key=kind)
+        self.alarms.update("clock_unsynchronised", self.status.reasons.get(CLOCK))
+
+    def _check_alarms(self) -> None:
+        """What no event tells: offline for long, a link down for long, the disk, and the
+        journal's attention rows (a person may have settled one with the CLI)."""
+        now = time.monotonic()
+        self._next_alarm_check = now + self.alarm_check_s
+        since = self._offline_since
+        if since is not None and now - since >= self.offline_alarm_s:
+            minutes = (now - since) / 60
+            self.alarms.raise_("offline", f"gateway unreachable for {minutes:.0f} min")
+        for kind, part in (("scanner_down", self.scanner), ("vend_link_down", self.vend)):
+            if link_up(part):
+                self._link_down_since.pop(kind, None)
+                self.alarms.clear(kind)
+                continue
+            down = self._link_down_since.setdefault(kind, now)
+            if now - down >= self.link_alarm_s:
+                what = "scanner" if kind == "scanner_down" else "vend link"
+                self.alarms.raise_(kind, f"{what} down for {now - down:.0f} s")
+        self._check_disk()
+        figures = self.figures.read(self._wall())
+        if figures is not None:
+            refs = set(figures.attention_refs)
+            for ref in refs:
+                self.alarms.raise_("attention", "a transaction needs a person", key=ref, ref=ref)
+            self.alarms.keep_only("attention", refs)
+
+    def _check_disk(self) -> None:
+        try:
+            stats = os.statvfs(self.journal.path.parent)
+        except OSError:
+            return  # the journal's own checks report a state directory that is gone
+        total = stats.f_blocks * stats.f_frsize
+        free = stats.f_bavail * stats.f_frsize
+        share, floor = DISK_NEARLY_FULL
+        limit = max(total * share, float(floor)) if total else float(floor)
+        if free < limit:
+            self.alarms.raise_(
+                "disk_nearly_full", f"{free >> 20} MiB free of {total >> 20} MiB in the state dir"
+            )
+        elif free >= limit * DISK_CLEAR_FACTOR:
+            self.alarms.clear("disk_nearly_full")
+
+    def _journal_changed(self, before: Transaction | None, after: Transaction) -> None:
+        """The journal's watcher (on the committing thread: queue only). A transaction that
+        needs a person raises an alarm; telemetry hears of every change of state."""
+        if after.state is TxnState.ATTENTION:
+            why = after.note or after.error_code or "needs a person"
+            self.alarms.raise_("attention", why, key=after.ref, ref=after.ref)
+        elif before is not None and before.state is TxnState.ATTENTION:
+            self.alarms.clear("attention", after.ref)
+        if self.telemetry is not None:
+            self.telemetry.transaction_changed(before, after)
+
+    def _retry_ceiling(self, ref: str, message: str | None) -> None:
+        """The worker: a transaction past its retry ceiling (message), or finished (None)."""
+        self.alarms.update("retry_ceiling", message, key=ref, ref=ref)
 
 
 def _token(text: str | None) -> str:

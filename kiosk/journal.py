@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
@@ -158,6 +159,8 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_ref ON requests (ref);
 """
 
+FIGURES_LOOK_PAST = 50  # Journal.figures: rows from before today read before it stops
+
 # Forward-only migrations: from schema N to N+1, each in one transaction with its version.
 _MIGRATIONS: dict[int, str] = {
     # Schema 1 kept the whole code of an open transaction: erased (secure_delete is on).
@@ -187,6 +190,8 @@ class Journal:
         self._closed = False
         self._schema = SCHEMA_VERSION
         self._code_key = b""  # made (or read) when opened for writing
+        # Told of every committed change of a transaction's state (before: None for a new one).
+        self._watchers: list[Callable[[Transaction | None, Transaction], None]] = []
         self._conn = self._open(read_only)
 
     # -- opening ---------------------------------------------------------------------------
@@ -409,6 +414,7 @@ class Journal:
                     "INSERT OR REPLACE INTO recent_codes (digest, seen_at) VALUES (?, ?)",
                     (code_digest, seen_at),
                 )
+        self._changed(None, txn)
         return txn
 
     @staticmethod
@@ -437,6 +443,7 @@ class Journal:
         with self._write() as conn:
             self._update(conn, updated)
             self._insert_request(conn, updated, kind, params)
+        self._changed(txn, updated)
         return updated
 
     def after_request(
@@ -465,7 +472,23 @@ class Journal:
             self._update(conn, updated)
             if request_outcome is not None:
                 self._record_outcome(conn, txn.ref, *request_outcome)
+        self._changed(txn, updated)
         return updated
+
+    def watch(self, watcher: Callable[[Transaction | None, Transaction], None]) -> None:
+        """Call `watcher(before, after)` after every committed change of a transaction's state
+        (`before` is None for a new one), on the committing thread. It must return at once
+        (telemetry only queues); an exception in it is logged, never the writer's problem."""
+        self._watchers.append(watcher)
+
+    def _changed(self, before: Transaction | None, after: Transaction) -> None:
+        if before is not None and before.state is after.state:
+            return
+        for watcher in list(self._watchers):
+            try:
+                watcher(before, after)
+            except Exception:  # committed already: the sale goes on whatever a reader does
+                logging.getLogger("kiosk.journal").exception("journal watcher failed")
 
     def _update(self, conn: sqlite3.Connection, txn: Transaction) -> None:
         row = self._row(txn)
@@ -610,3 +633,60 @@ class Journal:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('writable_check', ?)",
                 (_now_iso(),),
             )
+
+    def figures(self, day_start: str) -> JournalFigures:
+        """What telemetry reports (SPEC section 8): the refs that need a person, how many
+        transactions are unfinished, sales vended since `day_start` (ISO UTC, as created_at
+        is written) and when the last one was. Read through the open-transactions index and
+        from the newest row back, so a journal of years stays quick to ask."""
+        with self._lock:
+            try:
+                open_rows = self._conn.execute(
+                    "SELECT ref, state FROM transactions WHERE final=0"
+                ).fetchall()
+                today: list[str] = []
+                older_in_a_row = 0
+                # Newest first; rows are written in time order, so stop a little past the
+                # first ones from before today (a few more allow for a clock set back).
+                for amount_text, created_at, state in self._conn.execute(
+                    "SELECT amount, created_at, state FROM transactions ORDER BY seq DESC"
+                ):
+                    if created_at < day_start:
+                        older_in_a_row += 1
+                        if older_in_a_row >= FIGURES_LOOK_PAST:
+                            break
+                        continue
+                    older_in_a_row = 0
+                    if state == "vended":
+                        today.append(amount_text)
+                last = self._conn.execute(
+                    "SELECT updated_at FROM transactions WHERE state='vended' "
+                    "ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise self._classify(exc) from None
+        attention = sorted(str(ref) for ref, state in open_rows if state == "attention")
+        amount = Decimal(0)
+        for text in today:
+            try:
+                amount += Decimal(text)
+            except ArithmeticError:
+                continue  # an unreadable amount is the reader's problem, not telemetry's
+        return JournalFigures(
+            unfinished=len(open_rows) - len(attention),
+            attention_refs=tuple(attention),
+            sales_today=len(today),
+            amount_today=amount,
+            last_sale_at=last[0] if last else None,
+        )
+
+
+@dataclass(frozen=True)
+class JournalFigures:
+    """The journal's side of the telemetry state payload (see `Journal.figures`)."""
+
+    unfinished: int  # open and not in attention: the worker still drives them
+    attention_refs: tuple[str, ...]
+    sales_today: int  # vended since the start of the day
+    amount_today: Decimal
+    last_sale_at: str | None  # updated_at of the newest vended one

@@ -50,6 +50,17 @@ def mask_codes(text: str) -> str:
     return _DIGIT_RUN.sub(_mask_run, text)
 
 
+def _drop_run(match: re.Match[str]) -> str:
+    masked = _mask_run(match)
+    return match.group() if masked == match.group() else "[code removed]"
+
+
+def drop_codes(text: str) -> str:
+    """`text` with every run of digits that could be a payment code removed whole, not even
+    its last 4 digits left: for what leaves the kiosk (telemetry, SPEC section 8)."""
+    return _DIGIT_RUN.sub(_drop_run, text)
+
+
 def event(log: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one event with its fields. String fields pass through `mask_codes()`."""
     masked = {k: mask_codes(v) if isinstance(v, str) else v for k, v in fields.items()}

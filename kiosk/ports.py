@@ -170,6 +170,16 @@ def vend_problem(output: VendOutput) -> str | None:
     return problem() if problem is not None else None
 
 
+def link_up(part: Scanner | VendOutput) -> bool:
+    """Whether a scanner or vend output is connected to its device now (for the link-down
+    alarm). A driver that can tell says so with `connected()` (a serial port open, an input
+    node open); for the others this is `healthy()`, which also holds while reconnecting."""
+    connected = getattr(part, "connected", None)
+    if connected is not None:
+        return bool(connected()) and part.healthy()
+    return part.healthy()
+
+
 def cancel_abandons_payment(output: VendOutput) -> bool:
     """Whether the controller dropping its request mid-payment abandons the payment (MDB:
     nothing may be approved late), rather than being answered BUSY (the serial link)."""

@@ -58,6 +58,7 @@ class JournalWorker:
         *,
         on_backlog: Callable[[int], None] = lambda n: None,
         on_journal_error: Callable[[JournalError], None] = lambda e: None,
+        on_retry_ceiling: Callable[[str, str | None], None] = lambda ref, message: None,
         idle_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -65,11 +66,14 @@ class JournalWorker:
         alarm_after_tries: int = ALARM_AFTER_TRIES,
         alarm_after_age_s: float = ALARM_AFTER_AGE_S,
     ) -> None:
-        """`flow` may be None until the keys are usable (`use()` hands one over later)."""
+        """`flow` may be None until the keys are usable (`use()` hands one over later).
+        `on_retry_ceiling(ref, message)` is told when a transaction passes the retry ceiling,
+        and `(ref, None)` when such a one is finished."""
         self.flow = flow
         self.journal = journal
         self.on_backlog = on_backlog
         self.on_journal_error = on_journal_error
+        self.on_retry_ceiling = on_retry_ceiling
         self.idle_s = idle_s
         self.alarm_after_tries = alarm_after_tries
         self.alarm_after_age_s = alarm_after_age_s
@@ -171,7 +175,7 @@ class JournalWorker:
             return self.idle_s
         now = self._clock()
         for ref in set(self._schedule) - {t.ref for t in pending}:
-            del self._schedule[ref]  # finished elsewhere (the foreground, or a person)
+            self._forget(ref)  # finished elsewhere (the foreground, or a person)
         journal_failed: JournalError | None = None
         left: list[Transaction] = []  # what is still unfinished after this pass
         for txn in pending:
@@ -203,7 +207,7 @@ class JournalWorker:
             if settled is not None and (
                 settled.state in FINAL_STATES or settled.state is TxnState.ATTENTION
             ):
-                self._schedule.pop(txn.ref, None)
+                self._forget(txn.ref)
                 left.pop()
             else:
                 self._back_off(txn, flow, now)
@@ -247,6 +251,11 @@ class JournalWorker:
         self.backlog = count
         self.on_backlog(count)
 
+    def _forget(self, ref: str) -> None:
+        retry = self._schedule.pop(ref, None)
+        if retry is not None and retry.alarmed:
+            self.on_retry_ceiling(ref, None)
+
     def _back_off(self, txn: Transaction, flow: PaymentFlow, now: float) -> None:
         retry = self._schedule.get(txn.ref)
         if retry is None:
@@ -270,6 +279,10 @@ class JournalWorker:
                     age_s=round(age_s),
                     why="still unfinished after many tries; retried every "
                     f"{settings.retry_max_s:g} s at most, never dropped",
+                )
+                self.on_retry_ceiling(
+                    txn.ref,
+                    f"still {txn.state.value} after {retry.tries} tries and {round(age_s)} s",
                 )
 
     def _age_s(self, txn: Transaction) -> float:
