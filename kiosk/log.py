@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from typing import Any
 
@@ -128,9 +129,53 @@ def _in_terminal() -> bool:
         return False
 
 
+# syslog priorities (sd-daemon(3)): journald reads a "<N>" prefix on each line of a stream.
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4), (logging.INFO, 6))
+
+
+def priority_of(level: int) -> int:
+    for floor, priority in _PRIORITIES:
+        if level >= floor:
+            return priority
+    return 7  # debug
+
+
+def stderr_is_journal(environ: dict[str, str] | None = None, stream: Any = None) -> bool:
+    """Whether stderr is journald's stream: $JOURNAL_STREAM names its device and inode
+    (systemd.exec(5)), and they match, so a redirected stderr gets no prefixes."""
+    env = os.environ if environ is None else environ
+    value = env.get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        found = os.fstat((stream or sys.stderr).fileno())
+    except (OSError, AttributeError, ValueError):
+        return False
+    return (found.st_dev, found.st_ino) == (int(dev), int(ino))
+
+
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Lines to stderr; with `priorities`, every line starts with journald's `<N>`, so
+    `journalctl -p err` finds the errors (a traceback's lines carry its record's priority)."""
+
+    def __init__(self, priorities: bool = False) -> None:
+        super().__init__(sys.stderr)
+        self.priorities = priorities
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if not self.priorities:
+            return text
+        prefix = f"<{priority_of(record.levelno)}>"
+        return "\n".join(prefix + line for line in text.split("\n"))
+
+
 def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
-    """Send the kiosk's logs to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Send the kiosk's logs, and whatever libraries say (warnings, urllib3, paho, a thread's
+    uncaught exception), to stderr in the chosen format: with "json", every line is one JSON
+    object. Under journald each line carries its priority."""
+    handler = StderrHandler(priorities=stderr_is_journal())
     handler.setFormatter(
         JsonFormatter() if log_format == "json" else TextFormatter(timestamps=_in_terminal())
     )
@@ -139,3 +184,20 @@ def setup_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     root.setLevel(level)
     # requests/urllib3 debug lines can carry full request URLs; keep them quiet.
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    # warnings.warn(...) from any library becomes a log record (logger py.warnings), not a
+    # bare line on stderr.
+    logging.captureWarnings(True)
+    threading.excepthook = _thread_exception
+
+
+def _thread_exception(args: threading.ExceptHookArgs) -> None:
+    """A thread that died of an exception: one log record with the traceback, not Python's
+    bare print to stderr."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("kiosk").error(
+        "thread %s died",
+        name,
+        exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
+    )

@@ -61,6 +61,7 @@ class MqttLink:
         self._on_published = on_published
         self.connected = False
         self._connecting = False
+        self._closing = False
         self._client = self._new_client()
 
     def _new_client(self) -> mqtt.Client:
@@ -138,6 +139,7 @@ class MqttLink:
 
     def disconnect(self) -> None:
         """A clean disconnect (the broker does not send the last will)."""
+        self._closing = True
         with contextlib.suppress(Exception):
             self._client.disconnect()
         self.connected = self._connecting = False
@@ -161,7 +163,7 @@ class MqttLink:
     ) -> None:
         was = self.connected or self._connecting
         self.connected = self._connecting = False
-        if was:
+        if was and not self._closing:
             self._on_lost(f"connection lost ({reason})")
 
     def _published(
