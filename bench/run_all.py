@@ -24,6 +24,7 @@ BENCHES = (
     "bench_startup.py",
     "bench_recovery.py",
     "bench_decoder.py",
+    "bench_telemetry.py",
 )
 
 
@@ -65,6 +66,17 @@ ROWS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str]]]] = {
     "recovery": [
         ("journal open (10k + 100 rows)", lambda r: _ms(r["open_ms"])),
         ("settle 100 unfinished", lambda r: f"{_ms(r['settle_ms'])} in {r['passes']} passes"),
+    ],
+    "telemetry": [
+        (
+            "paid sale p50, broker up / down",
+            lambda r: (
+                f"{_ms(r['up_p50_ms'])} / {_ms(r['down_p50_ms'])} "
+                f"({r['down_over_up']:.2f}x; within 10 % wanted)"
+                if "down_over_up" in r
+                else f"- / {_ms(r['down_p50_ms'])} (no mosquitto)"
+            ),
+        ),
     ],
     "decoder": [
         ("ScanDecoder throughput", lambda r: f"{r['codes_per_s']:,.0f} codes/s"),
