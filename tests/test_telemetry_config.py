@@ -4,12 +4,16 @@ owner may read, and no secret in the URL."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from kiosk.config import check_config
 from tests.test_config import GOOD, Keys, keys, site, write_file  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TELEMETRY = """
 [telemetry]
@@ -113,3 +117,25 @@ def test_a_section_that_reports_nothing_is_a_warning(site: Path) -> None:  # noq
     config, problems = check_config(path, check_devices=False)
     assert config is not None
     assert any(p.warning and "reports nothing" in str(p) for p in problems)
+
+
+def test_a_kiosk_without_an_mqtt_broker_never_loads_paho() -> None:
+    """paho is imported only when [telemetry] names a broker: `kiosk run` without one (or
+    with a Prometheus textfile only) does not load it."""
+    script = (
+        "import sys, tempfile, dataclasses\n"
+        "from pathlib import Path\n"
+        "import kiosk.cli, kiosk.daemon, kiosk.telemetry\n"
+        "from kiosk.alarms import AlarmBoard\n"
+        "from kiosk.config import TelemetrySection\n"
+        "from kiosk.demo import demo_config\n"
+        "tmp = Path(tempfile.mkdtemp())\n"
+        "config = demo_config(tmp / 'state', 'http://127.0.0.1:9')\n"
+        "config = dataclasses.replace(config, telemetry=TelemetrySection(\n"
+        "    prometheus_textfile=str(tmp / 'k.prom')))\n"
+        "sink = kiosk.telemetry.TelemetrySink(\n"
+        "    config, kiosk.telemetry.FiguresReader(tmp / 'state'), AlarmBoard())\n"
+        "sink.start(); sink.stop()\n"
+        "assert not [m for m in sys.modules if m.startswith('paho')], 'paho loaded'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=60)
