@@ -590,6 +590,24 @@ class _Checker:
             return self.refuse(row, f"{code!r} is not a currency Alipay settles", settled)
         return code
 
+    def kind_spki_pins(self, row: Row, pins: Any) -> Any:
+        """A list of public key pins, each canonical base64 of 32 bytes; a tuple of them."""
+        like = f'like  {row.name} = ["{row.key.example[0]}"]'
+        if not isinstance(pins, list):
+            return self.refuse(row, f"must be a list of pins, not {_toml_type(pins)}", like)
+        limit = row.key.maximum or len(pins)
+        if len(pins) > limit:
+            return self.refuse(
+                row, f"holds {len(pins)} pins; at most {limit}", "pin a few keys, not every one"
+            )
+        for pin in pins:
+            if not isinstance(pin, str):
+                return self.refuse(row, f"must hold strings, not {_toml_type(pin)}", like)
+            if not re.fullmatch(row.key.pattern, pin):
+                shown = repr(pin) if len(pin) <= 60 else repr(pin[:60]) + "..."
+                return self.refuse(row, f"{shown} must be {row.key.must}")
+        return tuple(dict.fromkeys(pins))  # in order, each once
+
     # -- the checks
 
     def check(self, data: dict[str, Any], source: Path) -> Config | None:
@@ -683,6 +701,7 @@ class _Checker:
                 )
                 ca_bundle = ""
         values["ca_bundle"] = str(ca_bundle) if ca_bundle else ""
+        self.check_pins_need_https(values)
         interval, deadline = values["query_interval_s"], values["query_deadline_s"]
         if interval >= deadline:
             self.problem(
@@ -695,6 +714,21 @@ class _Checker:
         if values["gateway"] is None or values["partner"] is None:
             return None
         return AlipaySection(**values)
+
+    def check_pins_need_https(self, values: dict[str, Any]) -> None:
+        """Pins are checked on TLS connections only: an http gateway would go unchecked."""
+        if not values["pin_sha256"]:
+            return
+        for key in ("gateway", "backup_gateway"):
+            url = values[key]
+            if url and self.ok("alipay", key) and not url.lower().startswith("https://"):
+                self.problem(
+                    "alipay",
+                    "pin_sha256",
+                    f"alipay.pin_sha256 is set, but alipay.{key} is not https: "
+                    "nothing would be checked",
+                    "pins are for the real gateway over https; leave them out for a simulator",
+                )
 
     def check_keys(self, sign_type: SignType, values: dict[str, Any]) -> dict[str, Path | None]:
         """Which key files this sign type needs, and whether each named file is a usable key."""

@@ -64,6 +64,7 @@ class Received:
     params: dict[str, str]  # the form body
     body: bytes
     content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class CraftedGateway:
                     params=dict(parse_qsl(body.decode("ascii"), keep_blank_values=True)),
                     body=body,
                     content_type=self.headers.get("Content-Type", ""),
+                    headers=dict(self.headers.items()),
                 )
                 gateway.received.put(got)
                 reply = gateway.responder(got)
