@@ -1159,10 +1159,10 @@ def check_config(
                 column=column,
             )
         ]
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, text_line in enumerate(text.splitlines(), 1):
         # tomllib takes time quadratic in a dotted key's parts (30,000 parts: ~20 s); the
         # kiosk's keys have two. Refused before parsing, so check, run and reload never stall.
-        key = line.partition("=")[0]
+        key = text_line.partition("=")[0]
         if key.count(".") >= MAX_KEY_PARTS:
             return None, [
                 ConfigProblem(
