@@ -7,8 +7,6 @@ client trusts that CA through `ca_bundle` (GatewaySettings.verify_tls), as a kio
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 import ssl
 from collections.abc import Iterator
@@ -18,9 +16,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from drivers.vend_fake import FakeVendOutput
 from kiosk.alipay.client import AlipayClient, GatewaySettings, Outcome, PayOrder
@@ -32,7 +28,7 @@ from kiosk.payment import FlowSettings, PaymentFlow, SaleResult
 from kiosk.payment_code import PaymentCode
 from kiosk.selftest import check_gateway
 from kiosk.simulator import GatewaySimulator, MerchantAccount
-from tests.alipay_fixtures import CraftedGateway, RefusingPort, Reply
+from tests.alipay_fixtures import CraftedGateway, RefusingPort, Reply, tls_certificate
 from tests.conftest import MD5_KEY, PARTNER, named_key, payment_code, signature_for
 
 BUYER_CODE = payment_code("0001")
@@ -51,54 +47,6 @@ class Pki:
     stranger_pin: str
 
 
-def _certificate(
-    subject: str,
-    key: rsa.RSAPrivateKey,
-    issuer: str,
-    signer: rsa.RSAPrivateKey,
-    ca: bool,
-) -> x509.Certificate:
-    """A certificate Python 3.13's strict verification (VERIFY_X509_STRICT) also takes."""
-    now = datetime.datetime.now(datetime.UTC)
-    usage = dict.fromkeys(
-        (
-            "digital_signature",
-            "content_commitment",
-            "key_encipherment",
-            "data_encipherment",
-            "key_agreement",
-            "key_cert_sign",
-            "crl_sign",
-            "encipher_only",
-            "decipher_only",
-        ),
-        False,
-    )
-    usage.update(key_cert_sign=ca, crl_sign=ca, digital_signature=not ca)
-    usage.update(key_encipherment=not ca)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(**usage), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False
-        )
-    )
-    if not ca:
-        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-        builder = builder.add_extension(san, critical=False)
-        serving = x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH])
-        builder = builder.add_extension(serving, critical=False)
-    return builder.sign(signer, hashes.SHA256())
-
-
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -110,9 +58,9 @@ def _der_pin(cert: x509.Certificate) -> str:
 def make_pki(directory: Path, leaf_key_name: str = "tls-leaf") -> Pki:
     ca_key, leaf_key = named_key("tls-ca"), named_key(leaf_key_name)
     stranger_key = named_key("tls-stranger")
-    ca = _certificate("Kiosk test CA", ca_key, "Kiosk test CA", ca_key, ca=True)
-    leaf = _certificate("127.0.0.1", leaf_key, "Kiosk test CA", ca_key, ca=False)
-    stranger = _certificate("Stranger", stranger_key, "Stranger", stranger_key, ca=True)
+    ca = tls_certificate("Kiosk test CA", ca_key, "Kiosk test CA", ca_key, ca=True)
+    leaf = tls_certificate("127.0.0.1", leaf_key, "Kiosk test CA", ca_key, ca=False)
+    stranger = tls_certificate("Stranger", stranger_key, "Stranger", stranger_key, ca=True)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / f"{name}.pem" for name in ("ca", "leaf", "key", "stranger")}
     paths["ca"].write_bytes(_pem(ca))
