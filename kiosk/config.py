@@ -1118,25 +1118,15 @@ def load_config(path: Path) -> Config:
     return config
 
 
-def check_config(
-    path: Path,
-    *,
-    check_key_modes: bool = True,
-    check_devices: bool = True,
-    boot_cmdlines: Sequence[Path] = BOOT_CMDLINES,
-) -> tuple[Config | None, list[ConfigProblem]]:
-    """Validate the config and everything it points at; report every problem, sorted by line.
-
-    The config is returned only when there is no error (warnings allowed).
-    `check_key_modes=False` is for a config on the FAT boot partition, which has no modes.
-    """
+def _read_config(path: Path) -> tuple[str, dict[str, Any]] | list[ConfigProblem]:
+    """The config file's text and its TOML, or the one problem that keeps it from being read."""
     name = str(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        return None, [ConfigProblem(name, 1, f"cannot read the config file: {exc.strerror}")]
+        return [ConfigProblem(name, 1, f"cannot read the config file: {exc.strerror}")]
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return None, [
+        return [
             ConfigProblem(
                 name,
                 1,
@@ -1150,7 +1140,7 @@ def check_config(
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - raw.rfind(b"\n", 0, exc.start)
-        return None, [
+        return [
             ConfigProblem(
                 name,
                 line,
@@ -1164,7 +1154,7 @@ def check_config(
         # kiosk's keys have two. Refused before parsing, so check, run and reload never stall.
         key = text_line.partition("=")[0]
         if key.count(".") >= MAX_KEY_PARTS:
-            return None, [
+            return [
                 ConfigProblem(
                     name,
                     number,
@@ -1177,7 +1167,7 @@ def check_config(
     except tomllib.TOMLDecodeError as exc:
         found = re.search(r"at line (\d+), column (\d+)", str(exc))
         line, column = (int(found.group(1)), int(found.group(2))) if found else (1, 1)
-        return None, [
+        return [
             ConfigProblem(
                 name,
                 line,
@@ -1188,7 +1178,7 @@ def check_config(
         ]
     except RecursionError:  # tomllib recurses once per level of [[[...]]] or {a = {...}}
         line = _nesting_line(text)
-        return None, [
+        return [
             ConfigProblem(
                 name,
                 line,
@@ -1199,7 +1189,7 @@ def check_config(
     except ValueError as exc:  # tomllib's int() refuses an integer of over 4300 digits
         long_number = _LONG_NUMBER.search(text)
         line = text.count("\n", 0, long_number.start()) + 1 if long_number else 1
-        return None, [
+        return [
             ConfigProblem(
                 name,
                 line,
@@ -1209,6 +1199,26 @@ def check_config(
                 "no value in the kiosk's config needs more than a few digits",
             )
         ]
+    return text, data
+
+
+def check_config(
+    path: Path,
+    *,
+    check_key_modes: bool = True,
+    check_devices: bool = True,
+    boot_cmdlines: Sequence[Path] = BOOT_CMDLINES,
+) -> tuple[Config | None, list[ConfigProblem]]:
+    """Validate the config and everything it points at; report every problem, sorted by line.
+
+    The config is returned only when there is no error (warnings allowed).
+    `check_key_modes=False` is for a config on the FAT boot partition, which has no modes.
+    """
+    parsed = _read_config(path)
+    if isinstance(parsed, list):
+        return None, parsed
+    text, data = parsed
+    name = str(path)
     checker = _Checker(
         name, LineIndex(text), path.parent, check_key_modes, check_devices, boot_cmdlines
     )
@@ -1217,6 +1227,27 @@ def check_config(
     if any(not p.warning for p in problems):
         return None, problems
     return config, problems
+
+
+def scanner_section(path: Path) -> ScannerSection | None:
+    """The config's [scanner] section on its own, or None when the file cannot be read or that
+    section has a mistake. `kiosk run` grabs the scanner before it knows whether the rest of
+    the config lets it sell (a scanner nobody grabs types into the console)."""
+    parsed = _read_config(path)
+    if isinstance(parsed, list):
+        return None
+    text, data = parsed
+    table = data.get("scanner", {})
+    if not isinstance(table, dict):
+        return None
+    checker = _Checker(
+        str(path), LineIndex(text), path.parent, check_key_modes=False, check_devices=False
+    )
+    checker.tables["scanner"] = table
+    section = checker.check_scanner()
+    if any(not problem.warning for problem in checker.problems):
+        return None
+    return section
 
 
 def format_summary(config: Config) -> str:
