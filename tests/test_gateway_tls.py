@@ -336,3 +336,23 @@ def test_selftest_checks_the_pins_and_shows_the_chain_on_a_mismatch(
         False,
         f"no pinned key; the chain has {pki.leaf_pin}, {pki.ca_pin} (leaf first)",
     )
+
+
+def test_the_system_trust_store_is_openssls_own_file_not_the_environments(
+    tls_simulator: GatewaySimulator, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A system whose store holds the test CA; the environment names another bundle.
+    system = ssl.DefaultVerifyPaths(
+        cafile=None,
+        capath=None,
+        openssl_cafile_env="SSL_CERT_FILE",
+        openssl_cafile=str(pki.ca),
+        openssl_capath_env="SSL_CERT_DIR",
+        openssl_capath=None,
+    )
+    monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: system)
+    elsewhere = make_pki(tmp_path / "elsewhere")
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE"):
+        monkeypatch.setenv(name, str(elsewhere.stranger))
+    with client_for(tls_simulator, None) as client:  # ca_bundle = "": the system's store
+        assert client.pay(order()).outcome is Outcome.SUCCESS

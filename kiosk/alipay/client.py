@@ -17,6 +17,7 @@ import dataclasses
 import enum
 import json
 import logging
+import os
 import re
 import ssl
 import threading
@@ -103,7 +104,9 @@ class GatewaySettings:
     # merchant private key and Alipay's public key.
     signature: Signature
     backup_gateway: str | None = None
-    verify_tls: bool | str = True  # requests' `verify`: True, or a CA bundle path
+    # requests' `verify`: a CA bundle path, or True for the system's trust store (OpenSSL's
+    # own default file, not certifi's copy and not whatever the environment names)
+    verify_tls: bool | str = True
     # Base64 SHA-256 SubjectPublicKeyInfo pins (kiosk.alipay.pinning): when given, a TLS
     # connection whose verified chain holds none of these keys is closed before it is used.
     pin_sha256: tuple[str, ...] = ()
@@ -204,6 +207,7 @@ class AlipayClient:
             session.mount("https://", PinnedAdapter(settings.pin_sha256, max_retries=0))
             session.mount("http://", HTTPAdapter(max_retries=0))
         self._session = session
+        self._verify = system_trust_store() if settings.verify_tls is True else settings.verify_tls
 
     # -- request builders -------------------------------------------------------------------
 
@@ -399,7 +403,7 @@ class AlipayClient:
                     "Content-Type": f"application/x-www-form-urlencoded; charset={INPUT_CHARSET}"
                 },
                 timeout=timeout,
-                verify=self.settings.verify_tls,
+                verify=self._verify,
                 allow_redirects=False,
                 stream=True,
             )
@@ -711,6 +715,14 @@ def _odd_code(code: str) -> str:
     return (
         f"result_code '{_printable(code)[:20]}' not known" if code else "answer has no result_code"
     )
+
+
+def system_trust_store() -> str | bool:
+    """The system's CA bundle as OpenSSL was built to find it (Debian: /usr/lib/ssl/cert.pem,
+    which is /etc/ssl/certs/ca-certificates.crt); SSL_CERT_FILE and the like are not asked.
+    True (requests' own bundle) where the system has none."""
+    default = ssl.get_default_verify_paths().openssl_cafile
+    return default if default and os.path.isfile(default) else True
 
 
 def _host(url: str) -> str:
