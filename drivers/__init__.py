@@ -11,7 +11,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 
-from kiosk.config import Config
+from kiosk.config import Config, ScannerSection
 from kiosk.errors import ConfigError
 from kiosk.ports import Indicator, KioskState, Scanner, Sound, VendOutput
 
@@ -78,7 +78,12 @@ class NoIndicator:
 
 
 def build_scanner(config: Config) -> Scanner:
-    s = config.scanner
+    return build_scanner_for(config.scanner)
+
+
+def build_scanner_for(s: ScannerSection) -> Scanner:
+    """The scanner a [scanner] section names, on its own: `kiosk run` holds it before the
+    rest of the config is known to be good."""
     if s.driver == "evdev":
         with _hardware("evdev scanner"):
             from drivers.scanner_evdev import EvdevScanner

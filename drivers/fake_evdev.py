@@ -49,6 +49,7 @@ class FakeInputDevice:
         self.monotonic_timestamps = True  # like a real node after EVIOCSCLOCKID
         self._lock = threading.Lock()
         self._consumed = threading.Condition(self._lock)
+        self._attempted = threading.Condition(self._lock)
         self._queue: deque[InputEvent] = deque()
         self._keys_down: set[int] = set()
         self._r, self._w = os.pipe()
@@ -60,6 +61,8 @@ class FakeInputDevice:
         self.opened = threading.Event()  # set on each open
         self.grab_event = threading.Event()  # set on each successful grab
         self.keys_down_at_grab: list[list[int]] = []  # active_keys() at each grab, for tests
+        self.grab_attempts = 0  # every call of grab(), refused or not
+        self._refusals: list[int] = []  # errnos the next grabs fail with, in order
         self.closed = threading.Event()  # set when the driver closes it
 
     # -- what the driver sees (evdev.InputDevice's shape) --------------------------------------
@@ -83,6 +86,12 @@ class FakeInputDevice:
     def grab(self) -> None:
         if not self.plugged:
             raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+        with self._lock:
+            self.grab_attempts += 1
+            self._attempted.notify_all()
+            refusal = self._refusals.pop(0) if self._refusals else None
+        if refusal is not None:
+            raise OSError(refusal, os.strerror(refusal))
         if self.grabbed:
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
         self.keys_down_at_grab.append(self.active_keys())
@@ -126,6 +135,16 @@ class FakeInputDevice:
     def tap(self, code: int) -> None:
         self.key(code, 1)
         self.key(code, 0)
+
+    def refuse_grabs(self, *errnos: int) -> None:
+        """The next grabs fail, one with each errno (EBUSY: another process holds it)."""
+        with self._lock:
+            self._refusals.extend(errnos)
+
+    def wait_grab_attempts(self, count: int, timeout: float) -> bool:
+        """Wait until the driver has tried to grab at least `count` times."""
+        with self._attempted:
+            return self._attempted.wait_for(lambda: self.grab_attempts >= count, timeout)
 
     def wait_consumed(self, timeout: float) -> bool:
         """Wait until the reader has taken every event written so far."""

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 RESCAN_MIN_S = 0.5
 RESCAN_MAX_S = 5.0
 GRAB_RETRY_S = 0.05  # how often to look again for a moment with no key down
+# A grab another process holds (EBUSY) is tried again after this long, doubling up to the most.
+GRAB_BACKOFF_MIN_S = 0.5
+GRAB_BACKOFF_MAX_S = 10.0
 OPEN_RETRIES = 5  # EACCES/EPERM right after hotplug: udev has not fixed the node yet
 OPEN_RETRY_S = 0.2
 
@@ -128,7 +131,9 @@ class _OpenNode:
     node: InputNode
     decoder: ScanDecoder
     grabbed: bool = False
-    grab_failed: bool = False
+    grab_error: str | None = None  # why the last grab failed; logged once per change
+    grab_backoff_s: float = 0.0  # the wait after the last failed grab (0: none failed)
+    grab_retry_at: float = 0.0  # monotonic time before which no grab is tried
     fd: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -143,7 +148,8 @@ def physical_device(phys: str) -> str:
 
 class EvdevScanner(ScannerThread):
     """A scanner on evdev. `device` is a path (by-id/by-path symlinks are followed); `match` is
-    `vendor:product` in hex or a substring of the device name. One of the two is required."""
+    `vendor:product` in hex or a substring of the device name. One of the two is required.
+    `grab_backoff_s` is the (first, longest) wait before a failed grab is tried again."""
 
     def __init__(
         self,
@@ -153,6 +159,7 @@ class EvdevScanner(ScannerThread):
         layout: str = "us",
         backend: InputBackend | None = None,
         idle_reset_s: float = IDLE_RESET_S,
+        grab_backoff_s: tuple[float, float] = (GRAB_BACKOFF_MIN_S, GRAB_BACKOFF_MAX_S),
     ) -> None:
         if not device and not match:
             raise ValueError("an evdev scanner needs a device path or a match")
@@ -162,6 +169,7 @@ class EvdevScanner(ScannerThread):
         self.grab = grab
         self.layout = layout
         self.idle_reset_s = idle_reset_s
+        self.grab_backoff_s = grab_backoff_s
         self.backend: InputBackend = backend if backend is not None else EvdevBackend()
         self._nodes: list[_OpenNode] = []
         self._expected_nodes = 0
@@ -228,8 +236,13 @@ class EvdevScanner(ScannerThread):
         timeout: float | None = None
         if self._missing_nodes():
             timeout = max(self._rescan_at - time.monotonic(), 0.0)
-        if self.grab and any(not n.grabbed and not n.grab_failed for n in self._nodes):
-            timeout = GRAB_RETRY_S if timeout is None else min(timeout, GRAB_RETRY_S)
+        if self.grab:
+            now = time.monotonic()
+            for node in self._nodes:
+                if not node.grabbed:
+                    # A key down: look again soon. A failed grab: when its backoff is over.
+                    wait = max(node.grab_retry_at - now, GRAB_RETRY_S)
+                    timeout = wait if timeout is None else min(timeout, wait)
         return timeout
 
     def _wait_and_read(self, timeout: float | None) -> None:
@@ -292,12 +305,15 @@ class EvdevScanner(ScannerThread):
 
     def _grab_when_idle(self) -> None:
         for node in self._nodes:
-            if not node.grabbed and not node.grab_failed:
+            if not node.grabbed:
                 self._try_grab(node)
 
     def _try_grab(self, node: _OpenNode) -> None:
-        """Grab only with no key down, or that key sticks down system-wide."""
-        if node.grab_failed:
+        """Grab only with no key down, or that key sticks down system-wide. A grab that failed
+        (EBUSY: another process holds the device) is tried again, less and less often; the
+        node is read meanwhile."""
+        now = time.monotonic()
+        if now < node.grab_retry_at:
             return
         try:
             if node.node.active_keys():
@@ -306,11 +322,29 @@ class EvdevScanner(ScannerThread):
         except OSError as exc:
             if exc.errno == errno.ENODEV:
                 return  # the read that follows drops it
-            node.grab_failed = True  # e.g. EBUSY: another process holds it; read anyway
-            event(log, "scanner.grab_failed", logging.WARNING, path=node.node.path, error=str(exc))
+            self._grab_failed(node, str(exc), now)
             return
         node.grabbed = True
-        event(log, "scanner.grabbed", path=node.node.path)
+        if node.grab_error is None:
+            event(log, "scanner.grabbed", path=node.node.path)
+        else:
+            event(log, "scanner.grabbed", path=node.node.path, after=node.grab_error)
+        node.grab_error, node.grab_backoff_s, node.grab_retry_at = None, 0.0, 0.0
+
+    def _grab_failed(self, node: _OpenNode, error: str, now: float) -> None:
+        first, longest = self.grab_backoff_s
+        node.grab_backoff_s = min(max(node.grab_backoff_s * 2, first), longest)
+        node.grab_retry_at = now + node.grab_backoff_s
+        if error != node.grab_error:  # once per change of reason, not on every try
+            node.grab_error = error
+            event(
+                log,
+                "scanner.grab_failed",
+                logging.WARNING,
+                path=node.node.path,
+                error=error,
+                retry=f"every {first:g}s doubling to {longest:g}s, until it is taken",
+            )
 
     # -- finding the scanner ------------------------------------------------------------------
 

@@ -16,11 +16,14 @@ import threading
 import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kiosk import __version__
 from kiosk.errors import ConfigError, JournalError, KioskError
 from kiosk.log import event, setup_logging, under_systemd
+
+if TYPE_CHECKING:
+    from kiosk.scanner_hold import HeldScanner
 
 log = logging.getLogger("kiosk")
 
@@ -381,14 +384,27 @@ def _unreadable_export(row: Any) -> dict[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon. A bad config or an unreadable journal does not crash-loop the service: the
     kiosk reports itself out of service and waits for SIGHUP (config fixed) or SIGTERM. In a
-    terminal it says what is wrong and exits instead (2 for the config, 1 for the journal)."""
+    terminal it says what is wrong and exits instead (2 for the config, 1 for the journal).
+    The scanner is grabbed first of all, and held while it waits (kiosk/scanner_hold.py)."""
+    import drivers
+    from kiosk.scanner_hold import HeldScanner
+
+    setup_logging(args.log_format)
+    path = _config_path(args)
+    held = HeldScanner(drivers.build_scanner_for)
+    held.hold_early(path)
+    try:
+        return _serve(path, held)
+    finally:
+        held.release()
+
+
+def _serve(path: Path, held: HeldScanner) -> int:
     from kiosk.config import load_config
     from kiosk.systemd import Notifier
 
-    setup_logging(args.log_format)
     # A file size limit must fail a journal write (and stop payments), not kill the kiosk.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    path = _config_path(args)
     notifier = Notifier()
     while True:
         try:
@@ -406,9 +422,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             for line in str(exc).splitlines():
                 event(log, f"{what}.invalid", level=logging.ERROR, problem=line)
             if _wait_out_of_service(notifier, f"{what}: {str(exc).splitlines()[0]}"):
+                held.hold_early(path)  # the new config's scanner
                 continue  # SIGHUP: try again
             return EXIT_OK
-        return _run_kiosk(config, journal, path, notifier)
+        status = _run_kiosk(config, journal, path, notifier, held)
+        if status is not None:
+            return status
+        held.hold_early(path)  # SIGHUP after a driver failed
 
 
 def in_terminal() -> bool:
@@ -458,7 +478,11 @@ def _wait_out_of_service(notifier: object, reason: str) -> bool:
     return False
 
 
-def _run_kiosk(config: object, journal: object, path: Path, notifier: object) -> int:
+def _run_kiosk(
+    config: object, journal: object, path: Path, notifier: object, held: HeldScanner
+) -> int | None:
+    """The kiosk until it stops (its exit status), or None for a SIGHUP after its drivers
+    could not be built (the caller starts over)."""
     import drivers
     from kiosk.config import Config, load_config
     from kiosk.daemon import Kiosk
@@ -468,7 +492,8 @@ def _run_kiosk(config: object, journal: object, path: Path, notifier: object) ->
     assert isinstance(config, Config) and isinstance(journal, Journal)
     assert isinstance(notifier, Notifier)
     try:
-        scanner = drivers.build_scanner(config)
+        held.hold(config.scanner)  # the one held since the start, unless the config changed it
+        scanner = held
         indicator = drivers.build_indicator(config)
         vend = drivers.build_vend_output(config)
     except Exception as exc:  # a driver library missing, a pin busy: say which, stay up
@@ -479,7 +504,7 @@ def _run_kiosk(config: object, journal: object, path: Path, notifier: object) ->
             raise KioskError(f"driver: {exc}") from exc
         event(log, "driver.failed", level=logging.ERROR, error=str(exc))
         if _wait_out_of_service(notifier, f"driver: {exc}"):
-            return cmd_run(argparse.Namespace(config=str(path), log_format=_log_format()))
+            return None  # SIGHUP: start over, the scanner still held
         return EXIT_OK
     kiosk = Kiosk(
         config,
@@ -577,10 +602,3 @@ def _lock_holder(fd: int) -> str:
     except OSError:
         return ""
     return text if text.isdigit() else ""
-
-
-def _log_format() -> str:
-    handlers = logging.getLogger().handlers
-    from kiosk.log import JsonFormatter
-
-    return "json" if handlers and isinstance(handlers[0].formatter, JsonFormatter) else "text"

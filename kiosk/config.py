@@ -632,6 +632,24 @@ class _Checker:
             return self.refuse(row, f"{code!r} is not a currency Alipay settles", settled)
         return code
 
+    def kind_spki_pins(self, row: Row, pins: Any) -> Any:
+        """A list of public key pins, each canonical base64 of 32 bytes; a tuple of them."""
+        like = f'like  {row.name} = ["{row.key.example[0]}"]'
+        if not isinstance(pins, list):
+            return self.refuse(row, f"must be a list of pins, not {_toml_type(pins)}", like)
+        limit = row.key.maximum or len(pins)
+        if len(pins) > limit:
+            return self.refuse(
+                row, f"holds {len(pins)} pins; at most {limit}", "pin a few keys, not every one"
+            )
+        for pin in pins:
+            if not isinstance(pin, str):
+                return self.refuse(row, f"must hold strings, not {_toml_type(pin)}", like)
+            if not re.fullmatch(row.key.pattern, pin):
+                shown = repr(pin) if len(pin) <= 60 else repr(pin[:60]) + "..."
+                return self.refuse(row, f"{shown} must be {row.key.must}")
+        return tuple(dict.fromkeys(pins))  # in order, each once
+
     # -- the checks
 
     def check(self, data: dict[str, Any], source: Path) -> Config | None:
@@ -735,6 +753,7 @@ class _Checker:
                 )
                 ca_bundle = ""
         values["ca_bundle"] = str(ca_bundle) if ca_bundle else ""
+        self.check_pins_need_https(values)
         interval, deadline = values["query_interval_s"], values["query_deadline_s"]
         if interval >= deadline:
             self.problem(
@@ -747,6 +766,21 @@ class _Checker:
         if values["gateway"] is None or values["partner"] is None:
             return None
         return AlipaySection(**values)
+
+    def check_pins_need_https(self, values: dict[str, Any]) -> None:
+        """Pins are checked on TLS connections only: an http gateway would go unchecked."""
+        if not values["pin_sha256"]:
+            return
+        for key in ("gateway", "backup_gateway"):
+            url = values[key]
+            if url and self.ok("alipay", key) and not url.lower().startswith("https://"):
+                self.problem(
+                    "alipay",
+                    "pin_sha256",
+                    f"alipay.pin_sha256 is set, but alipay.{key} is not https: "
+                    "nothing would be checked",
+                    "pins are for the real gateway over https; leave them out for a simulator",
+                )
 
     def check_keys(self, sign_type: SignType, values: dict[str, Any]) -> dict[str, Path | None]:
         """Which key files this sign type needs, and whether each named file is a usable key."""
@@ -1234,25 +1268,15 @@ def load_config(path: Path) -> Config:
     return config
 
 
-def check_config(
-    path: Path,
-    *,
-    check_key_modes: bool = True,
-    check_devices: bool = True,
-    boot_cmdlines: Sequence[Path] = BOOT_CMDLINES,
-) -> tuple[Config | None, list[ConfigProblem]]:
-    """Validate the config and everything it points at; report every problem, sorted by line.
-
-    The config is returned only when there is no error (warnings allowed).
-    `check_key_modes=False` is for a config on the FAT boot partition, which has no modes.
-    """
+def _read_config(path: Path) -> tuple[str, dict[str, Any]] | list[ConfigProblem]:
+    """The config file's text and its TOML, or the one problem that keeps it from being read."""
     name = str(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        return None, [ConfigProblem(name, 1, f"cannot read the config file: {exc.strerror}")]
+        return [ConfigProblem(name, 1, f"cannot read the config file: {exc.strerror}")]
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return None, [
+        return [
             ConfigProblem(
                 name,
                 1,
@@ -1266,7 +1290,7 @@ def check_config(
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         column = exc.start - raw.rfind(b"\n", 0, exc.start)
-        return None, [
+        return [
             ConfigProblem(
                 name,
                 line,
@@ -1280,7 +1304,7 @@ def check_config(
         # kiosk's keys have two. Refused before parsing, so check, run and reload never stall.
         key = text_line.partition("=")[0]
         if key.count(".") >= MAX_KEY_PARTS:
-            return None, [
+            return [
                 ConfigProblem(
                     name,
                     number,
@@ -1293,7 +1317,7 @@ def check_config(
     except tomllib.TOMLDecodeError as exc:
         found = re.search(r"at line (\d+), column (\d+)", str(exc))
         line, column = (int(found.group(1)), int(found.group(2))) if found else (1, 1)
-        return None, [
+        return [
             ConfigProblem(
                 name,
                 line,
@@ -1304,7 +1328,7 @@ def check_config(
         ]
     except RecursionError:  # tomllib recurses once per level of [[[...]]] or {a = {...}}
         line = _nesting_line(text)
-        return None, [
+        return [
             ConfigProblem(
                 name,
                 line,
@@ -1315,7 +1339,7 @@ def check_config(
     except ValueError as exc:  # tomllib's int() refuses an integer of over 4300 digits
         long_number = _LONG_NUMBER.search(text)
         line = text.count("\n", 0, long_number.start()) + 1 if long_number else 1
-        return None, [
+        return [
             ConfigProblem(
                 name,
                 line,
@@ -1325,6 +1349,26 @@ def check_config(
                 "no value in the kiosk's config needs more than a few digits",
             )
         ]
+    return text, data
+
+
+def check_config(
+    path: Path,
+    *,
+    check_key_modes: bool = True,
+    check_devices: bool = True,
+    boot_cmdlines: Sequence[Path] = BOOT_CMDLINES,
+) -> tuple[Config | None, list[ConfigProblem]]:
+    """Validate the config and everything it points at; report every problem, sorted by line.
+
+    The config is returned only when there is no error (warnings allowed).
+    `check_key_modes=False` is for a config on the FAT boot partition, which has no modes.
+    """
+    parsed = _read_config(path)
+    if isinstance(parsed, list):
+        return None, parsed
+    text, data = parsed
+    name = str(path)
     checker = _Checker(
         name, LineIndex(text), path.parent, check_key_modes, check_devices, boot_cmdlines
     )
@@ -1333,6 +1377,27 @@ def check_config(
     if any(not p.warning for p in problems):
         return None, problems
     return config, problems
+
+
+def scanner_section(path: Path) -> ScannerSection | None:
+    """The config's [scanner] section on its own, or None when the file cannot be read or that
+    section has a mistake. `kiosk run` grabs the scanner before it knows whether the rest of
+    the config lets it sell (a scanner nobody grabs types into the console)."""
+    parsed = _read_config(path)
+    if isinstance(parsed, list):
+        return None
+    text, data = parsed
+    table = data.get("scanner", {})
+    if not isinstance(table, dict):
+        return None
+    checker = _Checker(
+        str(path), LineIndex(text), path.parent, check_key_modes=False, check_devices=False
+    )
+    checker.tables["scanner"] = table
+    section = checker.check_scanner()
+    if any(not problem.warning for problem in checker.problems):
+        return None
+    return section
 
 
 def format_summary(config: Config) -> str:

@@ -18,6 +18,8 @@ FILES = ("docs/config.md", "examples/kiosk.toml", "docs/kiosk.schema.json")
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -39,6 +41,8 @@ def _allowed(row: Row) -> str:
     k = row.key
     if k.choices:
         return " \\| ".join(f"`{c}`" for c in k.choices)
+    if k.kind == "spki_pins":
+        return f"a list of at most {k.maximum}, each {k.must}"
     if k.must:
         return k.must
     if k.kind == "duration":
@@ -73,7 +77,7 @@ def markdown() -> str:
         out += ["| key | kind | default | allowed | what it is |", "|---|---|---|---|---|"]
         for row in ROWS[name].values():
             default = "required" if row.required else f"`{_toml(row.default)}`"
-            if not row.required and row.default in (None, ""):
+            if not row.required and row.default in (None, "", ()):
                 default = "none"
             for driver, value in row.key.driver_defaults:
                 default += f"; {driver}: `{_toml(value)}`"
@@ -125,6 +129,9 @@ def _schema_of(row: Row) -> dict[str, Any]:
         schema.update(type="string", enum=list(k.choices))
     elif k.kind == "money":
         schema.update(type="string", pattern=r"^[0-9]{1,9}(\.[0-9]{2})?$")
+    elif k.kind == "spki_pins":
+        items = {"type": "string", "pattern": f"^{k.pattern}$"}
+        schema.update(type="array", items=items, maxItems=k.maximum)
     else:
         schema["type"] = "string"
         if k.pattern:

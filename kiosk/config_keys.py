@@ -33,6 +33,7 @@ Kind = Literal[
     "money",  # a string with exactly the currency's minor digits
     "currency",  # an ISO 4217 code Alipay settles
     "broker",  # an MQTT broker: mqtts (mqtt only on loopback with allow_plain)
+    "spki_pins",  # a list of base64 SHA-256 public key pins (kiosk/alipay/pinning.py)
 ]
 
 NO_EXAMPLE = object()
@@ -116,6 +117,13 @@ MAX_BAUD = 4_000_000
 PID = r"2088\d{12}"
 PID_MUST = "16 digits starting with 2088"
 KEY_DIR = "/etc/kiosk/keys/"
+MAX_PINS = 16
+# Base64 of exactly 32 bytes, canonical: 42 characters, one whose last two bits are zero
+# (the hash's last 4 bits), then one '='.
+PIN = r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]="
+PIN_MUST = "base64 of a SHA-256 (44 characters ending in '=')"
+# The form of a pin, for the example only (the SHA-256 of nothing).
+EXAMPLE_PIN = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU="
 
 
 def _seconds(default: float, doc: str) -> Any:
@@ -230,6 +238,21 @@ class AlipaySection:
             "path",
             'CA certificates to trust for the gateway; "" means the system\'s trust store.',
             hint='leave it out (or "") to use the system\'s trust store',
+        ),
+    )
+    pin_sha256: tuple[str, ...] = field(
+        default=(),
+        metadata=declare(
+            "spki_pins",
+            "Optional SPKI pins (docs/gateway-tls.md): a TLS connection to the gateway whose "
+            "verified chain holds none of these keys is closed before anything is sent.",
+            hint="one pin per key, made with  openssl x509 -in CERT.pem -pubkey -noout | "
+            "openssl pkey -pubin -outform der | openssl dgst -sha256 -binary | base64",
+            pattern=PIN,
+            must=PIN_MUST,
+            maximum=MAX_PINS,
+            example=(EXAMPLE_PIN,),
+            commented=True,
         ),
     )
     currency: str = field(

@@ -130,6 +130,7 @@ def gateway_settings(config: Config) -> GatewaySettings:
         signature=signature,
         backup_gateway=a.backup_gateway,
         verify_tls=a.ca_bundle or True,
+        pin_sha256=a.pin_sha256,
         pay_timeout_s=a.pay_timeout_s,
         read_timeout_s=max(a.pay_timeout_s, 5.0),
     )

@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -75,7 +75,7 @@ def run_selftest(
         # problem before walking to the panel.
         for gateway in (config.alipay.gateway, config.alipay.backup_gateway):
             if gateway:
-                check_gateway(gateway, config.alipay.ca_bundle, step)
+                check_gateway(gateway, config.alipay.ca_bundle, step, config.alipay.pin_sha256)
         check_clock(config, clock_synced, step)
         check_signed_request(config, step)
         check_mdb_board(config, step)
@@ -156,8 +156,11 @@ def run_selftest(
 # -- the steps that need nobody at the machine ----------------------------------------------
 
 
-def check_gateway(gateway: str, ca_bundle: str, step: Step) -> None:
-    """DNS, then (https) a TLS handshake verified against the config's trust store."""
+def check_gateway(gateway: str, ca_bundle: str, step: Step, pins: Collection[str] = ()) -> None:
+    """DNS, then (https) a TLS handshake verified against the config's trust store, and the
+    verified chain against the pinned keys when there are any."""
+    from kiosk.alipay.pinning import chain_pins
+
     url = urlsplit(gateway)
     host = url.hostname or ""
     port = url.port or (443 if url.scheme == "https" else 80)
@@ -179,12 +182,19 @@ def check_gateway(gateway: str, ca_bundle: str, step: Step) -> None:
             context.wrap_socket(sock, server_hostname=host) as tls,
         ):
             version = tls.version()
+            seen = chain_pins(tls) if pins else []
     except ssl.SSLCertVerificationError as exc:
         step(f"gateway TLS {host}", False, f"certificate not trusted ({exc.verify_message})")
     except (OSError, ssl.SSLError) as exc:
         step(f"gateway TLS {host}", False, _reason(exc))
     else:
-        step(f"gateway TLS {host}", True, f"{version}, certificate verified")
+        if not pins:
+            step(f"gateway TLS {host}", True, f"{version}, certificate verified")
+        elif set(pins).isdisjoint(seen):
+            chain = ", ".join(seen) or "no certificate"
+            step(f"gateway TLS {host}", False, f"no pinned key; the chain has {chain} (leaf first)")
+        else:
+            step(f"gateway TLS {host}", True, f"{version}, certificate verified, pinned key found")
 
 
 def check_clock(config: Config, clock_synced: Callable[[], bool], step: Step) -> None:

@@ -64,6 +64,7 @@ class Received:
     params: dict[str, str]  # the form body
     body: bytes
     content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class CraftedGateway:
                     params=dict(parse_qsl(body.decode("ascii"), keep_blank_values=True)),
                     body=body,
                     content_type=self.headers.get("Content-Type", ""),
+                    headers=dict(self.headers.items()),
                 )
                 gateway.received.put(got)
                 reply = gateway.responder(got)
@@ -172,31 +174,59 @@ class RefusingPort:
         self._socket.close()
 
 
+def tls_certificate(
+    subject: str,
+    key: rsa.RSAPrivateKey,
+    issuer: str,
+    signer: rsa.RSAPrivateKey,
+    ca: bool,
+) -> x509.Certificate:
+    """A certificate Python 3.13's strict verification (VERIFY_X509_STRICT) also takes."""
+    now = datetime.datetime.now(datetime.UTC)
+    usage = dict.fromkeys(
+        (
+            "digital_signature",
+            "content_commitment",
+            "key_encipherment",
+            "data_encipherment",
+            "key_agreement",
+            "key_cert_sign",
+            "crl_sign",
+            "encipher_only",
+            "decipher_only",
+        ),
+        False,
+    )
+    usage.update(key_cert_sign=ca, crl_sign=ca, digital_signature=not ca)
+    usage.update(key_encipherment=not ca)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(**usage), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False
+        )
+    )
+    if not ca:
+        san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        builder = builder.add_extension(san, critical=False)
+        serving = x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH])
+        builder = builder.add_extension(serving, critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
 def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
     """A test CA and a leaf for 127.0.0.1: returns (ca.pem, leaf.pem, leaf.key)."""
-    now = datetime.datetime.now(datetime.UTC)
-
-    def cert(
-        subject: str, key: rsa.RSAPrivateKey, issuer: str, signer: rsa.RSAPrivateKey, ca: bool
-    ) -> x509.Certificate:
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if not ca:
-            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-            builder = builder.add_extension(san, critical=False)
-        return builder.sign(signer, hashes.SHA256())
-
     ca_key, leaf_key = rsa_key("tls-ca"), rsa_key("tls-leaf")
-    ca_cert = cert("Kiosk test CA", ca_key, "Kiosk test CA", ca_key, ca=True)
-    leaf_cert = cert("127.0.0.1", leaf_key, "Kiosk test CA", ca_key, ca=False)
+    ca_cert = tls_certificate("Kiosk test CA", ca_key, "Kiosk test CA", ca_key, ca=True)
+    leaf_cert = tls_certificate("127.0.0.1", leaf_key, "Kiosk test CA", ca_key, ca=False)
     paths = directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key"
     paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(leaf_cert.public_bytes(serialization.Encoding.PEM))

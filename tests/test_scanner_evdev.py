@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -229,6 +230,72 @@ def test_grab_held_by_another_process_still_reads(
     dev.grab_event.clear()
     start(started, backend, scans)
     assert dev.opened.wait(WAIT_S)
+    type_code(dev, CODE)
+    assert scans.next() == CODE
+
+
+def grab_events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, object]]:
+    return [
+        r.kiosk_fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage() == name
+    ]
+
+
+FAST_RETRY = (0.01, 0.04)  # the grab backoff, short for tests
+
+
+def test_a_refused_grab_is_tried_again_until_it_is_taken(
+    backend: FakeInputBackend,
+    scans: Scans,
+    started: list[EvdevScanner],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers.scanner_evdev")
+    dev = backend.plug()
+    dev.refuse_grabs(errno.EBUSY, errno.EBUSY, errno.EBUSY)
+    scanner = start(started, backend, scans, grab_backoff_s=FAST_RETRY)
+    wait_grabbed(dev)
+    assert dev.grabbed
+    scanner.close()  # the reader has logged all it will
+    assert dev.grab_attempts == 4
+    # Logged once for the reason, not once per try; the grab names what it overcame.
+    [failed] = grab_events(caplog, "scanner.grab_failed")
+    assert failed["error"] == f"[Errno {errno.EBUSY}] {os.strerror(errno.EBUSY)}"
+    [grabbed] = grab_events(caplog, "scanner.grabbed")
+    assert grabbed["after"] == failed["error"]
+
+
+def test_a_new_reason_for_a_refused_grab_is_logged_again(
+    backend: FakeInputBackend,
+    scans: Scans,
+    started: list[EvdevScanner],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers.scanner_evdev")
+    dev = backend.plug()
+    dev.refuse_grabs(errno.EBUSY, errno.EBUSY, errno.EPERM, errno.EPERM)
+    scanner = start(started, backend, scans, grab_backoff_s=FAST_RETRY)
+    wait_grabbed(dev)
+    scanner.close()
+    errors = [f["error"] for f in grab_events(caplog, "scanner.grab_failed")]
+    assert errors == [
+        f"[Errno {errno.EBUSY}] {os.strerror(errno.EBUSY)}",
+        f"[Errno {errno.EPERM}] {os.strerror(errno.EPERM)}",
+    ]
+
+
+def test_a_grab_another_process_held_is_taken_once_it_lets_go(
+    backend: FakeInputBackend, scans: Scans, started: list[EvdevScanner]
+) -> None:
+    dev = backend.plug()
+    dev.grab()  # someone else has it
+    dev.grab_event.clear()
+    start(started, backend, scans, grab_backoff_s=FAST_RETRY)
+    assert dev.wait_grab_attempts(3, WAIT_S)  # refused, and tried again
+    dev.ungrab()  # the other process lets go
+    wait_grabbed(dev)
+    assert dev.grabbed
     type_code(dev, CODE)
     assert scans.next() == CODE
 

@@ -184,6 +184,28 @@ def test_scanner_is_grabbed_exclusively_and_released_on_close(
         other.close()
 
 
+def test_a_grab_another_process_holds_is_taken_once_it_lets_go(
+    virtual_scanner: Any, backend: RecordingBackend, scans: queue.Queue[str]
+) -> None:
+    import evdev
+
+    path = next(p for p in evdev.list_devices() if evdev.InputDevice(p).name == NAME)
+    other = evdev.InputDevice(path)
+    other.grab()  # the kernel refuses any other grab of the node now (EBUSY)
+    driver = EvdevScanner(match=NAME, backend=backend, idle_reset_s=5.0, grab_backoff_s=(0.05, 0.2))
+    try:
+        driver.start(scans.put)
+        node = backend.next_node()
+        assert not node.grabbed.wait(0.5)  # refused, and tried again meanwhile
+        other.ungrab()
+        assert node.grabbed.wait(WAIT_S)
+        type_code(virtual_scanner, node, CODE)
+        assert scans.get(timeout=WAIT_S) == CODE
+    finally:
+        driver.close()
+        other.close()
+
+
 def test_unplug_and_replug_the_driver_survives(
     backend: RecordingBackend, scanner: EvdevScanner, scans: queue.Queue[str]
 ) -> None:

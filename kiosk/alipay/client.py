@@ -17,6 +17,7 @@ import dataclasses
 import enum
 import json
 import logging
+import os
 import re
 import ssl
 import threading
@@ -38,6 +39,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
+from kiosk.alipay.pinning import PinMismatch, PinnedAdapter
 from kiosk.alipay.signing import Signature, SignType, presign_string
 from kiosk.alipay.xml import MAX_ANSWER_BYTES, Answer, AnswerUnreadable, parse_answer, verify_answer
 from kiosk.errors import GatewayUnreachable
@@ -102,7 +104,12 @@ class GatewaySettings:
     # merchant private key and Alipay's public key.
     signature: Signature
     backup_gateway: str | None = None
-    verify_tls: bool | str = True  # requests' `verify`: True, or a CA bundle path
+    # requests' `verify`: a CA bundle path, or True for the system's trust store (OpenSSL's
+    # own default file, not certifi's copy and not whatever the environment names)
+    verify_tls: bool | str = True
+    # Base64 SHA-256 SubjectPublicKeyInfo pins (kiosk.alipay.pinning): when given, a TLS
+    # connection whose verified chain holds none of these keys is closed before it is used.
+    pin_sha256: tuple[str, ...] = ()
     connect_timeout_s: float = 3.0
     pay_timeout_s: float = 10.0  # read timeout of pay
     read_timeout_s: float = 10.0  # read timeout of query, cancel and refund
@@ -193,11 +200,14 @@ class AlipayClient:
         self._own_session = session is None
         if session is None:
             session = requests.Session()
+            # Where requests go is the config's to say, never the environment's: no proxy
+            # (HTTPS_PROXY, ALL_PROXY), no netrc credentials, no REQUESTS_CA_BUNDLE.
+            session.trust_env = False
             # No silent retries below us: a resent pay must be a decision, not a side effect.
-            adapter = HTTPAdapter(max_retries=0)
-            session.mount("https://", adapter)
-            session.mount("http://", adapter)
+            session.mount("https://", PinnedAdapter(settings.pin_sha256, max_retries=0))
+            session.mount("http://", HTTPAdapter(max_retries=0))
         self._session = session
+        self._verify = system_trust_store() if settings.verify_tls is True else settings.verify_tls
 
     # -- request builders -------------------------------------------------------------------
 
@@ -383,6 +393,8 @@ class AlipayClient:
         # its place) trickling bytes just inside it could hold the call for as long as it
         # liked. The whole exchange gets the connect timeout plus the read timeout.
         deadline = time.monotonic() + self.settings.connect_timeout_s + read_timeout_s
+        if self.settings.pin_sha256 and not url.lower().startswith("https://"):
+            raise _NotSent("pinned keys need an https gateway")
         try:
             response = self._session.post(
                 url,
@@ -391,11 +403,24 @@ class AlipayClient:
                     "Content-Type": f"application/x-www-form-urlencoded; charset={INPUT_CHARSET}"
                 },
                 timeout=timeout,
-                verify=self.settings.verify_tls,
+                verify=self._verify,
                 allow_redirects=False,
                 stream=True,
             )
-        except requests.RequestException as exc:
+        except (PinMismatch, requests.RequestException) as exc:
+            # Raised in connect(), before a byte of the request (as it is or wrapped).
+            mismatch = next((c for c in _causes(exc) if isinstance(c, PinMismatch)), None)
+            if mismatch is not None:
+                event(
+                    log,
+                    "alipay.pin_mismatch",
+                    logging.ERROR,
+                    gateway=mismatch.host,
+                    expected=",".join(mismatch.expected),
+                    seen=",".join(mismatch.seen),
+                )
+                raise _NotSent("TLS key pin mismatch") from None
+            assert isinstance(exc, requests.RequestException)
             not_sent = _never_sent(exc)
             if not_sent is not None:
                 raise _NotSent(not_sent) from None
@@ -690,6 +715,14 @@ def _odd_code(code: str) -> str:
     return (
         f"result_code '{_printable(code)[:20]}' not known" if code else "answer has no result_code"
     )
+
+
+def system_trust_store() -> str | bool:
+    """The system's CA bundle as OpenSSL was built to find it (Debian: /usr/lib/ssl/cert.pem,
+    which is /etc/ssl/certs/ca-certificates.crt); SSL_CERT_FILE and the like are not asked.
+    True (requests' own bundle) where the system has none."""
+    default = ssl.get_default_verify_paths().openssl_cafile
+    return default if default and os.path.isfile(default) else True
 
 
 def _host(url: str) -> str:
