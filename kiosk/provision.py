@@ -112,7 +112,9 @@ class ProvisionReport:
 
     def __str__(self) -> str:
         lines = [str(self.keygen)] if self.keygen else []
-        if self.status == "nothing_to_do":
+        if self.status == "nothing_to_do" and self.record is None:
+            lines.append(f"kiosk provision: no {self.source} to install")
+        elif self.status == "nothing_to_do":
             lines.append(f"kiosk provision: nothing to do: {self.source} was already provisioned")
         elif self.status == "already_installed":
             lines.append(
@@ -187,7 +189,7 @@ def provision(
         done = source.with_name(source.name + DONE_SUFFIX)
         if done.exists() or record_path.exists() or report.keygen:
             report.status = "nothing_to_do"
-            report.record = record_path
+            report.record = record_path if record_path.exists() else None
             return report
         problem = ConfigProblem(
             str(source), 1, "no config file to provision", "copy kiosk.toml onto the boot partition"
@@ -249,7 +251,10 @@ def provision(
         if item.secret and item.rel is None and not _inside(item.path, etc_dir):
             report.left_in_place.append(item.path)
 
-    installed_text = _rewrite_paths(source_bytes.decode("utf-8"), new_paths)
+    try:
+        installed_text = _rewrite_paths(source_bytes.decode("utf-8"), new_paths)
+    except ProvisionFailed as exc:
+        raise fail(exc.problems) from None
     staged = etc_dir / "kiosk.toml.new"
     _write_atomic(staged, installed_text.encode("utf-8"), 0o640, None, gid)
     verified, verify_problems = check_config(staged)
