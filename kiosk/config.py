@@ -10,6 +10,7 @@ file's line and column, so `kiosk check` prints `FILE:LINE:COL: error: message (
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import json
 import logging
@@ -157,14 +158,16 @@ def _key_text_kind(data: bytes) -> str:
         return ""
 
 
-def _time_zones() -> set[str]:
-    """The IANA zones this system's tzdata has (empty when it has none: then unchecked)."""
+@functools.cache
+def _time_zones() -> frozenset[str]:
+    """The IANA zones this system's tzdata has (empty when it has none: then unchecked).
+    Read once: walking tzdata takes tens of milliseconds."""
     import zoneinfo
 
     try:
-        return zoneinfo.available_timezones()
+        return frozenset(zoneinfo.available_timezones())
     except OSError:
-        return set()
+        return frozenset()
 
 
 def payment_budget_s(alipay: AlipaySection) -> float:
