@@ -186,16 +186,90 @@ def build_parser() -> argparse.ArgumentParser:
         "(a kiosk.toml; its folder is the install directory)",
     )
     provision.add_argument(
-        "--from",
-        dest="source",
-        required=True,
-        metavar="PATH",
-        help="the config on the boot partition",
+        "--from", dest="source", metavar="PATH", help="the config on the boot partition"
     )
     provision.add_argument(
         "--etc-dir",
         metavar="DIR",
         help="install directory (default: the folder of --config, else /etc/kiosk)",
+    )
+    provision.add_argument(
+        "--operator-key",
+        metavar="PUB",
+        help="the operator's Ed25519 public key: install only bundles it signed "
+        "(default: operator.pub in the install directory, when there)",
+    )
+    provision.add_argument(
+        "--system-root",
+        metavar="DIR",
+        default="/",
+        help="where [device] sets the host name, time zone and Wi-Fi (default: /)",
+    )
+    provision.add_argument(
+        "--replace-config",
+        action="store_true",
+        help="without an operator key: install a kiosk.toml other than the one provisioned "
+        "(by hand, as root; the boot unit never passes it)",
+    )
+    provision.add_argument(
+        "--scrub-free-space",
+        action="store_true",
+        help="when secrets were taken off the boot partition, also overwrite its free space "
+        "(what earlier saves of a key file left there; one write of the free space)",
+    )
+    provision_sub = provision.add_subparsers(dest="provision_command", metavar="sign")
+    sign = provision_sub.add_parser(
+        "sign",
+        help="on the operator's laptop: sign a folder for the card (kiosk.toml and its files)",
+        description="Writes DIR/kiosk.sig: SHA-256 of kiosk.toml and of every file it names, "
+        "signed with the operator's Ed25519 key. With --keygen, makes that key pair instead.",
+    )
+    sign.add_argument(
+        "--key", required=True, metavar="KEY", help="the operator's Ed25519 private key (PEM)"
+    )
+    sign.add_argument(
+        "--keygen",
+        action="store_true",
+        help="make the operator key pair: KEY (owner-only) and KEY.pub, for the image",
+    )
+    sign.add_argument(
+        "--passphrase",
+        action="store_true",
+        help="with --keygen: encrypt KEY with a passphrase (asked twice, or "
+        "$KIOSK_OPERATOR_PASSPHRASE)",
+    )
+    sign.add_argument("folder", nargs="?", metavar="DIR", help="the folder to sign")
+
+    from kiosk.keygen import PRIVATE_KEY, PUBLIC_KEY
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="make the merchant's RSA key pair on this kiosk; only the public key leaves it",
+    )
+    keygen.add_argument(
+        "--bits", type=int, choices=(2048, 4096), default=2048, help="key size (default: 2048)"
+    )
+    keygen.add_argument(
+        "--private-key",
+        default=str(PRIVATE_KEY),
+        metavar="PATH",
+        help=f"where the private key goes, owner-only (default: {PRIVATE_KEY})",
+    )
+    keygen.add_argument(
+        "--public-key",
+        default=str(PUBLIC_KEY),
+        metavar="PATH",
+        help=f"where the public key and its upload note go (default: {PUBLIC_KEY})",
+    )
+    keygen.add_argument(
+        "--owner",
+        metavar="USER",
+        help="who owns the private key (default: the service user kiosk when run as root)",
+    )
+    keygen.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing private key (its public key must then be uploaded again)",
     )
     return parser
 
@@ -275,10 +349,44 @@ def _dispatch(argv: list[str] | None) -> int:
             rest = given[given.index("mdb-emulator") + 1 :]
             return mdb_board.main(rest, prog="kiosk mdb-emulator")
         case "provision":
-            from kiosk.provision import run_provision
+            return cmd_provision(args)
+        case "keygen":
+            from kiosk.keygen import run_keygen
 
-            return run_provision(Path(args.source).absolute(), _etc_dir(args))
+            return run_keygen(
+                Path(args.private_key).absolute(),
+                Path(args.public_key).absolute(),
+                args.bits,
+                args.force,
+                args.owner,
+            )
     return EXIT_USAGE
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from kiosk import provision
+
+    if args.provision_command == "sign":
+        key = Path(args.key).absolute()
+        if args.keygen:
+            if args.folder is not None:
+                raise UsageError("provision sign --keygen takes no DIR")
+            return provision.run_operator_keygen(
+                key, key.with_name(key.name + ".pub"), args.passphrase
+            )
+        if args.folder is None:
+            raise UsageError("provision sign needs the folder to sign: DIR")
+        return provision.run_sign(Path(args.folder), key)
+    if args.source is None:
+        raise UsageError("provision needs --from PATH (or: provision sign ...)")
+    return provision.run_provision(
+        Path(args.source).absolute(),
+        _etc_dir(args),
+        operator_key=Path(args.operator_key).absolute() if args.operator_key else None,
+        system_root=Path(args.system_root).absolute(),
+        replace_config=args.replace_config,
+        scrub=args.scrub_free_space,
+    )
 
 
 def _etc_dir(args: argparse.Namespace) -> Path:

@@ -10,6 +10,7 @@ file's line and column, so `kiosk check` prints `FILE:LINE:COL: error: message (
 from __future__ import annotations
 
 import difflib
+import functools
 import ipaddress
 import json
 import logging
@@ -43,6 +44,9 @@ from kiosk.config_keys import (
 )
 from kiosk.config_keys import (
     Config as Config,
+)
+from kiosk.config_keys import (
+    DeviceSection as DeviceSection,
 )
 from kiosk.config_keys import (
     IndicatorsSection as IndicatorsSection,
@@ -127,6 +131,46 @@ _SERIAL_CONSOLE = re.compile(r"(?:^|\s)console=(serial0|ttyAMA0|ttyS0)\b")
 # commit and the C,VEND line).
 APPROVAL_MARGIN_S = 1.0
 MAX_KEY_PARTS = 16  # dots in one key, far beyond any kiosk key (section.key)
+
+
+def _key_text_kind(data: bytes) -> str:
+    """What a key file holds, from its PEM labels alone (never its contents): encrypted,
+    openssh, certificate, private, public, or "" (unknown: the loader says what is wrong).
+    A bare base64 body (Alipay's key tool writes those) is told apart by parsing it."""
+    if b"ENCRYPTED PRIVATE KEY-----" in data or b"Proc-Type: 4,ENCRYPTED" in data:
+        return "encrypted"
+    if b"OPENSSH PRIVATE KEY-----" in data:
+        return "openssh"
+    if b"CERTIFICATE-----" in data:
+        return "certificate"
+    if b"PRIVATE KEY-----" in data:
+        return "private"
+    if b"PUBLIC KEY-----" in data:
+        return "public"
+    if b"-----BEGIN" in data:
+        return ""
+    try:
+        load_private_key(data)
+        return "private"
+    except KeyFileError:
+        pass
+    try:
+        load_public_key(data)
+        return "public"
+    except KeyFileError:
+        return ""
+
+
+@functools.cache
+def _time_zones() -> frozenset[str]:
+    """The IANA zones this system's tzdata has (empty when it has none: then unchecked).
+    Read once: walking tzdata takes tens of milliseconds."""
+    import zoneinfo
+
+    try:
+        return frozenset(zoneinfo.available_timezones())
+    except OSError:
+        return frozenset()
 
 
 def payment_budget_s(alipay: AlipaySection) -> float:
@@ -663,6 +707,7 @@ class _Checker:
         vend = self.check_vend(sale.mode)
         journal = JournalSection(**self.section("journal"))
         telemetry = self.check_telemetry()
+        device = self.check_device()
         self.check_pins(indicators, vend)
         if vend.driver == "mdb":
             self.check_mdb(alipay, sale, vend)
@@ -679,6 +724,7 @@ class _Checker:
             source,
             journal=journal,
             telemetry=telemetry,
+            device=device,
         )
 
     def check_names(self, data: dict[str, Any]) -> None:
@@ -880,30 +926,41 @@ class _Checker:
     def rsa_key(self, key: str, what: str, data: bytes) -> Any:
         """The RSA key in the file; what is wrong with it said plainly (never its contents)."""
         s, private = "alipay", key == "private_key_file"
-        if private and (b"ENCRYPTED" in data):
-            self.problem(
-                s,
-                key,
-                f"{what}: this key is encrypted (it has a passphrase)",
-                f"the kiosk cannot type one; write it out unencrypted: openssl pkey -in KEY "
-                f"-out {KEY_DIR}merchant_private_key.pem, then chmod 600 it",
+        found = _key_text_kind(data)
+        wrong: tuple[str, str] | None = None
+        if found == "encrypted":
+            wrong = (
+                "this private key is encrypted with a passphrase; the kiosk needs it "
+                "unencrypted (nobody is there to type the passphrase)",
+                "write it out without one: openssl pkey -in KEY -out merchant_private_key.pem, "
+                "or make the key on the kiosk itself with `kiosk keygen`",
             )
-            return None
-        if private and b"PUBLIC KEY-----" in data:
-            self.problem(
-                s,
-                key,
-                f"{what}: this is a public key; the merchant's private key goes here",
-                "name the merchant private key file you generated (BEGIN PRIVATE KEY)",
+        elif found == "openssh":
+            wrong = (
+                "this is an OpenSSH key (ssh-keygen's own format), not a PEM RSA key",
+                "convert it: ssh-keygen -p -m PEM -f KEY, or make one with `kiosk keygen`",
             )
-            return None
-        if not private and b"PRIVATE KEY-----" in data:
-            self.problem(
-                s,
-                key,
-                f"{what}: this is a private key; Alipay's public key goes here",
+        elif found == "certificate":
+            wrong = (
+                "this is a certificate, not a key",
+                "name the merchant private key file here"
+                if private
+                else "name Alipay's public key (BEGIN PUBLIC KEY) from the merchant portal",
+            )
+        elif private and found == "public":
+            wrong = (
+                "this is a public key given as the private key; the merchant's private key "
+                "goes here",
+                "name the private key file (BEGIN PRIVATE KEY or BEGIN RSA PRIVATE KEY) made "
+                "with the public key you uploaded; or make a pair with `kiosk keygen`",
+            )
+        elif not private and found in ("private", "encrypted"):
+            wrong = (
+                "this is a private key; Alipay's public key goes here",
                 "download Alipay's public key from the merchant portal",
             )
+        if wrong is not None:
+            self.problem(s, key, f"{what}: {wrong[0]}", wrong[1])
             return None
         loaded = load_private_key(data, what) if private else load_public_key(data, what)
         size = loaded.key_size
@@ -912,7 +969,7 @@ class _Checker:
                 s,
                 key,
                 f"{what}: an RSA key of {size} bits is too weak; the kiosk needs 2048 or more",
-                "generate a new pair: openssl genrsa -out merchant_private_key.pem 2048, and "
+                "make a new pair on the kiosk with `kiosk keygen` (or openssl genrsa 2048) and "
                 "upload its public key to the merchant portal"
                 if private
                 else "download Alipay's current public key from the merchant portal",
@@ -920,6 +977,93 @@ class _Checker:
             return None
         assert isinstance(loaded, rsa.RSAPrivateKey | rsa.RSAPublicKey)
         return loaded
+
+    def check_device(self) -> DeviceSection:
+        """The host name, time zone and Wi-Fi that provisioning applies."""
+        s = "device"
+        values = self.section(s)
+        zone = values["timezone"]
+        if self.ok(s, "timezone") and zone:
+            known = _time_zones()
+            if known and zone not in known:
+                close = difflib.get_close_matches(zone, sorted(known), n=1)
+                self.problem(
+                    s,
+                    "timezone",
+                    f"device.timezone {zone!r} is not a time zone this system knows",
+                    f'did you mean "{close[0]}"?' if close else ROWS[s]["timezone"].key.hint,
+                )
+        ssid = values["wifi_ssid"]
+        if self.ok(s, "wifi_ssid") and ssid:
+            if len(ssid.encode("utf-8")) > 32 or not ssid.isprintable():
+                self.problem(
+                    s,
+                    "wifi_ssid",
+                    "device.wifi_ssid must be 1 to 32 bytes of printable text",
+                    "the network's name exactly as a phone shows it",
+                )
+            if not values["wifi_country"] and ("device", "wifi_country") not in self.bad:
+                self.problem(
+                    s,
+                    "wifi_ssid",
+                    "device.wifi_ssid needs device.wifi_country: the radio stays off without it",
+                    'add  wifi_country = "DE"  (the ISO 3166 code of where the kiosk stands)',
+                )
+            if values["wifi_psk_file"] is None and ("device", "wifi_psk_file") not in self.bad:
+                self.warn(
+                    s,
+                    "wifi_ssid",
+                    f"device.wifi_ssid {ssid!r} has no wifi_psk_file: an open network",
+                    "a kiosk is safer on a WPA2 network: name a file holding its passphrase",
+                )
+        elif not ssid:
+            for key in ("wifi_psk_file", "wifi_country"):
+                if self.has(s, key):
+                    self.warn(s, key, f"device.{key} is not used without device.wifi_ssid")
+        psk = values["wifi_psk_file"]
+        if ssid and psk is not None and not self.wifi_psk_file_ok(s, "wifi_psk_file", psk):
+            values["wifi_psk_file"] = None
+        return DeviceSection(**values)
+
+    def wifi_psk_file_ok(self, s: str, key: str, path: Path) -> bool:
+        """A Wi-Fi passphrase file: a file, owner-only, holding a passphrase WPA takes."""
+        what = f"{s}.{key} {path}"
+        found, why = _stat(path)
+        if found is None or not stat.S_ISREG(found.st_mode):
+            self.problem(s, key, f"{what}: {why or 'not a file'}", "check the path")
+            return False
+        if self.check_key_modes and found.st_mode & 0o077:
+            self.problem(
+                s,
+                key,
+                f"{what} is readable by group or others "
+                f"(mode {stat.S_IMODE(found.st_mode):04o}); the kiosk refuses it",
+                f"run: chmod 600 {path}",
+            )
+            return False
+        try:
+            data = path.read_bytes()
+        except PermissionError:
+            # Root-only once installed: the service user may not read it, provisioning did.
+            return ROWS[s][key].key.root_only
+        except OSError as exc:
+            self.problem(s, key, f"{what}: {exc.strerror or exc}", "check the path")
+            return False
+        phrase = data.rstrip(b"\r\n")
+        hex_key = re.fullmatch(rb"[0-9A-Fa-f]{64}", phrase) is not None
+        printable = all(0x20 <= b < 0x7F for b in phrase)
+        if not hex_key and not (8 <= len(phrase) <= 63 and printable):
+            # Say how long it is, never what it holds.
+            self.problem(
+                s,
+                key,
+                f"{what} must hold a WPA passphrase of 8 to 63 printable ASCII characters "
+                f"(or 64 hex digits); it holds {len(phrase)} bytes"
+                + ("" if printable else ", some not printable ASCII"),
+                "one line with the passphrase only",
+            )
+            return False
+        return True
 
     def check_merchant(self) -> MerchantSection | None:
         s = "merchant"

@@ -55,6 +55,10 @@ class Key:
     example: Any = NO_EXAMPLE  # what examples/kiosk.toml shows; default: the default
     commented: bool = False  # examples/kiosk.toml shows it commented out
     secret: bool = False  # a key file only its owner may read
+    # `kiosk provision` copies the file this key names into /etc/kiosk/keys/ under this name
+    # (every secret key is copied; its name is the example's, else section_key).
+    install_as: str = ""
+    root_only: bool = False  # a secret only provisioning (root) reads, never the service user
     required: bool = False  # required although the dataclass has a default
     # The default when the section's `driver` is one of these: (("mdb", 115200),).
     driver_defaults: tuple[tuple[str, Any], ...] = ()
@@ -220,6 +224,7 @@ class AlipaySection:
             "path",
             "RSA, RSA2: Alipay's public key, from the merchant portal.",
             example=KEY_DIR + "alipay_public_key.pem",
+            install_as="alipay_public_key.pem",
         ),
     )
     md5_key_file: Path | None = field(
@@ -238,6 +243,7 @@ class AlipaySection:
             "path",
             'CA certificates to trust for the gateway; "" means the system\'s trust store.',
             hint='leave it out (or "") to use the system\'s trust store',
+            install_as="ca_bundle.pem",
         ),
     )
     pin_sha256: tuple[str, ...] = field(
@@ -541,6 +547,7 @@ class TelemetrySection:
             "path",
             'CA certificates to trust for the broker; "" means the system\'s trust store.',
             hint='leave it out (or "") to use the system\'s trust store',
+            install_as="mqtt_ca.pem",
         ),
     )
     topic_prefix: str = field(
@@ -571,6 +578,72 @@ class TelemetrySection:
     )
 
 
+HOSTNAME = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+TIMEZONE = r"[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+){0,2}"
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    """The machine's identity and network, applied by `kiosk provision` (the daemon reads none)."""
+
+    hostname: str = field(
+        default="",
+        metadata=declare(
+            "text",
+            'The host name; "" means the terminal id in lower case, "_" written "-".',
+            pattern=HOSTNAME,
+            must="1 to 63 letters, digits or '-', not starting or ending with '-'",
+            hint="one label, no dots or spaces, like vm-0042",
+            example="vm-0042",
+            commented=True,
+        ),
+    )
+    timezone: str = field(
+        default="",
+        metadata=declare(
+            "text",
+            'The time zone local times are shown in; "" keeps the image\'s (UTC).',
+            pattern=TIMEZONE,
+            must="an IANA time zone name",
+            hint='like "Europe/Berlin" or "Asia/Singapore"',
+            example="Europe/Berlin",
+            commented=True,
+        ),
+    )
+    wifi_ssid: str = field(
+        default="",
+        metadata=declare(
+            "text",
+            'The Wi-Fi network to join; "" means none (Ethernet only).',
+            example="KioskNet",
+            commented=True,
+        ),
+    )
+    wifi_psk_file: Path | None = field(
+        default=None,
+        metadata=declare(
+            "path",
+            "A file holding the Wi-Fi passphrase (8 to 63 characters) or its 64 hex digits.",
+            example=KEY_DIR + "wifi.psk",
+            commented=True,
+            secret=True,
+            root_only=True,
+        ),
+    )
+    wifi_country: str = field(
+        default="",
+        metadata=declare(
+            "text",
+            "The country whose radio rules the Wi-Fi obeys (ISO 3166); needed with wifi_ssid.",
+            pattern=r"[A-Z]{2}",
+            must="a two-letter country code in upper case",
+            hint='like "DE" or "SG"',
+            example="DE",
+            commented=True,
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     kiosk: KioskSection
@@ -583,6 +656,7 @@ class Config:
     source: Path | None = None  # the file it was read from
     journal: JournalSection = field(default_factory=JournalSection)
     telemetry: TelemetrySection | None = None  # absent: no telemetry (SPEC section 8)
+    device: DeviceSection = field(default_factory=DeviceSection)
 
 
 # The sections, in the file's order; a new section is one dataclass and one line here.
@@ -608,9 +682,35 @@ SECTIONS: dict[str, tuple[Section, type]] = {
             ),
             TelemetrySection,
         ),
+        (
+            Section("device", "The machine's host name, time zone and Wi-Fi, set at provisioning."),
+            DeviceSection,
+        ),
     )
 }
 ROWS: dict[str, dict[str, Row]] = {
     name: {row.name: row for row in rows_of(name, cls)} for name, (_, cls) in SECTIONS.items()
 }
 KNOWN_LAYOUTS = ROWS["scanner"]["layout"].key.choices
+
+
+def installed_name(row: Row) -> str:
+    """The file name `kiosk provision` gives the key file `row` names, in /etc/kiosk/keys/."""
+    if row.key.install_as:
+        return row.key.install_as
+    example = row.key.example
+    rest = example[len(KEY_DIR) :] if isinstance(example, str) else ""
+    if isinstance(example, str) and example.startswith(KEY_DIR) and rest and "/" not in rest:
+        return rest
+    return f"{row.section}_{row.name}"
+
+
+def key_file_rows() -> list[Row]:
+    """The keys naming a file that `kiosk provision` installs: every secret, and the public
+    files declared with `install_as`, across every section."""
+    return [
+        row
+        for rows in ROWS.values()
+        for row in rows.values()
+        if row.key.kind == "path" and (row.key.secret or row.key.install_as)
+    ]

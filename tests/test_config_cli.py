@@ -242,7 +242,8 @@ def test_an_rsa_key_under_2048_bits_is_refused(site: Path) -> None:
     path, first, _ = check(site, GOOD)
     assert first.startswith(
         f"{path}:8:1: error: alipay.private_key_file {site}/keys/merchant.pem: an RSA key of "
-        "1024 bits is too weak; the kiosk needs 2048 or more (hint: generate a new pair"
+        "1024 bits is too weak; the kiosk needs 2048 or more (hint: make a new pair on the "
+        "kiosk with `kiosk keygen`"
     )
 
 
@@ -251,7 +252,8 @@ def test_an_encrypted_private_key_is_named(site: Path, merchant_key: rsa.RSAPriv
     path, first, _ = check(site, GOOD)
     assert first.startswith(
         f"{path}:8:1: error: alipay.private_key_file {site}/keys/merchant.pem: "
-        "this key is encrypted (it has a passphrase) (hint: "
+        "this private key is encrypted with a passphrase; the kiosk needs it unencrypted "
+        "(nobody is there to type the passphrase) (hint: write it out without one: "
     )
     assert "BEGIN" not in first
 
@@ -263,8 +265,9 @@ def test_a_public_key_named_as_the_private_key_is_named(
     path, first, _ = check(site, GOOD)
     assert first == (
         f"{path}:8:1: error: alipay.private_key_file {site}/keys/merchant.pem: this is a public "
-        "key; the merchant's private key goes here (hint: name the merchant private key file "
-        "you generated (BEGIN PRIVATE KEY))"
+        "key given as the private key; the merchant's private key goes here (hint: name the "
+        "private key file (BEGIN PRIVATE KEY or BEGIN RSA PRIVATE KEY) made with the public key "
+        "you uploaded; or make a pair with `kiosk keygen`)"
     )
 
 

@@ -172,12 +172,15 @@ def test_owner_and_group_are_applied(boot: Path, etc: Path) -> None:
     assert (etc / "keys").stat().st_gid == os.getgid()
 
 
-def test_unknown_service_user_fails_before_installing(boot: Path, etc: Path) -> None:
+def test_unknown_service_user_fails_before_installing_but_after_the_secrets_left(
+    boot: Path, etc: Path, pems: tuple[bytes, bytes]
+) -> None:
     with pytest.raises(provisioning.ProvisionError, match="no-such-kiosk-user"):
         provision(boot / "kiosk.toml", etc, owner="no-such-kiosk-user", group=None)
 
-    assert not etc.exists()
-    assert (boot / "merchant_private_key.pem").exists()
+    assert not (etc / "kiosk.toml").exists() and not (etc / "keys").exists()
+    assert not (boot / "merchant_private_key.pem").exists()
+    assert (etc / "quarantine/merchant_private_key.pem").read_bytes() == pems[0]
 
 
 def test_bad_config_writes_crlf_error_file_and_installs_nothing(boot: Path, etc: Path) -> None:
@@ -194,9 +197,9 @@ def test_bad_config_writes_crlf_error_file_and_installs_nothing(boot: Path, etc:
     partner_line = text.splitlines().index('partner = "123"') + 1
     assert f"kiosk.toml:{partner_line}:1: error: alipay.partner '123'" in raw.decode()
     assert "What to do" in raw.decode()
-    assert not etc.exists()
+    assert not (etc / "kiosk.toml").exists() and not (etc / "keys").exists()
     assert (boot / "kiosk.toml").read_text() == text
-    assert (boot / "merchant_private_key.pem").exists()
+    assert not (boot / "merchant_private_key.pem").exists()  # quarantined, see test_quarantine
 
 
 def test_missing_key_file_on_the_boot_partition_is_a_config_problem(boot: Path, etc: Path) -> None:
@@ -206,7 +209,7 @@ def test_missing_key_file_on_the_boot_partition_is_a_config_problem(boot: Path, 
         provision(boot / "kiosk.toml", etc, owner=None, group=None)
 
     assert any("alipay_public_key_file" in p.message for p in raised.value.problems)
-    assert not etc.exists()
+    assert not (etc / "kiosk.toml").exists()
 
 
 def test_successful_run_removes_an_old_error_file(boot: Path, etc: Path) -> None:
@@ -343,3 +346,214 @@ def test_ca_bundle_beside_the_config_is_installed_and_kept_on_boot(boot: Path, e
 
     assert load_config(etc / "kiosk.toml").alipay.ca_bundle == str(etc / "keys/ca_bundle.pem")
     assert (boot / "ca.pem").exists()
+
+
+# --- secrets off the card, whatever happens ---------------------------------------------------
+
+
+def test_wipe_overwrites_the_file_where_it_lies_before_unlinking(tmp_path: Path) -> None:
+    secret = tmp_path / "merchant_private_key.pem"
+    secret.write_bytes(b"-----BEGIN PRIVATE KEY-----\n" + b"A" * 1000)
+    same_inode = tmp_path / "link"
+    os.link(secret, same_inode)  # sees the blocks the file owns, after the unlink too
+
+    provisioning.wipe_file(secret)
+
+    assert not secret.exists()
+    block = os.statvfs(tmp_path).f_bsize
+    assert same_inode.read_bytes() == bytes(block)  # zeros to the end of the last block
+
+
+def test_a_bad_config_moves_its_secrets_into_a_root_only_quarantine(
+    boot: Path, etc: Path, pems: tuple[bytes, bytes]
+) -> None:
+    (boot / "kiosk.toml").write_text(SOURCE.replace("2088101122334455", "123"))
+
+    with pytest.raises(ProvisionFailed) as raised:
+        provision(boot / "kiosk.toml", etc, owner=None, group=None)
+
+    assert raised.value.moved == ["merchant_private_key.pem"]
+    assert not (boot / "merchant_private_key.pem").exists()
+    assert (boot / "alipay_public_key.pem").exists()  # public: stays for the technician
+    assert mode_of(etc / "quarantine") == 0o700
+    assert (etc / "quarantine/merchant_private_key.pem").read_bytes() == pems[0]
+    assert mode_of(etc / "quarantine/merchant_private_key.pem") == 0o600
+    error = (boot / ERROR_FILE).read_text()
+    assert "kept on the kiosk (root only): merchant_private_key.pem" in error
+    assert "BEGIN" not in error
+
+
+def test_the_fixed_config_uses_the_quarantined_key_then_wipes_the_quarantine(
+    boot: Path, etc: Path, pems: tuple[bytes, bytes]
+) -> None:
+    (boot / "kiosk.toml").write_text(SOURCE.replace("2088101122334455", "123"))
+    with pytest.raises(ProvisionFailed):
+        provision(boot / "kiosk.toml", etc, owner=None, group=None)
+    (boot / "kiosk.toml").write_text(SOURCE)  # fixed; the key is not copied again
+
+    report = provision(boot / "kiosk.toml", etc, owner=None, group=None)
+
+    assert report.status == "installed"
+    assert (etc / "keys/merchant_private_key.pem").read_bytes() == pems[0]
+    assert list((etc / "quarantine").iterdir()) == []
+    assert not (boot / ERROR_FILE).exists()
+
+
+def test_a_new_copy_on_the_card_replaces_the_quarantined_one(
+    boot: Path, etc: Path, pems: tuple[bytes, bytes]
+) -> None:
+    (boot / "merchant_private_key.pem").write_bytes(b"not a key\n")
+    (boot / "kiosk.toml").write_text(SOURCE)
+    with pytest.raises(ProvisionFailed):
+        provision(boot / "kiosk.toml", etc, owner=None, group=None)
+    (boot / "merchant_private_key.pem").write_bytes(pems[0])
+
+    provision(boot / "kiosk.toml", etc, owner=None, group=None)
+
+    assert (etc / "keys/merchant_private_key.pem").read_bytes() == pems[0]
+
+
+def test_quarantined_files_the_good_config_does_not_use_are_wiped(boot: Path, etc: Path) -> None:
+    (etc / "quarantine").mkdir(parents=True)
+    (etc / "quarantine/old_merchant_key.pem").write_text("an earlier drop's key\n")
+
+    provision(boot / "kiosk.toml", etc, owner=None, group=None)
+
+    assert list((etc / "quarantine").iterdir()) == []
+
+
+def test_a_private_key_under_any_name_is_taken_off_the_card(
+    boot: Path, etc: Path, pems: tuple[bytes, bytes]
+) -> None:
+    (boot / "backup-of-the-key.txt").write_bytes(pems[0])  # named by no config key
+
+    report = provision(boot / "kiosk.toml", etc, owner=None, group=None)
+
+    assert not (boot / "backup-of-the-key.txt").exists()
+    assert boot / "backup-of-the-key.txt" in report.removed
+    assert not (etc / "quarantine/backup-of-the-key.txt").exists()  # wiped after the install
+
+
+def test_secrets_of_a_config_that_is_not_even_toml_are_taken_off(
+    boot: Path, etc: Path, pems: tuple[bytes, bytes]
+) -> None:
+    (boot / "md5.key").write_text("0123456789abcdef0123456789abcdef\n")
+    broken = SOURCE.replace('currency = "USD"', 'currency = "USD\nmd5_key_file = "md5.key"')
+    (boot / "kiosk.toml").write_text(broken)
+
+    with pytest.raises(ProvisionFailed) as raised:
+        provision(boot / "kiosk.toml", etc, owner=None, group=None)
+
+    assert "not valid TOML" in raised.value.problems[0].message
+    assert not (boot / "md5.key").exists() and not (boot / "merchant_private_key.pem").exists()
+    assert sorted(raised.value.moved) == ["md5.key", "merchant_private_key.pem"]
+
+
+def test_a_config_holding_a_private_key_is_taken_off_itself(
+    boot: Path, etc: Path, pems: tuple[bytes, bytes]
+) -> None:
+    (boot / "kiosk.toml").write_text(SOURCE + "\n# " + pems[0].decode().replace("\n", "\n# "))
+
+    with pytest.raises(ProvisionFailed) as raised:
+        provision(boot / "kiosk.toml", etc, owner=None, group=None)
+
+    assert "the config holds a private key" in raised.value.problems[0].message
+    assert not (boot / "kiosk.toml").exists()
+    assert (boot / ERROR_FILE).exists()
+
+
+# --- re-provisioning without an operator key ---------------------------------------------------
+
+
+def test_the_same_config_with_a_new_private_key_rotates_the_key(boot: Path, etc: Path) -> None:
+    provision(boot / "kiosk.toml", etc, owner=None, group=None)
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    new_pem = new_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (boot / "kiosk.toml.provisioned").rename(boot / "kiosk.toml")
+    (boot / "merchant_private_key.pem").write_bytes(new_pem)
+
+    report = provision(boot / "kiosk.toml", etc, owner=None, group=None)
+
+    assert report.status == "installed"
+    assert (etc / "keys/merchant_private_key.pem").read_bytes() == new_pem
+    assert not (boot / "merchant_private_key.pem").exists()
+
+
+def test_a_changed_config_is_refused_once_provisioned(boot: Path, etc: Path) -> None:
+    provision(boot / "kiosk.toml", etc, owner=None, group=None)
+    installed = (etc / "kiosk.toml").read_bytes()
+    diverted = SOURCE.replace("2088101122334455", "2088999999999999")
+    (boot / "kiosk.toml").write_text(diverted)
+
+    with pytest.raises(ProvisionFailed) as raised:
+        provision(boot / "kiosk.toml", etc, owner=None, group=None)
+
+    message = raised.value.problems[0].message
+    assert "this kiosk.toml differs from that one" in message
+    assert "takes only the same kiosk.toml again" in message
+    assert "--replace-config" in raised.value.problems[0].hint
+    assert (etc / "kiosk.toml").read_bytes() == installed
+    assert "differs from that one" in (boot / ERROR_FILE).read_text()
+
+
+def test_a_changed_alipay_public_key_is_refused_once_provisioned(
+    boot: Path, etc: Path, pems: tuple[bytes, bytes]
+) -> None:
+    provision(boot / "kiosk.toml", etc, owner=None, group=None)
+    (boot / "kiosk.toml.provisioned").rename(boot / "kiosk.toml")
+    fake = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (boot / "alipay_public_key.pem").write_bytes(
+        fake.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+    with pytest.raises(ProvisionFailed) as raised:
+        provision(boot / "kiosk.toml", etc, owner=None, group=None)
+
+    assert raised.value.problems[0].message.startswith(
+        "alipay_public_key_file alipay_public_key.pem differs from the installed "
+        "alipay_public_key.pem"
+    )
+    assert (etc / "keys/alipay_public_key.pem").read_bytes() == pems[1]
+
+
+def test_replace_config_installs_a_changed_config(boot: Path, etc: Path) -> None:
+    provision(boot / "kiosk.toml", etc, owner=None, group=None)
+    (boot / "kiosk.toml").write_text(SOURCE.replace('price = "1.50"', 'price = "2.00"'))
+    (boot / "merchant_private_key.pem").write_bytes(
+        (etc / "keys/merchant_private_key.pem").read_bytes()
+    )
+
+    report = provision(boot / "kiosk.toml", etc, owner=None, group=None, replace_config=True)
+
+    assert report.status == "installed"
+    assert str(load_config(etc / "kiosk.toml").sale.price) == "2.00"
+
+
+def test_kiosk_keygen_txt_makes_the_key_pair_and_never_replaces_it(boot: Path, etc: Path) -> None:
+    (boot / "kiosk.toml").unlink()
+    (boot / "merchant_private_key.pem").unlink()
+    (boot / "kiosk-keygen.txt").write_text("bits = 2048\n")
+
+    report = provision(boot / "kiosk.toml", etc, owner=None, group=None)
+
+    assert report.status == "nothing_to_do" and report.keygen is not None
+    private = (etc / "keys/merchant_private_key.pem").read_bytes()
+    assert mode_of(etc / "keys/merchant_private_key.pem") == 0o600
+    assert b"BEGIN PUBLIC KEY" in (boot / "merchant_public_key.pem").read_bytes()
+    assert (boot / "kiosk-keygen.txt.done").exists()
+    assert not any(PRIVATE_MARK in p.read_bytes() for p in boot.iterdir())
+
+    (boot / "kiosk-keygen.txt").write_text("again\n")
+    again = provision(boot / "kiosk.toml", etc, owner=None, group=None)
+
+    assert again.keygen is not None and not again.keygen.new
+    assert (etc / "keys/merchant_private_key.pem").read_bytes() == private
+
+
+PRIVATE_MARK = b"PRIVATE KEY"

@@ -126,7 +126,10 @@ def test_kiosk_service_starts_after_time_sync_and_provisioning() -> None:
 def test_provisioning_runs_only_when_a_config_was_dropped_on_the_boot_partition() -> None:
     unit = SYSTEMD_DIR / "kiosk-provision.service"
     assert _directives(unit, "Type") == ["oneshot"]
-    assert _directives(unit, "ConditionPathExists") == ["/boot/firmware/kiosk.toml"]
+    assert _directives(unit, "ConditionPathExists") == [
+        "|/boot/firmware/kiosk.toml",
+        "|/boot/firmware/kiosk-keygen.txt",  # or when asked to make the merchant key pair
+    ]
     assert "/boot/firmware" in " ".join(_directives(unit, "RequiresMountsFor")).split()
     assert "kiosk.service" in _directives(unit, "Before")
     (command,) = _directives(unit, "ExecStart")

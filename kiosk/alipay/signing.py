@@ -114,7 +114,20 @@ class RsaSignature:
 
 
 def load_private_key(pem: bytes, source: str = "private key") -> rsa.RSAPrivateKey:
-    """A merchant private key, PKCS#1 (`BEGIN RSA PRIVATE KEY`) or PKCS#8 PEM."""
+    """A merchant private key, PKCS#1 (`BEGIN RSA PRIVATE KEY`) or PKCS#8 PEM.
+
+    Alipay's key tool writes the bare base64 body (no BEGIN/END lines); that is accepted too.
+    """
+    if b"-----BEGIN" not in pem:
+        body = pem.strip()
+        for label in (b"PRIVATE KEY", b"RSA PRIVATE KEY"):
+            try:
+                wrapped = b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, body, label)
+                bare = serialization.load_pem_private_key(wrapped, password=None)
+            except (ValueError, TypeError):
+                continue
+            if isinstance(bare, rsa.RSAPrivateKey):
+                return bare
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:

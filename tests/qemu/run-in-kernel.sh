@@ -14,9 +14,11 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${KIOSK_QEMU_CACHE:-$repo/build/qemu}
 limit=${KIOSK_QEMU_TIMEOUT:-300}
-# Loaded with plain insmod, in this order (dependencies first).
+# Loaded with plain insmod, in this order (dependencies first). loop and vfat: the provisioning
+# test mounts a FAT image as the boot partition.
 modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci 9pnet
-9pnet_virtio netfs fscache 9p overlay evdev uinput"
+9pnet_virtio netfs fscache 9p overlay evdev uinput loop fat vfat nls_cp437 nls_ascii nls_utf8
+nls_iso8859_1"
 
 skip() { echo "run-in-kernel: cannot run: $*" >&2; exit 77; }
 
