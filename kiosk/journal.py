@@ -290,8 +290,7 @@ SCHEMA_VERSION = MIGRATIONS[-1].to
 assert [m.to for m in MIGRATIONS] == list(range(2, SCHEMA_VERSION + 1)), "steps out of order"
 
 # Totals are folded a batch at a time, each batch one commit: a sale waits for one batch at most.
-FOLD_BATCH = 500
-DAY_S = 86400.0
+FOLD_BATCH = 200
 
 
 def _iso(epoch: float) -> str:
@@ -441,7 +440,7 @@ class Journal:
             )
 
     def _version_of(self, conn: sqlite3.Connection) -> int:
-        """The journal's schema; 0 for an empty database. Schema 3 on keep it in
+        """The journal's schema; 0 for an empty database. From schema 3 on it is kept in
         `PRAGMA user_version`; schemas 1 and 2 kept it in `meta` only (user_version 0)."""
         (user_version,) = conn.execute("PRAGMA user_version").fetchone()
         if user_version:
