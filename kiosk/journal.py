@@ -401,7 +401,7 @@ class Journal:
             conn.execute("PRAGMA foreign_keys=ON")
             if version <= 1:
                 self._begin_at_schema_1(conn)
-            if self._migrate(conn):
+            if version < SCHEMA_VERSION and self._migrate(conn):
                 # Old page images (schema 1 kept whole codes) leave the WAL at once.
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._schema = self._version_of(conn)
