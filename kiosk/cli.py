@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="as above")
     again.add_argument("--state-dir", metavar="DIR", default=argparse.SUPPRESS, help="as above")
     again.add_argument(
-        "--by", metavar="NAME", help="who is acting (default: the Unix user; under sudo, its user)"
+        "--by",
+        metavar="NAME",
+        help="who is acting (default: the Unix user; under sudo, the one who ran sudo)",
     )
     actions = journal.add_subparsers(dest="action", metavar="ACTION")
     retry = actions.add_parser(
