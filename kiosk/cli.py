@@ -9,12 +9,14 @@ import fcntl
 import json
 import logging
 import os
+import re
 import select
 import signal
 import sys
 import threading
 import tomllib
 from collections.abc import Callable, Iterator
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -109,11 +111,71 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     journal = sub.add_parser(
-        "journal", parents=[common], help="list transactions and pending retries"
+        "journal",
+        parents=[common],
+        help="list transactions and pending retries; retry or resolve one in attention",
+        description="Without an ACTION: list transactions and pending retries, newest first "
+        "(unfinished ones and the last 20 finished; --all: every one). ACTION retry or "
+        "resolve acts on one transaction in attention.",
     )
     journal.add_argument("--json", action="store_true", help="a JSON array (SPEC section 5)")
     journal.add_argument("--all", action="store_true", help="include every finished one")
     journal.add_argument(
+        "--state-dir", metavar="DIR", help="read the journal from here (default: the config's)"
+    )
+    # Options of `journal` again after the action; SUPPRESS keeps a value given before it.
+    again = KioskArgumentParser(add_help=False)
+    again.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help="as above")
+    again.add_argument("--state-dir", metavar="DIR", default=argparse.SUPPRESS, help="as above")
+    again.add_argument(
+        "--by",
+        metavar="NAME",
+        help="who is acting (default: the Unix user; under sudo, the one who ran sudo)",
+    )
+    actions = journal.add_subparsers(dest="action", metavar="ACTION")
+    retry = actions.add_parser(
+        "retry",
+        parents=[again],
+        help="hand a transaction in attention back to the journal worker",
+        description="Puts a transaction in attention back where the journal worker resumes "
+        "it: refunding (with its refund id) if a refund was asked, else cancelling. A running "
+        "`kiosk run` takes it up at its worker's next pass.",
+    )
+    retry.add_argument("ref", metavar="REF", help="the transaction's partner_trans_id")
+    resolve = actions.add_parser(
+        "resolve",
+        parents=[again],
+        help="record that a person settled a transaction in attention outside the kiosk",
+        description="Marks a transaction in attention resolved: final, never worked on by "
+        "the kiosk again. Say what was done in --note.",
+    )
+    resolve.add_argument("ref", metavar="REF", help="the transaction's partner_trans_id")
+    resolve.add_argument(
+        "--note", required=True, metavar="TEXT", help="what was done (kept in the journal)"
+    )
+
+    report = sub.add_parser(
+        "report",
+        parents=[common],
+        help="sales by day, item and outcome; --reconcile: Alipay's money against vends",
+        description="Sales by day (UTC), item and outcome, from the journal's transactions "
+        "and the daily totals old ones were folded into. With --reconcile, per day: what "
+        "Alipay holds (paid and not given back) against what was vended, and whether they "
+        "differ.",
+    )
+    report.add_argument("--since", metavar="DATE", type=_day, help="first day (YYYY-MM-DD)")
+    report.add_argument(
+        "--until", metavar="DATE", type=_day, help="last day, included (YYYY-MM-DD)"
+    )
+    report.add_argument(
+        "--format", choices=("table", "csv", "json"), default="table", help="default: table"
+    )
+    report.add_argument(
+        "--reconcile",
+        action="store_true",
+        help="per day: what Alipay holds against what was vended",
+    )
+    report.add_argument(
         "--state-dir", metavar="DIR", help="read the journal from here (default: the config's)"
     )
 
@@ -274,6 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _day(text: str) -> date:
+    """A --since/--until day: YYYY-MM-DD, nothing else."""
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        with contextlib.suppress(ValueError):
+            return date.fromisoformat(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a day (YYYY-MM-DD)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The one error boundary: a user's mistake is one line, `kiosk: ...`, never a traceback.
     Exceptions not named here are bugs, and keep their traceback."""
@@ -327,7 +397,23 @@ def _dispatch(argv: list[str] | None) -> int:
 
             return run_init(Path(args.path))
         case "journal":
+            if args.action is not None:
+                return cmd_journal_action(args)
             return cmd_journal(args)
+        case "report":
+            from kiosk.report import run_report
+
+            if args.since and args.until and args.since > args.until:
+                raise UsageError(f"--since {args.since} is after --until {args.until}")
+            return run_report(
+                _state_dir(args),
+                args.since,
+                args.until,
+                args.format,
+                args.reconcile,
+                sys.stdout,
+                sys.stderr,
+            )
         case "simulator":
             from kiosk.simulator.serve import run_simulator
 
@@ -433,7 +519,9 @@ def cmd_journal(args: argparse.Namespace) -> int:
         return EXIT_OK
     unreadable: list[UnreadableRow] = []
     with Journal(state_dir, read_only=True) as journal:
-        rows = [t.export() for t in journal.listing(include_all=args.all, unreadable=unreadable)]
+        listed = journal.listing(include_all=args.all, unreadable=unreadable)
+        actions = journal.operator_actions(t.ref for t in listed)
+        rows = [t.export(actions.get(t.ref, ())) for t in listed]
     # A row this firmware cannot read is listed as such (its ref and why), never a failure.
     rows += [_unreadable_export(u) for u in unreadable]
     if args.json:
@@ -458,6 +546,15 @@ def cmd_journal(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    done = [(r["ref"], a) for r in rows for a in r["actions"]]
+    if done:
+        print("\noperator actions:")
+    for ref, a in sorted(done, key=lambda item: item[1]["at"]):
+        note = f": {a['note']}" if a["note"] else ""
+        print(
+            f"  {a['at'][:19]}  {ref}  {a['action']} by {a['by']} "
+            f"({a['from_state']} -> {a['to_state']}){note}"
+        )
     pending = sum(1 for r in rows if not r["final"])
     print(f"\n{pending} unfinished (*), {len(rows) - pending} finished shown")
     for u in unreadable:
@@ -482,8 +579,68 @@ def _unreadable_export(row: Any) -> dict[str, Any]:
         "updated_at": None,
         "attempts": None,
         "note": row.why,
+        "actions": [],
         "seq": row.seq,
     }
+
+
+def cmd_journal_action(args: argparse.Namespace) -> int:
+    """`kiosk journal retry|resolve REF`: one transaction in attention, recorded with who and
+    when. Beside a running `kiosk run` (SQLite's locking orders the two writers); never
+    migrates the journal, which is the daemon's to do."""
+    from kiosk.errors import ActionRefused
+    from kiosk.journal import JOURNAL_FILE, Journal
+    from kiosk.log import mask_codes
+
+    if args.json or args.all:
+        raise UsageError(f"--json and --all are for the listing, not for {args.action}")
+    who = mask_codes(_operator(args.by))
+    state_dir = _state_dir(args)
+    if not (state_dir / JOURNAL_FILE).exists():
+        raise UsageError(f"no transaction {args.ref}: no journal in {state_dir} yet")
+    try:
+        with Journal(state_dir, migrate=False) as journal:
+            if args.action == "retry":
+                txn = journal.retry_attention(args.ref, who)
+            else:
+                note = _text(args.note, "--note", 500)
+                txn = journal.resolve_attention(args.ref, who, mask_codes(note))
+    except ActionRefused as exc:
+        raise UsageError(str(exc)) from None
+    if args.action == "retry":
+        print(
+            f"{txn.ref}: attention -> {txn.state.value}, retried by {who} at {txn.updated_at}; "
+            "the journal worker of a running kiosk takes it up at its next pass"
+        )
+    else:
+        print(f"{txn.ref}: attention -> resolved (final), by {who} at {txn.updated_at}")
+    return EXIT_OK
+
+
+def _operator(by: str | None) -> str:
+    """Who acts: --by, else the Unix user (the one who ran sudo, under sudo)."""
+    if by is not None:
+        return _text(by, "--by", 64)
+    import pwd
+
+    uid = os.getuid()
+    if uid == 0 and os.environ.get("SUDO_USER"):
+        return _text(os.environ["SUDO_USER"], "SUDO_USER", 64)
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _text(value: str, what: str, limit: int) -> str:
+    text = value.strip()
+    if not text:
+        raise UsageError(f"{what} is empty")
+    if len(text) > limit:
+        raise UsageError(f"{what} is {len(text)} characters; at most {limit}")
+    if any(not ch.isprintable() for ch in text):
+        raise UsageError(f"{what} holds a control character")
+    return text
 
 
 # -- kiosk run ------------------------------------------------------------------------------

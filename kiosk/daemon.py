@@ -156,6 +156,7 @@ def flow_settings(config: Config) -> FlowSettings:
         vend_timeout_s=config.vend.timeout_s,
         retry_base_s=min(2.0, config.alipay.query_interval_s),
         retry_max_s=config.alipay.retry_max_s,
+        keep_days=config.journal.keep_days,
     )
 
 

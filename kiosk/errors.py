@@ -17,6 +17,15 @@ class JournalCorrupt(JournalError):
     """The journal file exists but is not a sound journal. It is never overwritten."""
 
 
+class JournalTooNew(JournalError):
+    """The journal has a newer schema than this firmware knows. It is never touched."""
+
+
+class ActionRefused(KioskError, ValueError):
+    """An operator action that does not apply to the transaction named (not in attention,
+    unknown ref). Nothing was changed."""
+
+
 class GatewayError(KioskError):
     """Base of the payment gateway client's errors."""
 

@@ -6,6 +6,13 @@ overwritten or recreated. The buyer's payment code never reaches it (SPEC rule 6
 transaction keeps the code's last 4 digits only. A journal written by an older firmware that
 kept whole codes is scrubbed when it is opened (`secure_delete` zeroes the freed bytes, and
 the WAL is checkpointed and truncated at once).
+
+A journal lives for years: its schema is `PRAGMA user_version`, and an older one is brought
+forward when opened for writing, one step of `MIGRATIONS` at a time, each in one commit; a
+newer one is refused and left untouched. Final transactions past `journal.keep_days` fold into
+per-day totals (`fold_old`), so the file stays bounded. A person settles a transaction in
+`attention` with `retry_attention` (back to the worker) or `resolve_attention` (final), each
+recorded with who and when.
 """
 
 from __future__ import annotations
@@ -18,21 +25,19 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from datetime import UTC, datetime
-from decimal import Decimal
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from kiosk.errors import JournalCorrupt, JournalError
+from kiosk.errors import ActionRefused, JournalCorrupt, JournalError, JournalTooNew
 from kiosk.log import mask_codes
 from kiosk.payment_code import CODE_REUSE_WINDOW_S, code_digest
 
 JOURNAL_FILE = "journal.sqlite3"
-# 2: each transaction names its merchant (partner, gateway); keyed hashes of recent codes.
-SCHEMA_VERSION = 2
 
 
 class TxnState(enum.StrEnum):
@@ -49,10 +54,11 @@ class TxnState(enum.StrEnum):
     REFUNDING = "refunding"
     REFUNDED = "refunded"
     ATTENTION = "attention"  # needs a person; an alarm was raised
+    RESOLVED = "resolved"  # was in attention; a person settled it outside the kiosk
 
 
 FINAL_STATES = frozenset(
-    {TxnState.VENDED, TxnState.DECLINED, TxnState.CANCELLED, TxnState.REFUNDED}
+    {TxnState.VENDED, TxnState.DECLINED, TxnState.CANCELLED, TxnState.REFUNDED, TxnState.RESOLVED}
 )
 # States a worker keeps driving; ATTENTION has left the active set on purpose.
 OPEN_STATES = frozenset(set(TxnState) - FINAL_STATES - {TxnState.ATTENTION})
@@ -85,8 +91,9 @@ class Transaction:
     def final(self) -> bool:
         return self.state in FINAL_STATES
 
-    def export(self) -> dict[str, Any]:
-        """The SPEC section 5 view: the code masked while open, null once final."""
+    def export(self, actions: Sequence[OperatorAction] = ()) -> dict[str, Any]:
+        """The SPEC section 5 view: the code masked while open, null once final; with `note`
+        and the operator `actions` taken on it, oldest first."""
         return {
             "ref": self.ref,
             "amount": str(self.amount),
@@ -101,7 +108,58 @@ class Transaction:
             "updated_at": self.updated_at,
             "attempts": self.attempts,
             "note": self.note,
+            "actions": [a.export() for a in actions],
         }
+
+
+class Action(enum.StrEnum):
+    """What a person did to a transaction in attention."""
+
+    RETRY = "retry"  # back into the worker's hands
+    RESOLVE = "resolve"  # settled outside the kiosk: final
+
+
+@dataclass(frozen=True)
+class OperatorAction:
+    """One operator action, as recorded with its transaction's change (schema 3)."""
+
+    ref: str
+    action: Action
+    by: str  # the Unix user, or the name given
+    at: str  # ISO 8601, UTC
+    from_state: str
+    to_state: str
+    note: str | None = None
+
+    def export(self) -> dict[str, Any]:
+        return {
+            "action": self.action.value,
+            "by": self.by,
+            "at": self.at,
+            "from_state": self.from_state,
+            "to_state": self.to_state,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class DailyTotal:
+    """Final transactions of one day (UTC, by when they were made), item, outcome (their final
+    state) and currency, folded into a count and a sum once past `keep_days` (schema 3)."""
+
+    day: str  # YYYY-MM-DD
+    item: str
+    outcome: str
+    currency: str
+    count: int
+    amount: Decimal
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    folded: int  # rows folded into the totals and deleted
+    skipped: int  # final rows past keep_days that cannot be read, so are kept as they are
+    more: bool  # the budget ran out with more to fold
 
 
 _COLUMNS = [f.name for f in fields(Transaction)]
@@ -122,6 +180,7 @@ class UnreadableRow:
 # buyer_code (whole codes: never stored now), cancel_timestamp_ms (fresh on every send),
 # retry_count and next_retry_at (the worker schedules retries in memory, on the monotonic clock).
 
+# Schema 1, as the first firmware made it: every journal starts here and takes the steps below.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS transactions (
@@ -161,42 +220,139 @@ CREATE INDEX IF NOT EXISTS requests_ref ON requests (ref);
 
 FIGURES_LOOK_PAST = 50  # Journal.figures: rows from before today read before it stops
 
-# Forward-only migrations: from schema N to N+1, each in one transaction with its version.
-_MIGRATIONS: dict[int, str] = {
-    # Schema 1 kept the whole code of an open transaction: erased (secure_delete is on).
-    1: """
+
+def _mask_request_details(conn: sqlite3.Connection) -> None:
+    """Gateway text kept by a firmware that did not mask it yet (schema 1 before rule 6 was
+    applied to error text): any code-like run of digits is cut to its last 4."""
+    rows = conn.execute("SELECT id, detail FROM requests WHERE detail IS NOT NULL").fetchall()
+    for row_id, detail in rows:
+        masked = mask_codes(str(detail))
+        if masked != detail:
+            conn.execute("UPDATE requests SET detail=? WHERE id=?", (masked, row_id))
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One forward step: from schema `to - 1` to `to`, in one commit with its version."""
+
+    to: int
+    what: str
+    sql: str
+    also: Callable[[sqlite3.Connection], None] | None = None  # after the SQL, same commit
+
+    def statements(self) -> list[str]:
+        return [s.strip() for s in self.sql.split(";") if s.strip()]
+
+
+# Forward-only, in order: each journal, new or years old, takes every step past its version.
+# Never edit a step once released; a change of schema is a new step at the end.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        2,
+        "each transaction names its merchant (partner, gateway); keyed hashes of recent codes; "
+        "the whole codes schema 1 kept for open transactions erased (secure_delete is on)",
+        """
 UPDATE transactions SET buyer_code=NULL WHERE buyer_code IS NOT NULL;
 ALTER TABLE transactions ADD COLUMN partner TEXT;
 ALTER TABLE transactions ADD COLUMN gateway TEXT;
 CREATE TABLE IF NOT EXISTS recent_codes (digest BLOB PRIMARY KEY, seen_at REAL NOT NULL);
 """,
-}
+    ),
+    Migration(
+        3,
+        "operator actions on attention; per-day totals of folded transactions; the version "
+        "kept in PRAGMA user_version too; request details masked again",
+        """
+CREATE TABLE operator_actions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ref TEXT NOT NULL,
+    action TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    at TEXT NOT NULL,
+    from_state TEXT NOT NULL,
+    to_state TEXT NOT NULL,
+    note TEXT
+);
+CREATE INDEX operator_actions_ref ON operator_actions (ref);
+CREATE TABLE daily_totals (
+    day TEXT NOT NULL,
+    item TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    amount TEXT NOT NULL,
+    PRIMARY KEY (day, item, outcome, currency)
+);
+CREATE INDEX transactions_age ON transactions (final, updated_at);
+CREATE INDEX transactions_created ON transactions (created_at);
+""",
+        also=_mask_request_details,
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].to
+assert [m.to for m in MIGRATIONS] == list(range(2, SCHEMA_VERSION + 1)), "steps out of order"
+
+# Totals are folded a batch at a time, each batch one commit: a sale waits for one batch at most.
+FOLD_BATCH = 200
 
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def _now_iso() -> str:
-    return _iso(time.time())
+def _wall_now() -> float:
+    return time.time()  # looked up at each call: a test may stand in for the clock
 
 
 class Journal:
-    """The durable record of every transaction. Thread-safe (one connection, one lock)."""
+    """The durable record of every transaction. Thread-safe (one connection, one lock).
 
-    def __init__(self, state_dir: Path, *, read_only: bool = False) -> None:
+    `read_only` reads this firmware's schema or an older one, as it is. Opened for writing, an
+    older journal is migrated forward first; with `migrate=False` (a command beside a running
+    `kiosk run`) one that is not at this firmware's schema is refused instead. `wall_clock`
+    (epoch seconds) stamps the records."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        read_only: bool = False,
+        migrate: bool = True,
+        wall_clock: Callable[[], float] | None = None,
+    ) -> None:
         self.path = Path(state_dir) / JOURNAL_FILE
         self._lock = threading.RLock()
         self._closed = False
+        self._time = wall_clock or _wall_now
         self._schema = SCHEMA_VERSION
         self._code_key = b""  # made (or read) when opened for writing
         # Told of every committed change of a transaction's state (before: None for a new one).
         self._watchers: list[Callable[[Transaction | None, Transaction], None]] = []
-        self._conn = self._open(read_only)
+        self._conn = self._open(read_only, migrate)
+
+    def _now_iso(self) -> str:
+        return _iso(self._time())
+
+    @property
+    def schema(self) -> int:
+        """The schema of the journal as opened (older than SCHEMA_VERSION only read-only)."""
+        return self._schema
 
     # -- opening ---------------------------------------------------------------------------
 
-    def _open(self, read_only: bool) -> sqlite3.Connection:
+    def _connect(self, mode: str) -> sqlite3.Connection:
+        try:
+            return sqlite3.connect(
+                f"file:{self.path}?mode={mode}",
+                uri=True,
+                check_same_thread=False,
+                isolation_level=None,
+                timeout=5.0,
+            )
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {self.path}: {exc}") from None
+
+    def _open(self, read_only: bool, migrate: bool) -> sqlite3.Connection:
         exists = self.path.exists()
         if read_only and not exists:
             raise JournalError(f"no journal at {self.path}")
@@ -209,30 +365,57 @@ class Journal:
                 ) from None
         elif not self.path.is_file():
             raise JournalCorrupt(f"journal {self.path} is not a regular file")
-        uri = f"file:{self.path}?mode={'ro' if read_only else 'rwc'}"
-        try:
-            conn = sqlite3.connect(
-                uri, uri=True, check_same_thread=False, isolation_level=None, timeout=5.0
+        version = 0  # a new file
+        probe: sqlite3.Connection | None = None
+        if exists:
+            # Looked at read-only first: a journal that is refused is left as it was (a
+            # connection that could write would checkpoint its WAL on close).
+            probe = self._connect("ro")
+            try:
+                self._check_sound(probe)
+                version = self._version_of(probe)
+                if version > SCHEMA_VERSION:
+                    raise JournalTooNew(
+                        f"journal {self.path} has schema {version}, newer than this firmware's "
+                        f"{SCHEMA_VERSION} (a later firmware wrote it); it was left untouched — "
+                        "run the firmware that wrote it, or move it aside to start a new journal"
+                    )
+                if read_only and version == 0:
+                    raise JournalCorrupt(f"journal {self.path} has no kiosk schema (empty)")
+            except JournalError:
+                probe.close()
+                raise
+            except sqlite3.DatabaseError as exc:
+                probe.close()
+                raise self._classify(exc) from None
+            if read_only:
+                self._schema = version
+                return probe
+            probe.close()
+        if not migrate and version != SCHEMA_VERSION:
+            raise JournalError(
+                f"journal {self.path} is at schema {version or 'none'}; this firmware's "
+                f"`kiosk run` brings it to schema {SCHEMA_VERSION} when it starts — start it "
+                "once, then try again"
             )
-        except sqlite3.Error as exc:
-            raise JournalError(f"cannot open journal {self.path}: {exc}") from None
+        conn = self._connect("rwc")
         try:
-            if exists:
-                self._check_sound(conn)
-            if not read_only:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA secure_delete=ON")
-                conn.execute("PRAGMA foreign_keys=ON")
-                conn.executescript(_SCHEMA)
-                # A new file starts at schema 1 and is migrated like any older journal.
-                conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1')")
-                if self._migrate(conn):
-                    # Old page images (schema 1 kept whole codes) leave the WAL at once.
-                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            self._schema = self._check_schema(conn)
-            if not read_only:
-                self._code_key = self._make_code_key(conn)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA secure_delete=ON")
+            conn.execute("PRAGMA foreign_keys=ON")
+            if version <= 1:
+                self._begin_at_schema_1(conn)
+            if version < SCHEMA_VERSION and self._migrate(conn):
+                # Old page images (schema 1 kept whole codes) leave the WAL at once.
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._schema = self._version_of(conn)
+            if self._schema != SCHEMA_VERSION:  # another process moved it on meanwhile
+                raise JournalTooNew(
+                    f"journal {self.path} has schema {self._schema}, this firmware writes "
+                    f"{SCHEMA_VERSION}; it was left as it is"
+                )
+            self._code_key = self._make_code_key(conn)
         except JournalError:
             conn.close()
             raise
@@ -261,46 +444,76 @@ class Journal:
                 "it was left untouched — copy it off for recovery, then move it aside"
             )
 
-    def _schema_of(self, conn: sqlite3.Connection) -> int | None:
-        try:
+    def _version_of(self, conn: sqlite3.Connection) -> int:
+        """The journal's schema; 0 for an empty database. From schema 3 on it is kept in
+        `PRAGMA user_version`; schemas 1 and 2 kept it in `meta` only (user_version 0)."""
+        (user_version,) = conn.execute("PRAGMA user_version").fetchone()
+        if user_version:
+            return int(user_version)
+        tables = {
+            name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if not tables:
+            return 0
+        if not tables & {"meta", "transactions"}:
+            raise JournalCorrupt(
+                f"journal {self.path} is an SQLite database but not a kiosk journal (tables: "
+                f"{', '.join(sorted(tables)[:5])}); it was left untouched — move it aside"
+            )
+        row = None
+        if "meta" in tables:
             row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise JournalCorrupt(f"journal {self.path} has no kiosk schema: {exc}") from None
+        if row is None:
+            return 1  # a schema-1 firmware stopped between making its tables and naming them
         try:
-            return int(row[0]) if row is not None else None
+            version = int(row[0])
         except (TypeError, ValueError):
-            return None
+            version = 0
+        if version < 1:
+            raise JournalCorrupt(
+                f"journal {self.path} names its schema {row[0]!r}, not a schema number; "
+                "it was left untouched"
+            )
+        return version
+
+    def _begin_at_schema_1(self, conn: sqlite3.Connection) -> None:
+        """A new file gets schema 1 (and is then migrated like any older journal). Also
+        completes a schema-1 journal whose first firmware stopped while making it."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in (s.strip() for s in _SCHEMA.split(";")):
+                if statement:
+                    conn.execute(statement)
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '1')")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     def _migrate(self, conn: sqlite3.Connection) -> bool:
-        """Bring an older journal forward, one schema at a time, each step in one commit;
-        True if it took a step. Never backwards: a newer journal is refused by
-        `_check_schema`, untouched."""
+        """Bring an older journal forward, one step of MIGRATIONS at a time, each in one
+        commit with its version (in user_version, and in `meta` for a firmware of schema 1 or
+        2, which reads only that and so refuses a journal it cannot write). True if it took a
+        step. Never backwards: a newer journal was refused before this, untouched."""
         stepped = False
-        while True:
-            version = self._schema_of(conn)
-            if version is None or version >= SCHEMA_VERSION or version not in _MIGRATIONS:
-                return stepped
-            stepped = True
+        for step in MIGRATIONS:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for statement in filter(None, (s.strip() for s in _MIGRATIONS[version].split(";"))):
+                if self._version_of(conn) >= step.to:  # read under the write lock
+                    conn.execute("ROLLBACK")
+                    continue
+                for statement in step.statements():
                     conn.execute(statement)
-                conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(version + 1),))
+                if step.also is not None:
+                    step.also(conn)
+                conn.execute("UPDATE meta SET value=? WHERE key='schema'", (str(step.to),))
+                conn.execute(f"PRAGMA user_version = {int(step.to)}")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-
-    def _check_schema(self, conn: sqlite3.Connection) -> int:
-        """The journal's schema: this firmware's, or (read-only) an older one it can read."""
-        version = self._schema_of(conn)
-        if version is None or not 1 <= version <= SCHEMA_VERSION:
-            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-            raise JournalCorrupt(
-                f"journal {self.path} has schema {row[0] if row else 'none'}, "
-                f"this firmware reads {SCHEMA_VERSION}"
-            )
-        return version
+            stepped = True
+        return stepped
 
     def _make_code_key(self, conn: sqlite3.Connection) -> bytes:
         """The key of the recent codes' hashes: random, made once, kept in the journal (so
@@ -380,7 +593,7 @@ class Journal:
         """Record a new scan's payment in state `paying`, and with it (one commit, one fsync)
         the first request about to be sent, if given, and the keyed hash of its code (for
         rule 7 across a restart; hashes older than the reuse window are pruned then too)."""
-        seen_at = time.time()
+        seen_at = self._time()
         now = _iso(seen_at)
         txn = Transaction(
             ref=ref,
@@ -439,7 +652,7 @@ class Journal:
     ) -> Transaction:
         """Journal a request that is about to be sent (and any state change with it), durably,
         before it leaves the kiosk. Counts it in `attempts`."""
-        updated = replace(txn, attempts=txn.attempts + 1, updated_at=_now_iso(), **changes)
+        updated = replace(txn, attempts=txn.attempts + 1, updated_at=self._now_iso(), **changes)
         with self._write() as conn:
             self._update(conn, updated)
             self._insert_request(conn, updated, kind, params)
@@ -451,7 +664,9 @@ class Journal:
     ) -> Transaction:
         """Note how the latest request of this transaction ended. One that never left the
         kiosk (no connection) is taken back out of `attempts`, in the same commit."""
-        updated = txn if sent else replace(txn, attempts=txn.attempts - 1, updated_at=_now_iso())
+        updated = (
+            txn if sent else replace(txn, attempts=txn.attempts - 1, updated_at=self._now_iso())
+        )
         with self._write() as conn:
             self._record_outcome(conn, txn.ref, outcome, detail)
             if not sent:
@@ -467,7 +682,7 @@ class Journal:
     ) -> Transaction:
         """Move a transaction on. `request_outcome` (outcome, detail) notes how the latest
         request ended, in the same commit."""
-        updated = replace(txn, updated_at=_now_iso(), **changes)
+        updated = replace(txn, updated_at=self._now_iso(), **changes)
         with self._write() as conn:
             self._update(conn, updated)
             if request_outcome is not None:
@@ -505,6 +720,140 @@ class Journal:
         row["state"] = txn.state.value
         row["final"] = int(txn.final)
         return row
+
+    # -- a person's actions on a transaction in attention ------------------------------------
+
+    def retry_attention(self, ref: str, by: str) -> Transaction:
+        """Hand a transaction in attention back to the journal worker: to `refunding` (the
+        same refund id, so Alipay cannot refund twice) when a refund was asked, else to
+        `cancelling`, where every reversal starts. The worker reads the journal on each pass,
+        so a running `kiosk run` takes it up on its next pass."""
+        return self._act(ref, Action.RETRY, by, None)
+
+    def resolve_attention(self, ref: str, by: str, note: str) -> Transaction:
+        """A person settled a transaction in attention outside the kiosk: `resolved`, final,
+        never touched by the worker again."""
+        return self._act(ref, Action.RESOLVE, by, note)
+
+    def _act(self, ref: str, action: Action, by: str, note: str | None) -> Transaction:
+        if self._schema < 3:
+            raise JournalError(f"journal {self.path} is at schema {self._schema}: no actions")
+        select = f"SELECT {', '.join(_COLUMNS)} FROM transactions WHERE ref=?"
+        with self._write() as conn:  # the state is read and changed under one write lock
+            row = conn.execute(select, (ref,)).fetchone()
+            if row is None:
+                raise ActionRefused(f"no transaction {ref} in the journal {self.path}")
+            try:
+                txn = self._from_row(tuple(row))
+            except JournalCorrupt as exc:
+                raise ActionRefused(f"{exc}: a person must look at the journal itself") from None
+            if txn.state is not TxnState.ATTENTION:
+                verb = "retried" if action is Action.RETRY else "resolved"
+                why = (
+                    "it is final"
+                    if txn.final
+                    else "the kiosk is still working on it (see `kiosk journal`)"
+                )
+                raise ActionRefused(
+                    f"{ref} is {txn.state.value}, not in attention: {why}; only a transaction "
+                    f"in attention can be {verb}"
+                )
+            if action is Action.RESOLVE:
+                to = TxnState.RESOLVED
+            else:
+                to = TxnState.REFUNDING if txn.refund_id else TxnState.CANCELLING
+            updated = replace(txn, state=to, updated_at=self._now_iso())
+            self._update(conn, updated)
+            conn.execute(
+                "INSERT INTO operator_actions "
+                "(ref, action, actor, at, from_state, to_state, note) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (ref, action.value, by, updated.updated_at, txn.state.value, to.value, note),
+            )
+        return updated
+
+    # -- retention: old final transactions fold into daily totals ---------------------------
+
+    def fold_old(
+        self,
+        keep_days: int,
+        *,
+        max_rows: int = 10_000,
+        batch: int = FOLD_BATCH,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> FoldResult:
+        """Fold final transactions that last changed more than `keep_days` ago into the daily
+        totals and delete them (with their requests and actions): a batch at a time, each
+        batch one commit, so a total never counts a row that is still there or misses one that
+        is gone. At most `max_rows` per call (`more` says if some are left). Unfinished rows
+        and rows in attention are never folded; a final row that cannot be read is kept.
+
+        "Now" is the wall clock, but never later than the newest change in the journal: a
+        clock set years ahead does not fold yesterday's sales."""
+        folded = skipped = 0
+        after_seq = 0
+        final = tuple(s.value for s in FINAL_STATES)
+        while folded + skipped < max_rows and not stop():
+            with self._write() as conn:
+                cutoff = self._fold_cutoff(conn, keep_days)
+                rows = conn.execute(
+                    "SELECT seq, ref, created_at, item, state, currency, amount FROM transactions "
+                    f"WHERE final=1 AND state IN ({', '.join('?' for _ in final)}) "
+                    "AND updated_at < ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (*final, cutoff, after_seq, min(batch, max_rows - folded - skipped)),
+                ).fetchall()
+                if not rows:
+                    return FoldResult(folded, skipped, more=False)
+                after_seq = rows[-1][0]
+                totals: dict[tuple[str, str, str, str], tuple[int, Decimal]] = {}
+                gone: list[tuple[int, str]] = []
+                for seq, ref, created_at, item, state, currency, amount in rows:
+                    try:
+                        day = date.fromisoformat(str(created_at)[:10]).isoformat()
+                        value = Decimal(str(amount))
+                        if not value.is_finite():
+                            raise InvalidOperation(amount)
+                    except (ValueError, InvalidOperation):
+                        skipped += 1
+                        continue
+                    key = (day, str(item), str(state), str(currency))
+                    count, total = totals.get(key, (0, Decimal(0)))
+                    totals[key] = (count + 1, total + value)
+                    gone.append((seq, ref))
+                for key, (count, total) in totals.items():
+                    old = conn.execute(
+                        "SELECT count, amount FROM daily_totals "
+                        "WHERE day=? AND item=? AND outcome=? AND currency=?",
+                        key,
+                    ).fetchone()
+                    if old is not None:
+                        count, total = count + int(old[0]), total + Decimal(old[1])
+                    conn.execute(
+                        "INSERT OR REPLACE INTO daily_totals "
+                        "(day, item, outcome, currency, count, amount) VALUES (?, ?, ?, ?, ?, ?)",
+                        (*key, count, str(total)),
+                    )
+                if gone:
+                    marks = ", ".join("?" for _ in gone)
+                    refs = [ref for _, ref in gone]
+                    conn.execute(f"DELETE FROM requests WHERE ref IN ({marks})", refs)
+                    conn.execute(f"DELETE FROM operator_actions WHERE ref IN ({marks})", refs)
+                    conn.execute(
+                        f"DELETE FROM transactions WHERE seq IN ({marks})", [s for s, _ in gone]
+                    )
+                folded += len(gone)
+        return FoldResult(folded, skipped, more=True)
+
+    def _fold_cutoff(self, conn: sqlite3.Connection, keep_days: int) -> str:
+        now = self._now_iso()
+        (newest,) = conn.execute("SELECT MAX(updated_at) FROM transactions").fetchone()
+        if isinstance(newest, str) and newest < now:
+            try:
+                stamp = datetime.fromisoformat(newest.replace("Z", "+00:00")).timestamp()
+                now = _iso(stamp)
+            except ValueError:
+                pass  # an unreadable stamp: the wall clock it is
+        moment = datetime.fromisoformat(now.replace("Z", "+00:00")) - timedelta(days=keep_days)
+        return _iso(moment.timestamp())
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -590,6 +939,83 @@ class Journal:
             for k, at, p, o, d in rows
         ]
 
+    def operator_actions(
+        self, refs: Iterable[str] | None = None
+    ) -> dict[str, list[OperatorAction]]:
+        """The operator actions by ref, oldest first: of `refs`, or all (none before schema
+        3). A person's actions are few, and leave with their transactions: read them all."""
+        if self._schema < 3:
+            return {}
+        wanted = None if refs is None else set(refs)
+        with self._lock:
+            try:
+                rows = self._conn.execute(
+                    "SELECT ref, action, actor, at, from_state, to_state, note "
+                    "FROM operator_actions ORDER BY id"
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise self._classify(exc) from None
+        found: dict[str, list[OperatorAction]] = {}
+        for ref, action, actor, at, from_state, to_state, note in rows:
+            if wanted is not None and ref not in wanted:
+                continue
+            try:
+                kind = Action(action)
+            except ValueError:
+                continue  # a later firmware's action: not this one's to show
+            found.setdefault(ref, []).append(
+                OperatorAction(ref, kind, actor, at, from_state, to_state, note)
+            )
+        return found
+
+    def sales(
+        self,
+        since: date | None = None,
+        until: date | None = None,
+        unreadable: list[UnreadableRow] | None = None,
+    ) -> tuple[list[Transaction], list[DailyTotal]]:
+        """The transactions made from day `since` to day `until` (UTC, both included) and the
+        daily totals of those days, read in one snapshot: a fold between the two reads can
+        neither count a transaction twice nor lose it."""
+        where, args = [], []
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since.isoformat())
+        if until is not None:
+            where.append("created_at < ?")
+            args.append((until + timedelta(days=1)).isoformat())
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN")
+                try:
+                    rows = list(reversed(self._select(clause, tuple(args), unreadable=unreadable)))
+                    totals = self._daily_totals(since, until)
+                finally:
+                    self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._classify(exc) from None
+        return rows, totals
+
+    def _daily_totals(self, since: date | None, until: date | None) -> list[DailyTotal]:
+        if self._schema < 3:
+            return []
+        rows = self._conn.execute(
+            "SELECT day, item, outcome, currency, count, amount FROM daily_totals "
+            "WHERE day >= ? AND day <= ? ORDER BY day, item, outcome, currency",
+            ((since or date.min).isoformat(), (until or date.max).isoformat()),
+        ).fetchall()
+        found = []
+        for day, item, outcome, currency, count, amount in rows:
+            try:
+                found.append(DailyTotal(day, item, outcome, currency, int(count), Decimal(amount)))
+            except (ValueError, TypeError, ArithmeticError) as exc:
+                raise JournalCorrupt(
+                    f"journal {self.path}: the total of {day} {item} {outcome} is unreadable "
+                    f"({exc})"
+                ) from None
+        return found
+
     # -- closing ---------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
@@ -631,7 +1057,7 @@ class Journal:
         with self._write() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('writable_check', ?)",
-                (_now_iso(),),
+                (self._now_iso(),),
             )
 
     def figures(self, day_start: str) -> JournalFigures:

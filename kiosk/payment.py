@@ -101,6 +101,7 @@ class FlowSettings:
     cancel_tries_in_foreground: int = 3
     retry_base_s: float = 2.0  # the journal worker's backoff between background retries
     retry_max_s: float = 300.0
+    keep_days: int = 90  # the journal worker folds final transactions older than this
 
 
 class GatewayWatch(Protocol):

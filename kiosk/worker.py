@@ -5,6 +5,10 @@ One worker lives for the whole process. It owns the retry schedule (in memory, o
 monotonic clock: a wall-clock jump never stalls a reversal) and the flow it settles with; a
 reloaded config reaches it through `use()`, which takes effect at the start of its next pass,
 never in the middle of settling a transaction.
+
+It also keeps the journal bounded: at its first pass and then once a day (monotonic), after
+settling what was due, final transactions older than `keep_days` fold into daily totals — on
+this thread, never on a sale's.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ log = logging.getLogger("kiosk.worker")
 ALARM_AFTER_TRIES = 50
 ALARM_AFTER_AGE_S = 24 * 3600.0
 MAX_DOUBLINGS = 30  # 2**30 times any base is far past any cap: the backoff cannot overflow
+FOLD_EVERY_S = 24 * 3600.0  # retention: how often old final transactions are folded
+FOLD_RETRY_S = 3600.0  # after a fold that failed
+FOLD_ROWS_PER_PASS = 10_000  # more than that waits for the next pass: retries go first
 
 
 @dataclass
@@ -90,6 +97,7 @@ class JournalWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._resume_all = True  # on start every unfinished transaction is due at once
+        self._next_fold: float | None = None  # monotonic; None: at the first pass
 
     # -- control, from any thread -------------------------------------------------------------
 
@@ -213,6 +221,8 @@ class JournalWorker:
                 self._back_off(txn, flow, now)
         if journal_failed is not None:
             self.on_journal_error(journal_failed)
+        if not (self._stop.is_set() or flow.stopping.is_set()):
+            self._fold_if_due(flow.settings.keep_days)
         # No second read of the journal: a sale that ends unfinished wakes the worker, and its
         # row is in the next pass.
         self._report_backlog(len(left))
@@ -229,6 +239,38 @@ class JournalWorker:
         if not due:
             return self.idle_s
         return min(self.idle_s, max(0.0, min(due) - self._clock()))
+
+    def _fold_if_due(self, keep_days: int) -> None:
+        """Retention, at the first pass and then once a day. A fold that fails is logged and
+        tried again in an hour; it never stops the pass, nor the sales (their own writes tell
+        a journal fault)."""
+        now = self._clock()
+        if self._next_fold is not None and now < self._next_fold:
+            return
+        try:
+            result = self.journal.fold_old(
+                keep_days, max_rows=FOLD_ROWS_PER_PASS, stop=self._stop.is_set
+            )
+        except Exception as exc:
+            self._next_fold = now + FOLD_RETRY_S
+            event(
+                log,
+                "journal.fold_failed",
+                level=logging.ERROR,
+                error=f"{type(exc).__name__}: {exc}",
+                retry_in_s=FOLD_RETRY_S,
+            )
+            return
+        self._next_fold = now if result.more else now + FOLD_EVERY_S
+        if result.folded or result.skipped:
+            event(
+                log,
+                "journal.folded",
+                rows=result.folded,
+                kept_unreadable=result.skipped,
+                keep_days=keep_days,
+                more=result.more,
+            )
 
     def _alarm_unreadable(self, rows: list[UnreadableRow]) -> None:
         """A row this firmware cannot read is skipped (the others are settled all the same);

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kiosk.errors import JournalCorrupt, JournalError
-from kiosk.journal import JOURNAL_FILE, Journal, TxnState
+from kiosk.errors import JournalCorrupt, JournalError, JournalTooNew
+from kiosk.journal import JOURNAL_FILE, SCHEMA_VERSION, Journal, TxnState
 
 CODE = "286512345678901234"
 
@@ -215,7 +215,9 @@ def test_a_schema_1_journal_is_read_and_migrated_forward_never_called_corrupt(
         )
         assert journal.get(new.ref) == new
     conn = sqlite3.connect(tmp_path / JOURNAL_FILE)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("2",)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
     conn.close()
     with Journal(tmp_path) as again:  # opening a migrated journal changes nothing
         assert again.get("VM-1-new").partner == "2088101122334455"  # type: ignore[union-attr]
@@ -224,11 +226,15 @@ def test_a_schema_1_journal_is_read_and_migrated_forward_never_called_corrupt(
 def test_a_journal_of_a_newer_schema_is_refused_untouched(tmp_path: Path) -> None:
     Journal(tmp_path).close()
     conn = sqlite3.connect(tmp_path / JOURNAL_FILE)
-    conn.execute("UPDATE meta SET value='3' WHERE key='schema'")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.commit()
     conn.close()
-    with pytest.raises(JournalCorrupt, match="schema 3"):
+    before = (tmp_path / JOURNAL_FILE).read_bytes()
+    with pytest.raises(JournalTooNew, match=f"schema {SCHEMA_VERSION + 1}, newer than"):
         Journal(tmp_path)
+    with pytest.raises(JournalTooNew):
+        Journal(tmp_path, read_only=True)
+    assert (tmp_path / JOURNAL_FILE).read_bytes() == before
 
 
 def test_recent_codes_are_kept_as_keyed_hashes_for_the_window_and_pruned(
