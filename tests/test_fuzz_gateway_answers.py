@@ -14,7 +14,6 @@ import pkgutil
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 from xml.sax.saxutils import escape
@@ -47,7 +46,7 @@ from kiosk.alipay.xml import (
 from tests.alipay_fixtures import CraftedGateway, Reply, key_pair, rsa_key
 
 FUZZ = settings(
-    deadline=timedelta(milliseconds=500),
+    deadline=None,  # no wall-clock limit: a loaded machine is not a failure
     derandomize=True,
     database=None,
     suppress_health_check=[
