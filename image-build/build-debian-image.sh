@@ -7,7 +7,12 @@
 # --work DIR   keep the build folder there (default: a temp folder, removed at the end)
 # --overlay DIR  copy DIR over the root before it is packed (image-test.sh adds its test units)
 # No loop mounts: the boot partition is made by mkfs.vfat -C + mcopy, the root by mkfs.ext4 -d,
-# and both are put into the image with parted + dd conv=notrunc.
+# and both are put into the image with sfdisk + dd conv=notrunc. The partitions are mounted by
+# PARTUUID (the MBR's disk identifier, chosen here, plus the partition number), never by label:
+# a USB stick labelled like the card is not mounted in its place. Writes OUT.cdx.json beside
+# the image: the SBOM of its Python environment.
+#
+# KIOSK_DISK_ID=8 hex digits: the disk identifier (default: random per build).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -19,6 +24,8 @@ BOOT_MIB=256
 ROOT_SPARE_MIB=768 # free space on the root for the journal, logs and updates
 BOOT_LABEL=RASPIFIRM
 ROOT_LABEL=RASPIROOT
+DISK_ID=""  # the MBR disk identifier: PARTUUIDs are DISK_ID-01 (boot) and DISK_ID-02 (root)
+BOOT_MOUNT_OPTIONS=rw,noatime,umask=0077,nodev,nosuid,noexec,nofail,x-systemd.device-timeout=5min
 # procps: /bin/kill, kiosk.service's ExecReload (SIGHUP re-reads the config); minbase lacks it.
 PACKAGES=(systemd systemd-sysv systemd-timesyncd systemd-resolved udev kmod dbus procps
 	e2fsprogs dosfstools iproute2 ca-certificates linux-image-arm64 raspi-firmware)
@@ -88,24 +95,46 @@ unmount_pseudo() {
 	MOUNTED=0
 }
 
+# debootstrap installs the release as it was at its point release; the security archive
+# (bookworm-security, in sources.list) and bookworm-updates have newer builds of some of it.
+upgrade_base() {
+	local upgrades
+	upgrades="$(in_root apt-get -s full-upgrade | grep -c '^Inst ' || true)"
+	log "security and point updates for the base: ${upgrades} packages"
+	in_root apt-get full-upgrade -y -qq -o Dpkg::Options::=--force-confold
+}
+
+# Nothing in the finished root may have a newer build in its sources (security archive included).
+check_up_to_date() {
+	local pending
+	pending="$(in_root apt-get -s full-upgrade | grep '^Inst ' || true)"
+	[[ -z "${pending}" ]] || die "packages left behind their security updates:
+${pending}"
+}
+
 # Every package install would rebuild the initramfs (about 15 min under emulation): divert
 # update-initramfs to a no-op while installing, then build it once.
 install_system() {
+	# nofail: without the FAT partition the kiosk still boots (into its service, not into an
+	# emergency shell nobody may open: root is locked); provisioning waits for it.
 	cat >"${ROOT}/etc/fstab" <<-EOF
-		LABEL=${ROOT_LABEL}  /               ext4  rw,noatime,errors=remount-ro                     0 1
-		LABEL=${BOOT_LABEL}  /boot/firmware  vfat  rw,noatime,umask=0077,nodev,nosuid,noexec  0 2
+		PARTUUID=${DISK_ID}-02  /               ext4  rw,noatime,errors=remount-ro  0 1
+		PARTUUID=${DISK_ID}-01  /boot/firmware  vfat  ${BOOT_MOUNT_OPTIONS}  0 2
 	EOF
 	mkdir -p "${ROOT}/boot/firmware" "${ROOT}/etc/default"
 	# raspi-firmware writes cmdline.txt from this; keep the console off the Pi's UART pins
 	# (the vend controller may be there): HDMI only.
 	cat >"${ROOT}/etc/default/raspi-firmware" <<-EOF
-		ROOTPART=LABEL=${ROOT_LABEL}
+		ROOTPART=PARTUUID=${DISK_ID}-02
 		CONSOLES="tty0"
 	EOF
+	# Appended to cmdline.txt: SysRq is off from the first instruction, before sysctl.d applies.
+	echo "sysctl.kernel.sysrq=0" >"${ROOT}/etc/default/raspi-extra-cmdline"
 	echo kiosk >"${ROOT}/etc/hostname"
 	in_root dpkg-divert --local --rename --add /usr/sbin/update-initramfs
 	ln -sf /bin/true "${ROOT}/usr/sbin/update-initramfs"
 	in_root apt-get update -qq
+	upgrade_base
 	in_root apt-get install -y -qq --no-install-recommends -o Dpkg::Options::=--force-confold \
 		"${PACKAGES[@]}"
 	rm -f "${ROOT}/usr/sbin/update-initramfs"
@@ -121,6 +150,14 @@ network_config() {
 
 		[Network]
 		DHCP=yes
+		LLMNR=no
+		MulticastDNS=no
+
+		[DHCPv4]
+		UseNTP=no
+
+		[DHCPv6]
+		UseNTP=no
 	EOF
 	in_root systemctl enable systemd-networkd.service systemd-resolved.service \
 		systemd-timesyncd.service
@@ -147,6 +184,7 @@ build_initramfs() {
 }
 
 finish_root() {
+	check_up_to_date
 	in_root apt-get clean
 	rm -f "${ROOT}/usr/sbin/policy-rc.d" "${ROOT}/usr/bin/qemu-aarch64-static"
 	rm -rf "${ROOT}"/var/lib/apt/lists/* "${ROOT}"/tmp/* "${ROOT}/etc/machine-id"
@@ -171,13 +209,31 @@ pack_image() {
 	mv "${WORK}/firmware" "${ROOT}/boot/firmware"
 	total_mib=$((4 + BOOT_MIB + root_mib + 1))
 	truncate -s "${total_mib}M" "${OUT}"
-	parted -s "${OUT}" mklabel msdos \
-		mkpart primary fat32 4MiB "$((4 + BOOT_MIB))MiB" \
-		mkpart primary ext4 "$((4 + BOOT_MIB))MiB" "$((4 + BOOT_MIB + root_mib))MiB" \
-		set 1 lba on
+	write_partition_table "${OUT}" "${root_mib}"
 	dd if="${boot_img}" of="${OUT}" bs=1M seek=4 conv=notrunc,sparse status=none
 	dd if="${root_img}" of="${OUT}" bs=1M seek=$((4 + BOOT_MIB)) conv=notrunc,sparse status=none
 	rm -f "${boot_img}" "${root_img}"
+}
+
+# The MBR: the boot partition (FAT32 LBA, 0x0c) at 4 MiB and the root (0x83) after it, with the
+# disk identifier the fstab and cmdline.txt name (sfdisk's label-id).
+write_partition_table() { # IMAGE ROOT_MIB
+	sfdisk --quiet --no-reread --no-tell-kernel "$1" <<-EOF
+		label: dos
+		label-id: 0x${DISK_ID}
+		unit: sectors
+
+		start=$((4 * 2048)), size=$((BOOT_MIB * 2048)), type=c
+		start=$(((4 + BOOT_MIB) * 2048)), size=$(($2 * 2048)), type=83
+	EOF
+}
+
+# A random disk identifier, or KIOSK_DISK_ID; never 0 (that reads as "no identifier").
+choose_disk_id() {
+	DISK_ID="${KIOSK_DISK_ID:-$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n')}"
+	DISK_ID="${DISK_ID,,}"
+	[[ "${DISK_ID}" =~ ^[0-9a-f]{8}$ && "${DISK_ID}" != 00000000 ]] ||
+		die "disk identifier must be 8 hex digits, not 0: ${DISK_ID}"
 }
 
 cleanup() {
@@ -201,7 +257,7 @@ main() {
 			shift
 			;;
 		-h | --help)
-			sed -n '5,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+			sed -n '5,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
 			exit 0
 			;;
 		-*) die "unknown option $1" ;;
@@ -224,6 +280,8 @@ main() {
 	local started
 	started="$(date +%s)"
 
+	choose_disk_id
+	log "disk identifier ${DISK_ID}: boot PARTUUID=${DISK_ID}-01, root PARTUUID=${DISK_ID}-02"
 	phase binfmt
 	enable_binfmt
 	phase debootstrap
@@ -233,6 +291,7 @@ main() {
 	phase "kiosk layer"
 	# Wheels are fetched on the host (network, no compiler under emulation).
 	bash "${HERE}/kiosk-layer.sh" "${ROOT}"
+	bash "${HERE}/kiosk-layer.sh" --sbom "${ROOT}" "${OUT%.img}.cdx.json"
 	phase initramfs
 	build_initramfs
 	phase finish
@@ -244,4 +303,7 @@ main() {
 	log "total $(($(date +%s) - started)) s"
 }
 
-main "$@"
+# Sourced (the tests call its functions), it builds nothing.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+	main "$@"
+fi

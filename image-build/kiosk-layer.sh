@@ -6,6 +6,9 @@
 #                                                     packages and the venv inside ROOT (chroot)
 #   kiosk-layer.sh --fetch-wheels DIR                 host side: the kiosk wheel + aarch64 wheels
 #   kiosk-layer.sh --inside                           the package part, run within the target root
+#   kiosk-layer.sh --lock                             host side: rewrite requirements/image.lock
+#   kiosk-layer.sh --sbom ROOT OUT.cdx.json           host side, after --inside: the SBOM of ROOT's
+#                                                     Python environment (CycloneDX JSON)
 #
 # --no-chroot lays out the files only (and stages --wheels DIR if given): the fast tests use it
 # on a plain temp folder, pi-gen's 00-run.sh uses it before its 01-run-chroot.sh runs --inside.
@@ -21,11 +24,27 @@ UNIT_DIR=/usr/lib/systemd/system
 # aarch64 wheel on PyPI and compiling under emulation is slow, so Debian's build is used.
 DEBIAN_PACKAGES=(python3 python3-venv python3-evdev python3-serial python3-defusedxml
 	ca-certificates)
-# Not in bookworm at a usable version (gpiozero 1.6.2, no lgpio, cryptography 38 < 42,
-# requests 2.28 on urllib3 1.26 while the kiosk needs urllib3 2): aarch64 wheels fetched on
+# Not in bookworm at a usable version (gpiozero 1.6.2, no lgpio, cryptography 38 < 50,
+# requests 2.28 on urllib3 1.26 while the kiosk needs urllib3 2.8, paho-mqtt 1.6 < 2.1): aarch64 wheels fetched on
 # the host, so nothing is compiled in the emulated chroot.
-WHEEL_REQUIREMENTS=("cryptography>=42" "gpiozero>=2.0.1.post3" "lgpio>=0.2.2" "requests>=2.31"
-	"urllib3>=2")
+WHEEL_REQUIREMENTS=("cryptography>=50" "gpiozero>=2.0.1.post3" "lgpio>=0.2.2" "requests>=2.33"
+	"urllib3>=2.8" "paho-mqtt>=2.1")
+
+# The wheels above, pinned with their sha256 hashes for the target (aarch64, CPython 3.11, glibc
+# 2.36): `kiosk-layer.sh --lock` writes it from WHEEL_REQUIREMENTS; the build downloads and
+# installs nothing that is not in it, byte for byte (pip --require-hashes).
+LOCK="${PROJECT}/requirements/image.lock"
+# The image's Python inventory (pip inspect, with the Debian package behind each system one),
+# written by --inside for --sbom on the host.
+INVENTORY=/var/cache/kiosk-python-inventory.json
+# Firewall (nftables), installed by --inside with the layer's /etc/nftables.conf kept.
+HARDENING_PACKAGES=(nftables)
+# Consoles a keyboard on a public USB port could reach, and keys that reboot: masked.
+MASKED_UNITS=(getty@.service serial-getty@.service autovt@.service console-getty.service
+	container-getty@.service getty-static.service debug-shell.service ctrl-alt-del.target)
+# Enabled at boot: the firewall, and the wait for the first clock synchronisation that
+# kiosk.service is ordered after (through time-sync.target).
+SYSINIT_UNITS=(nftables.service systemd-time-wait-sync.service)
 
 log() { printf 'kiosk-layer: %s\n' "$*" >&2; }
 die() {
@@ -34,7 +53,7 @@ die() {
 }
 
 usage() {
-	sed -n '5,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+	sed -n '5,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
 	exit 2
 }
 
@@ -48,11 +67,26 @@ host_python() {
 	fi
 }
 
+# pip's options for the target: CPython 3.11 on glibc 2.36 (bookworm), aarch64, wheels only.
+# pip does not widen a manylinux tag to older glibc versions by itself; an unlisted tag makes it
+# pick lgpio's empty 0.0.0.2 placeholder.
+target_flags() {
+	local tag
+	TARGET_FLAGS=(--only-binary=:all: --implementation cp --python-version 3.11 --abi cp311
+		--abi abi3 --abi none)
+	for tag in 2_36 2_35 2_34 2_31 2_28 2_27 2_26 2_17; do
+		TARGET_FLAGS+=(--platform "manylinux_${tag}_aarch64")
+	done
+	TARGET_FLAGS+=(--platform manylinux2014_aarch64 --platform any)
+}
+
 # The kiosk wheel (built from a clean copy, so the checkout gets no build/ folder) and the
-# aarch64 wheels of what Debian lacks, for CPython 3.11 on glibc 2.36 (bookworm).
+# aarch64 wheels of what Debian lacks, exactly those of requirements/image.lock (pip refuses a
+# file whose sha256 differs, and a dependency the lock does not pin).
 fetch_wheels() {
-	local out="$1" py src platforms=() tag
+	local out="$1" py src
 	py="$(host_python)"
+	[[ -f "${LOCK}" ]] || die "no ${LOCK}: run kiosk-layer.sh --lock"
 	mkdir -p "${out}"
 	src="$(mktemp -d)"
 	# shellcheck disable=SC2064  # expand now: src is local
@@ -60,16 +94,44 @@ fetch_wheels() {
 	cp -r "${PROJECT}/pyproject.toml" "${PROJECT}/kiosk" "${PROJECT}/drivers" "${src}/"
 	if [[ -f "${PROJECT}/README.md" ]]; then cp "${PROJECT}/README.md" "${src}/"; fi
 	"${py}" -m pip wheel --quiet --no-deps --wheel-dir "${out}" "${src}"
-	# pip does not widen a manylinux tag to older glibc versions by itself; an unlisted tag
-	# makes it pick lgpio's empty 0.0.0.2 placeholder.
-	for tag in 2_36 2_35 2_34 2_31 2_28 2_27 2_26 2_17; do
-		platforms+=(--platform "manylinux_${tag}_aarch64")
-	done
-	"${py}" -m pip download --quiet --dest "${out}" --only-binary=:all: \
-		--implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none \
-		"${platforms[@]}" --platform manylinux2014_aarch64 --platform any \
-		"${WHEEL_REQUIREMENTS[@]}"
+	target_flags
+	"${py}" -m pip download --quiet --dest "${out}" "${TARGET_FLAGS[@]}" \
+		--require-hashes -r "${LOCK}"
+	cp "${LOCK}" "${out}/image.lock"
 	log "wheels in ${out}: $(cd "${out}" && echo *.whl)"
+}
+
+# requirements/image.lock from WHEEL_REQUIREMENTS: resolves them for the target, downloads the
+# wheels and pins each with the sha256 of the very file the target installs. Run it on purpose
+# (a security update, a new requirement) and commit the result.
+lock_requirements() {
+	local py dl
+	py="$(host_python)"
+	dl="$(mktemp -d)"
+	# shellcheck disable=SC2064  # expand now: dl is local
+	trap "rm -rf '${dl}'" RETURN
+	target_flags
+	"${py}" -m pip download --quiet --dest "${dl}" "${TARGET_FLAGS[@]}" "${WHEEL_REQUIREMENTS[@]}"
+	mkdir -p "$(dirname "${LOCK}")"
+	"${py}" - "${dl}" "${LOCK}" "${WHEEL_REQUIREMENTS[@]}" <<-'EOF'
+		import hashlib, re, sys
+		from pathlib import Path
+
+		folder, lock, wanted = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+		lines = [
+		    "# The kiosk layer's wheels for the image (aarch64, CPython 3.11, glibc 2.36), each",
+		    "# pinned with the sha256 of the file the image installs (pip --require-hashes).",
+		    "# Written by `image-build/kiosk-layer.sh --lock`; do not edit by hand.",
+		    "# requirements: " + " ".join(wanted),
+		]
+		for wheel in sorted(folder.glob("*.whl"), key=lambda path: path.name.lower()):
+		    name, version = wheel.name.split("-")[:2]
+		    name = re.sub(r"[-_.]+", "-", name).lower()
+		    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+		    lines += [f"{name}=={version} \\", f"    --hash=sha256:{digest}", f"    # {wheel.name}"]
+		lock.write_text("\n".join(lines) + "\n")
+	EOF
+	log "wrote ${LOCK}"
 }
 
 install_file() { # MODE SOURCE DEST (DEST relative to ROOT)
@@ -96,6 +158,27 @@ lay_out_files() {
 	install -d -m 0755 "${ROOT}/etc/kiosk"
 	install -d -m 0750 "${ROOT}/etc/kiosk/keys"
 	install -d -m 0700 "${ROOT}/var/lib/kiosk"
+	lay_out_hardening
+}
+
+# The system around the kiosk (image-build/hardening/, laid out as is): no console, no SysRq,
+# no Ctrl+Alt+Del, a default-deny firewall, unicast DNS only, fixed time servers, and a
+# bounded wait for the first clock synchronisation.
+lay_out_hardening() {
+	local file unit units="${ROOT}/etc/systemd/system"
+	while IFS= read -r -d '' file; do
+		install_file 0644 "${HERE}/hardening/${file}" "/${file}"
+	done < <(cd "${HERE}/hardening" && find . -type f -printf '%P\0')
+	chmod 0755 "${ROOT}/etc/nftables.conf" # as Debian ships it: `#!/usr/sbin/nft -f`
+	mkdir -p "${units}/sysinit.target.wants"
+	for unit in "${MASKED_UNITS[@]}"; do
+		ln -sfn /dev/null "${units}/${unit}"
+	done
+	# systemd's postinst enables a getty on tty1; the mask above already stops it.
+	rm -f "${units}/getty.target.wants/getty@tty1.service"
+	for unit in "${SYSINIT_UNITS[@]}"; do
+		ln -sfn "${UNIT_DIR}/${unit}" "${units}/sysinit.target.wants/${unit}"
+	done
 }
 
 stage_wheels() {
@@ -103,6 +186,8 @@ stage_wheels() {
 	compgen -G "${wheels}/kiosk-*.whl" >/dev/null || die "no kiosk wheel in ${wheels}"
 	install -d -m 0755 "${ROOT}${STAGE}/wheels"
 	cp "${wheels}"/*.whl "${ROOT}${STAGE}/wheels/"
+	[[ -f "${wheels}/image.lock" ]] || die "no image.lock in ${wheels} (made by --fetch-wheels)"
+	install -m 0644 "${wheels}/image.lock" "${ROOT}${STAGE}/image.lock"
 	install -m 0755 "${BASH_SOURCE[0]}" "${ROOT}${STAGE}/kiosk-layer.sh"
 }
 
@@ -113,12 +198,10 @@ inside() {
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get install -y --no-install-recommends "${DEBIAN_PACKAGES[@]}"
 	python3 -m venv --system-site-packages "${VENV}"
-	# --ignore-installed: the venv's own copies, never Debian's older ones it can also see.
-	"${VENV}/bin/pip" install --quiet --no-cache-dir --no-index --find-links "${wheels}" \
-		--ignore-installed "${WHEEL_REQUIREMENTS[@]}"
-	# --no-deps: evdev comes from Debian (1.6.1), older than pyproject's pin.
-	"${VENV}/bin/pip" install --quiet --no-cache-dir --no-index --no-deps "${wheels}"/kiosk-*.whl
+	install_python_packages "${wheels}"
 	"${VENV}/bin/python" -c 'import kiosk.daemon, kiosk.alipay.client, evdev, serial, gpiozero, lgpio'
+	write_python_inventory
+	install_hardening_packages
 	# Nothing probes serial ports, nothing compiles on the kiosk.
 	if dpkg-query -W -f='${Status}' modemmanager 2>/dev/null | grep -q 'ok installed'; then
 		apt-get purge -y modemmanager
@@ -135,6 +218,63 @@ inside() {
 	rm -rf "${STAGE}"
 }
 
+# The venv's packages: the lock's wheels, each checked against its hash; then the kiosk wheel
+# (built here, so not in the lock) without letting pip fetch anything, and `pip check` proves
+# that every requirement of the kiosk and of each wheel is met by what is installed, the
+# Debian packages the venv sees included. A missing or too old dependency fails the build.
+install_python_packages() {
+	local wheels="$1"
+	# --ignore-installed: the venv's own copies, never Debian's older ones it can also see.
+	"${VENV}/bin/pip" install --quiet --no-cache-dir --no-index --find-links "${wheels}" \
+		--ignore-installed --require-hashes -r "${STAGE}/image.lock"
+	# --no-deps: its dependencies are the lock's wheels and Debian's python3-* packages, never
+	# anything pip would pick; pip check below holds them to the wheel's requirements.
+	"${VENV}/bin/pip" install --quiet --no-cache-dir --no-index --no-deps "${wheels}"/kiosk-*.whl
+	"${VENV}/bin/pip" check
+}
+
+# What Python runs the kiosk: pip's inventory of the venv and the system packages it sees, each
+# system one with the Debian package that installed it. --sbom turns it into the SBOM.
+write_python_inventory() {
+	"${VENV}/bin/python" - "${INVENTORY}" <<-'EOF'
+		import json, subprocess, sys
+
+		inspect = subprocess.run([sys.executable, "-m", "pip", "inspect"], check=True,
+		                         capture_output=True, text=True)
+		data = json.loads(inspect.stdout)
+		for dist in data["installed"]:
+		    location = dist.get("metadata_location", "")
+		    if not location.startswith("/usr/lib/python3/"):
+		        continue
+		    owner = subprocess.run(["dpkg-query", "-S", location], capture_output=True, text=True)
+		    if owner.returncode != 0:
+		        continue
+		    package = owner.stdout.split(": ", 1)[0].split(":", 1)[0]
+		    shown = subprocess.run(["dpkg-query", "-W", "-f=${Version} ${Architecture}", package],
+		                           check=True, capture_output=True, text=True).stdout.split()
+		    dist["debian"] = {"package": package, "version": shown[0], "architecture": shown[1]}
+		with open(sys.argv[1], "w", encoding="utf-8") as out:
+		    json.dump(data, out, indent=1, sort_keys=True)
+	EOF
+}
+
+install_hardening_packages() {
+	# --force-confold: the layer's /etc/nftables.conf stays (the package's goes to .dpkg-dist).
+	apt-get install -y --no-install-recommends -o Dpkg::Options::=--force-confold \
+		"${HARDENING_PACKAGES[@]}"
+}
+
+# Host side, after --inside: the CycloneDX SBOM of ROOT's Python environment, next to the image.
+write_sbom() {
+	local root="$1" out="$2" version
+	[[ -f "${root}${INVENTORY}" ]] || die "no ${root}${INVENTORY}: run the layer first"
+	version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "${PROJECT}/pyproject.toml" | head -1)"
+	"$(host_python)" "${HERE}/sbom.py" --inventory "${root}${INVENTORY}" --lock "${LOCK}" \
+		--name "$(basename "${out%.cdx.json}")" --version "${version:-0}" --output "${out}"
+	rm -f "${root}${INVENTORY}"
+	log "SBOM of the image's Python environment: ${out}"
+}
+
 main() {
 	local chroot=1 wheels=""
 	[[ $# -gt 0 ]] || usage
@@ -147,6 +287,15 @@ main() {
 			;;
 		--inside)
 			inside
+			return
+			;;
+		--lock)
+			lock_requirements
+			return
+			;;
+		--sbom)
+			[[ $# -eq 3 ]] || usage
+			write_sbom "$(cd "$2" && pwd)" "$(realpath -m "$3")"
 			return
 			;;
 		--no-chroot) chroot=0 ;;
