@@ -93,8 +93,12 @@ unmount_pseudo() {
 install_system() {
 	cat >"${ROOT}/etc/fstab" <<-EOF
 		LABEL=${ROOT_LABEL}  /               ext4  rw,noatime,errors=remount-ro                     0 1
-		LABEL=${BOOT_LABEL}  /boot/firmware  vfat  rw,noatime,umask=0077,nodev,nosuid,noexec  0 2
+		LABEL=${BOOT_LABEL}  /boot/firmware  vfat  rw,noatime,umask=0077,nodev,nosuid,noexec,nofail  0 2
 	EOF
+	# nofail: the FAT partition has no journal, so a power cut can leave it dirty or broken,
+	# and its device can come late; the boot must not wait for it (without nofail it drops
+	# into emergency mode and the kiosk never starts). Only provisioning needs it
+	# (RequiresMountsFor=), and kiosk.service is ordered after provisioning, not bound to it.
 	mkdir -p "${ROOT}/boot/firmware" "${ROOT}/etc/default"
 	# raspi-firmware writes cmdline.txt from this; keep the console off the Pi's UART pins
 	# (the vend controller may be there): HDMI only.
