@@ -13,7 +13,7 @@ A run: boot, then for each cut one sale with a fault drawn as the fault campaign
 success, failure or silence), then one sale set up to reach the cut's point, and the power cut
 (SIGKILL of qemu and of the card's cache together) when the host sees that point:
 
-    scan      a random moment (0-2 s) after the scanner line was written
+    scan      a random moment (0.2-2.5 s) after the scanner line was written
     pay       the simulator received the pay (its answer held, or the buyer still to confirm)
     approved  the controller got APPROVED (it dispenses or not; or the cut follows its SUCCESS)
     cancel    the simulator received a cancel (a failed vend, or a pay never confirmed)
@@ -440,7 +440,7 @@ class Run:
         if point == "scan":
             kind = rng.choice(sorted(BASIC))
             setup = BASIC[kind](rng)
-            variant = f"after {rng.uniform(0, 2):.2f} s"
+            variant = f"after {rng.uniform(0.2, 2.5):.2f} s"
         elif point == "pay":
             kind = "pay_held"
             plan = rng.choice(
