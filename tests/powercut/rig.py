@@ -13,7 +13,8 @@ A run: boot, then for each cut one sale with a fault drawn as the fault campaign
 success, failure or silence), then one sale set up to reach the cut's point, and the power cut
 (SIGKILL of qemu and of the card's cache together) when the host sees that point:
 
-    scan      a random moment (0.2-2.5 s) after the scanner line was written
+    scan      a random moment after the scanner line was written, within the time the last
+              sale took from its scan to its pay at the gateway
     pay       the simulator received the pay (its answer held, or the buyer still to confirm)
     approved  the controller got APPROVED (it dispenses or not; or the cut follows its SUCCESS)
     cancel    the simulator received a cancel (a failed vend, or a pay never confirmed)
@@ -324,6 +325,7 @@ class Run:
     boot_seconds: list[float] = field(default_factory=list)
     sales: int = 0
     clean_off: bool = False  # the last boot powered itself off
+    scan_to_pay_s: float = 1.5  # the last sale's, scan written to its pay at the gateway
     missed: int = 0  # cuts whose point was not reached in time (cut anyway)
 
     @property
@@ -440,7 +442,8 @@ class Run:
         if point == "scan":
             kind = rng.choice(sorted(BASIC))
             setup = BASIC[kind](rng)
-            variant = f"after {rng.uniform(0.2, 2.5):.2f} s"
+            # Before the pay reaches the gateway, mostly: within the scan-to-pay time seen.
+            variant = f"after {rng.uniform(0.05, 1.0) * self.scan_to_pay_s:.2f} s"
         elif point == "pay":
             kind = "pay_held"
             plan = rng.choice(
@@ -559,6 +562,7 @@ class Run:
             ref = request.params.get("partner_trans_id") or request.params.get("out_trade_no")
             if request.service == "pay" and sale.ref is None and ref:
                 sale.ref = ref
+                self.scan_to_pay_s = max(0.3, request.time - sale.scanned_at)
                 self.who.by_ref.setdefault(ref, sale.label)
             if ref is None or ref != sale.ref:
                 continue
