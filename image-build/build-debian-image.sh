@@ -144,7 +144,16 @@ network_config() {
 build_initramfs() {
 	local kver
 	kver="$(basename "$(ls -d "${ROOT}"/lib/modules/*)")"
+	# The initramfs checks the root before mounting it (cmdline.txt: fsck.repair=yes), which
+	# after a power cut is what repairs a filesystem ext4 found damaged. FSTYPE=auto would ask
+	# for the type of the root device the build runs on, which a chroot does not have: the fsck
+	# hook then leaves fsck out, and the root is never checked ("fsck not present").
+	mkdir -p "${ROOT}/etc/initramfs-tools/conf.d"
+	echo "FSTYPE=ext4" >"${ROOT}/etc/initramfs-tools/conf.d/kiosk-root-fstype"
 	in_root update-initramfs -c -k "${kver}"
+	# grep -c reads the whole list: with -q, lsinitramfs could die of SIGPIPE and pipefail fail it.
+	in_root lsinitramfs "/boot/initrd.img-${kver}" | grep -c 'sbin/fsck\.ext4$' >/dev/null ||
+		die "the initramfs has no fsck.ext4: the root would never be checked"
 	# Copies the kernel, initrd and device trees onto the boot partition, writes cmdline.txt.
 	in_root /etc/kernel/postinst.d/z50-raspi-firmware "${kver}"
 	compgen -G "${ROOT}/boot/firmware/initrd.img*" >/dev/null || die "no initrd on the boot partition"

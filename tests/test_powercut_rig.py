@@ -198,3 +198,16 @@ def test_device_units_are_named_as_systemd_names_them() -> None:
         "dev-vda1.device",
     ]
     assert [guest.device_unit(spec) for spec in specs] == expected
+
+
+def test_the_initramfs_checks_the_root_after_a_cut() -> None:
+    """The image is built in a chroot, where initramfs-tools' FSTYPE=auto finds no root device:
+    its fsck hook then left fsck out, the initramfs printed "fsck not present, so skipping root
+    file system" after every power cut, and `rw` on the command line skips systemd's check
+    too. The build names the root's type and fails if fsck.ext4 is missing."""
+    script = (REPO / "image-build/build-debian-image.sh").read_text()
+    body = script[script.index("build_initramfs() {") :]
+    body = body[: body.index("\n}\n")]
+    assert 'echo "FSTYPE=ext4" >"${ROOT}/etc/initramfs-tools/conf.d/' in body
+    assert body.index("FSTYPE=ext4") < body.index("update-initramfs")
+    assert "lsinitramfs" in body and "fsck" in body.split("lsinitramfs", 1)[1]

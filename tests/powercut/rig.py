@@ -77,6 +77,14 @@ ALIPAY_TIMINGS = {
     "probe_interval_s": 5,
     "retry_max_s": 5,
 }
+# What a guest's kernel says of a damaged disk or filesystem.
+DISK_ERRORS = (
+    "EXT4-fs error",
+    "I/O error",
+    "JBD2: Invalid checksum",
+    "EXT4-fs warning",
+    "fsck not present",  # the initramfs cannot check (and repair) the root after a cut
+)
 # A guest that will never run the kiosk, as its console says.
 STUCK = ("You are in emergency mode", "Kernel panic", "Gave up waiting for root")
 PAY_HELD_S = 40.0  # a pay's answer held this long: the cut falls while it is in flight
@@ -325,6 +333,7 @@ class Run:
     boot_seconds: list[float] = field(default_factory=list)
     sales: int = 0
     clean_off: bool = False  # the last boot powered itself off
+    replays: int = 0  # ext4 journal replays the guest's kernel reported
     scan_to_pay_s: float = 1.5  # the last sale's, scan written to its pay at the gateway
     missed: int = 0  # cuts whose point was not reached in time (cut anyway)
 
@@ -633,6 +642,12 @@ class Run:
             for line in log.systemd:
                 if "kiosk.service: Main process exited" in line or "Failed with result" in line:
                     self.find(f"boot {log.boot}: {line}")
+            console = self.out / f"console-boot{log.boot}.log"
+            text = console.read_bytes().decode(errors="replace") if console.exists() else ""
+            for bad in DISK_ERRORS:
+                if bad in text:
+                    self.find(f"boot {log.boot}: the console shows {bad!r}")
+            self.replays += text.count("recovery complete")
             caches = [a for a in log.agent if a.startswith("boot ")]
             if caches and "write_cache=write_back" not in caches[0]:
                 self.find(f"boot {log.boot}: the card's write cache is not volatile: {caches[0]}")
@@ -737,7 +752,8 @@ def run(pristine: Path, out: Path, cuts: int, seed: int, refresh: bool) -> int:
         f"powercut: {sum(r.cut_points.values())} cuts ({r.missed} ended before their point), "
         f"{r.sales} sales, {len(r.boot_seconds)} boots (power-on to ready: "
         f"{', '.join(f'{s:.0f}' for s in r.boot_seconds)} s), controller dispensed "
-        f"{len(r.vended)}, violations {len(violations)}, {elapsed:.0f} s"
+        f"{len(r.vended)}, ext4 journal replays {r.replays}, violations {len(violations)}, "
+        f"{elapsed:.0f} s"
     )
     if violations:
         print("powercut: violations by kind:", dict(sorted(by_kind(violations).items())))
