@@ -5,13 +5,15 @@ The card. qemu's own disk cache modes cannot lose a write: with cache=writeback 
 the guest issued and qemu completed is in the host's page cache or on its disk, and a SIGKILL of
 qemu does not take it back, flushed or not. A card (or any disk with a write cache) keeps only
 what was flushed. So the card is served by nbdkit's file plugin under its cache filter with
-`cache=writeback`: a write stays in nbdkit's memory-backed cache until the guest sends a flush
-(ext4's journal commits, SQLite's fsync), and only then reaches the image file. The guest sees a
-volatile write cache (`write-cache=on`, /sys/block/vda/queue/write_cache "write back") and
-flushes as on a real card. A power cut kills nbdkit and qemu together (one process group, one
-SIGKILL): the guest's page cache and every unflushed write are lost. Flushes are honoured, and
-nothing else is: no cache=unsafe (which drops flushes), no writethrough (which would make every
-write durable and hide a missing fsync).
+`cache=writeback`: a write stays in nbdkit's cache (a deleted temporary file of nbdkit's) until
+the guest sends a flush (ext4's journal commits, SQLite's fsync), and only then reaches the
+image file. The guest sees a volatile write cache (`write-cache=on`,
+/sys/block/vda/queue/write_cache "write back") and flushes as on a real card. A power cut kills
+nbdkit and qemu together (one process group, one SIGKILL): the guest's page cache and every
+unflushed write are lost. Flushes are honoured, and nothing else is: no cache=unsafe (which
+drops flushes), no writethrough or directsync (which would make every write durable and hide a
+missing fsync). image-test.sh's own boots use qemu's default (writeback on the image file):
+they cut no power, so nothing there depends on what an unflushed write becomes.
 
 Devices (the `virt` machine has one PL011 UART, kept as the console, ttyAMA0):
   - scanner: USB serial adapter (qemu usb-serial, an FTDI) on xhci, serial number `scanner`:
@@ -143,7 +145,7 @@ class Machine:
             "-blockdev",
             f"driver=nbd,node-name=card,server.type=unix,server.path={self.nbd_socket}",
             # The guest sees a volatile write cache and flushes it; nbdkit keeps what is not
-            # flushed in memory only (see the module's doc).
+            # flushed in its cache only, lost with the power (see the module's doc).
             *("-device", "virtio-blk-pci,drive=card,write-cache=on"),
             *("-device", "virtio-rng-pci"),
             *("-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,romfile="),
@@ -181,7 +183,7 @@ class Machine:
             + " ".join(f"systemd.mask={unit}" for unit in SKIPPED_UNITS)
             + f" kiosk.powercut={mode}"
         )
-        env = {**os.environ, "TMPDIR": str(self.out)}  # the cache's file: deleted, in memory
+        env = {**os.environ, "TMPDIR": str(self.out)}  # where the cache's deleted file lives
         self.nbdkit = subprocess.Popen(
             [
                 "nbdkit",
