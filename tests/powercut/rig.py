@@ -615,7 +615,7 @@ class Run:
         deadline = time.monotonic() + FINISH_S
         while time.monotonic() < deadline and self.log.journal_b64 is None:
             self.pump(0.5)
-        self.clean_off = self.machine.wait_off(120)
+        self.clean_off = self.machine.wait_off(300)
         if not self.clean_off:
             self.find("the last boot did not power off by itself")
         self.log.poll()
