@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench lint soak image-test host-dev-packages fresh-check clean config-docs
+.PHONY: demo test bench lint soak image-test powercut host-dev-packages fresh-check clean config-docs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,15 @@ soak: $(VENV)/.installed
 # The venv compiles evdev: as root on a new machine, install its compiler and headers first.
 image-test: host-dev-packages $(VENV)/.installed
 	bash image-build/image-test.sh
+
+# Power cuts in the booted image (root): 20 cuts spread over every point of a sale, then the
+# money checked (tests/powercut/rig.py). Boots a copy of the image `make image-test` built (it
+# runs first when there is none), with this checkout's kiosk layer written over the copy.
+# KIOSK_POWERCUT_CUTS=N: another count; KIOSK_POWERCUT_SEED=S replays a run.
+powercut: host-dev-packages $(VENV)/.installed
+	bash tools/host-packages.sh install image-build image-boot
+	test -f image-build/out/kiosk-test.img || bash image-build/image-test.sh
+	$(PY) -m tests.powercut --cuts $${KIOSK_POWERCUT_CUTS:-20} --refresh
 
 host-dev-packages:
 	bash tools/host-packages.sh install dev

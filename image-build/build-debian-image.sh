@@ -115,8 +115,9 @@ ${pending}"
 # Every package install would rebuild the initramfs (about 15 min under emulation): divert
 # update-initramfs to a no-op while installing, then build it once.
 install_system() {
-	# nofail: without the FAT partition the kiosk still boots (into its service, not into an
-	# emergency shell nobody may open: root is locked); provisioning waits for it.
+	# nofail: the FAT partition has no journal, so a power cut can leave it dirty, and its
+	# device can come late; without it the kiosk still boots (into its service, not into an
+	# emergency shell nobody may open: root is locked). Only provisioning waits for it.
 	cat >"${ROOT}/etc/fstab" <<-EOF
 		PARTUUID=${DISK_ID}-02  /               ext4  rw,noatime,errors=remount-ro  0 1
 		PARTUUID=${DISK_ID}-01  /boot/firmware  vfat  ${BOOT_MOUNT_OPTIONS}  0 2
@@ -177,7 +178,16 @@ network_config() {
 build_initramfs() {
 	local kver
 	kver="$(basename "$(ls -d "${ROOT}"/lib/modules/*)")"
+	# The initramfs checks the root before mounting it (cmdline.txt: fsck.repair=yes), which
+	# after a power cut is what repairs a filesystem ext4 found damaged. FSTYPE=auto would ask
+	# for the type of the root device the build runs on, which a chroot does not have: the fsck
+	# hook then leaves fsck out, and the root is never checked ("fsck not present").
+	mkdir -p "${ROOT}/etc/initramfs-tools/conf.d"
+	echo "FSTYPE=ext4" >"${ROOT}/etc/initramfs-tools/conf.d/kiosk-root-fstype"
 	in_root update-initramfs -c -k "${kver}"
+	# grep -c reads the whole list: with -q, lsinitramfs could die of SIGPIPE and pipefail fail it.
+	in_root lsinitramfs "/boot/initrd.img-${kver}" | grep -c 'sbin/fsck\.ext4$' >/dev/null ||
+		die "the initramfs has no fsck.ext4: the root would never be checked"
 	# Copies the kernel, initrd and device trees onto the boot partition, writes cmdline.txt.
 	in_root /etc/kernel/postinst.d/z50-raspi-firmware "${kver}"
 	compgen -G "${ROOT}/boot/firmware/initrd.img*" >/dev/null || die "no initrd on the boot partition"

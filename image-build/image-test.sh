@@ -616,6 +616,25 @@ boot_guest() { # N
 	}
 }
 
+# --- Power cuts (tests/powercut/rig.py; `make powercut` runs 20) ----------------------------
+# A fresh copy of the pristine image, provisioned for a serial scanner, a serial vending
+# controller and the gateway simulator on the host, cut POWERCUT_CUTS times at different points
+# of a sale (4 boots for 3 cuts), then the money checked against the simulator's ledger.
+POWERCUT_CUTS=3
+powercut_short() {
+	local log="${OUT}/powercut.log" rc=0
+	log "power cuts: ${POWERCUT_CUTS}, log in ${log}"
+	(cd "${PROJECT}" && "$(host_python)" -m tests.powercut --image "${PRISTINE}" \
+		--out "${OUT}/powercut" --cuts "${POWERCUT_CUTS}") >"${log}" 2>&1 || rc=$?
+	grep -E '^powercut: (seed|cuts per|sales per|[0-9]+ cuts|FINDING)' "${log}" >&2 || true
+	if [[ "${rc}" -eq 0 ]]; then
+		echo "KIOSK-TEST PASS powercut ${POWERCUT_CUTS} cuts, every money rule kept"
+	else
+		echo "KIOSK-TEST FAIL powercut exit ${rc} (see ${log})"
+	fi | tee -a "${OUT}/results.txt" >&2
+}
+# --- end of power cuts ------------------------------------------------------------------
+
 # The host side of the test without building: packages, files, commands, and qemu started
 # paused (-S) on the boot's machine and devices, then told to quit. qemu loads ROM and firmware
 # files while it creates the machine, before the guest runs, so a missing one fails here.
@@ -686,6 +705,8 @@ main() {
 	check_boot_partition_bytes
 	phase boot2
 	boot_guest 2
+	phase powercut
+	powercut_short
 	phase "done"
 
 	required=(boot1-kiosk-ready provision-ran boot-secrets-removed key-owner-only

@@ -8,6 +8,7 @@ which fault found the hole.
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -53,6 +54,57 @@ def codes_in_bytes(data: bytes, codes: set[str]) -> set[str]:
             for start in range(len(digits) - n + 1):
                 if digits[start : start + n] in codes:
                     found.add(digits[start : start + n])
+    return found
+
+
+def codes_in_file(path: Path, codes: set[str], chunk: int = 8 << 20) -> set[str]:
+    """The whole codes of `codes` anywhere in the file at `path` (a whole disk image: read in
+    chunks that overlap by a code's length, its holes skipped)."""
+    if not codes:
+        return set()
+    overlap = max(len(code) for code in codes)
+    ordered = sorted(codes)
+    common = next(
+        (
+            i
+            for i, pair in enumerate(zip(ordered[0], ordered[-1], strict=False))
+            if len(set(pair)) > 1
+        ),
+        min(len(ordered[0]), len(ordered[-1])),
+    )
+    prefix = ordered[0][:common].encode("ascii")
+    lengths = sorted({len(code) for code in codes})
+
+    def scan(data: bytes) -> set[str]:
+        if len(prefix) < 4:
+            return codes_in_bytes(data, codes)
+        # The codes' common prefix is found at memchr speed; only there are codes compared.
+        hits: set[str] = set()
+        at = data.find(prefix)
+        while at >= 0:
+            for n in lengths:
+                candidate = data[at : at + n].decode("ascii", "replace")
+                if candidate in codes:
+                    hits.add(candidate)
+            at = data.find(prefix, at + 1)
+        return hits
+
+    found: set[str] = set()
+    with open(path, "rb") as file:
+        fd = file.fileno()
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            try:
+                offset = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # no data after offset (ENXIO), or no SEEK_DATA here
+                if offset:
+                    break
+            data = os.pread(fd, chunk + overlap, offset)
+            if not data:
+                break
+            found |= scan(data)
+            offset += chunk
     return found
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from kiosk.simulator import Fault, FaultPlan
 
 HOUR = 3600.0
+# What the vending controller does with an APPROVED, drawn per sale when the kind leaves it open.
+VMC_ANSWERS = ("success", "success", "success", "failure", "silence")
 
 # Codes an unsigned `is_success=F` carries in the campaign: each would be final if believed
 # (a merchant error, a buyer's refusal, "no such trade", "closed"); none is signed, so none

@@ -50,7 +50,7 @@ from tests.campaign_checks import (
     codes_on_disk,
     money_violations,
 )
-from tests.campaign_kinds import CLOCK_KINDS, KINDS, Setup, late_restart
+from tests.campaign_kinds import CLOCK_KINDS, KINDS, VMC_ANSWERS, Setup, late_restart
 from tests.daemon_rig import DaemonRig, faketime_problem
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,6 @@ RELOADS = max(20, TRANSACTIONS // 10)
 LATE_RESTARTS = max(2, TRANSACTIONS // 100)
 OUTAGES = max(1, TRANSACTIONS // 500)
 EVENTS = ("long_outage", "late_restart", "reload", "kill")  # the rarer first
-VMC_ANSWERS = ("success", "success", "success", "failure", "silence")
 LATE_SHIFT_S = 30 * 3600.0  # past the Beijing-day cancel window, whatever the hour
 OUTAGE_RETRIES = 1000
 OUTAGE_WAIT_S = 240.0  # at most, for the retries to pass OUTAGE_RETRIES (a loaded machine)

@@ -1,0 +1,1 @@
+"""Power cuts in the booted SD card image: `python -m tests.powercut` (see rig.py)."""
