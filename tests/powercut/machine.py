@@ -44,6 +44,7 @@ HOST_FROM_GUEST = "10.0.2.2"  # slirp's alias for the host's loopback
 SKIPPED_UNITS = (
     "e2scrub_reap.service",
     "systemd-timesyncd.service",
+    "systemd-time-wait-sync.service",  # else it waits its 90 s bound for timesyncd each boot
     "systemd-resolved.service",
     "serial-getty@ttyAMA0.service",
     "getty@tty1.service",
