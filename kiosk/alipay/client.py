@@ -106,6 +106,10 @@ class GatewaySettings:
     connect_timeout_s: float = 3.0
     pay_timeout_s: float = 10.0  # read timeout of pay
     read_timeout_s: float = 10.0  # read timeout of query, cancel and refund
+    # A kept-alive connection carries the next request only this soon after the last answer:
+    # servers close idle ones (some after 5 s), and a request sent into one being closed is
+    # lost with its outcome unknown. Later, a new connection is made.
+    reuse_connection_s: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,8 @@ class AlipayClient:
             session.mount("https://", adapter)
             session.mount("http://", adapter)
         self._session = session
+        self._last_answer: float | None = None  # monotonic; when a connection was last used
+        self._guard = _AnswerGuard()
 
     # -- request builders -------------------------------------------------------------------
 
@@ -342,6 +348,7 @@ class AlipayClient:
         )
 
     def close(self) -> None:
+        self._guard.close()
         if self._own_session:
             self._session.close()
 
@@ -382,7 +389,13 @@ class AlipayClient:
         # The read timeout bounds each socket read, not the answer: a gateway (or anything in
         # its place) trickling bytes just inside it could hold the call for as long as it
         # liked. The whole exchange gets the connect timeout plus the read timeout.
-        deadline = time.monotonic() + self.settings.connect_timeout_s + read_timeout_s
+        now = time.monotonic()
+        deadline = now + self.settings.connect_timeout_s + read_timeout_s
+        if self._last_answer is not None and now - self._last_answer > (
+            self.settings.reuse_connection_s
+        ):
+            self._forget_connections()
+        self._last_answer = None
         try:
             response = self._session.post(
                 url,
@@ -405,12 +418,10 @@ class AlipayClient:
         with response:
             if response.status_code != 200:
                 return _Reply(None, f"HTTP {response.status_code}", gateway)
-            # A read that blocks inside one chunk is ended at the deadline from outside.
-            guard = threading.Timer(max(0.0, deadline - time.monotonic()), _cut, (response,))
-            guard.daemon = True
-            guard.start()
             try:
-                raw = _read_capped(response, deadline)
+                # A read that blocks inside one chunk is ended at the deadline from outside.
+                with self._guard.watching(response, deadline):
+                    raw = _read_capped(response, deadline)
             except _TooLong:
                 return _Reply(None, f"answer over {MAX_ANSWER_BYTES // 1024} KiB", gateway)
             except _TooSlow:
@@ -419,13 +430,18 @@ class AlipayClient:
                 if time.monotonic() >= deadline:
                     return _Reply(None, "answer too slow", gateway)
                 return _Reply(None, _after_connect(exc), gateway)
-            finally:
-                guard.cancel()
+        # A whole answer read: its connection went back to the pool, for the next request.
+        self._last_answer = time.monotonic()
         try:
             answer = parse_answer(raw)
         except AnswerUnreadable as exc:
             return _Reply(None, str(exc), gateway)
         return _Reply(answer, None, gateway)
+
+    def _forget_connections(self) -> None:
+        """Close the kept-alive connections: the next request makes a new one."""
+        for adapter in self._session.adapters.values():
+            adapter.close()
 
     # -- judging answers --------------------------------------------------------------------
 
@@ -706,6 +722,61 @@ class _TooLong(Exception):
 
 class _TooSlow(Exception):
     pass
+
+
+class _AnswerGuard:
+    """Cuts an answer still being read at its deadline, from a thread of its own. One thread
+    per client, started with its first exchange and asleep until the deadline it watches, so
+    an exchange costs no thread start and an idle client no wake-up."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watched: tuple[float, requests.Response] | None = None
+        self._wakes_at: float | None = None  # when the thread looks next; None: when told
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watching(self, response: requests.Response, deadline: float) -> Iterator[None]:
+        with self._cond:
+            self._watched = (deadline, response)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="alipay-answer-guard", daemon=True
+                )
+                self._thread.start()
+            elif self._wakes_at is None or self._wakes_at > deadline:
+                self._cond.notify()
+            # else: it wakes at an earlier deadline, and then sees this one.
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._watched = None
+
+    def close(self) -> None:
+        """End the thread (a later exchange starts a new one)."""
+        with self._cond:
+            self._thread = None
+            self._watched = None
+            self._cond.notify()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        with self._cond:
+            while self._thread is me:
+                watched = self._watched
+                if watched is None:
+                    self._wakes_at = None
+                    self._cond.wait()
+                    continue
+                deadline, response = watched
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._wakes_at = deadline
+                    self._cond.wait(remaining)
+                    continue
+                self._watched = None
+                _cut(response)
 
 
 def _cut(response: requests.Response) -> None:
