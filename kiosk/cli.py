@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from kiosk import __version__
 from kiosk.errors import ConfigError, JournalError, KioskError
-from kiosk.log import event, setup_logging, under_systemd
+from kiosk.log import event, logging_in_background, setup_logging, under_systemd
 
 log = logging.getLogger("kiosk")
 
@@ -494,7 +494,7 @@ def _run_kiosk(config: object, journal: object, path: Path, notifier: object) ->
     signal.signal(signal.SIGINT, lambda s, f: kiosk.stop())
     signal.signal(signal.SIGHUP, lambda s, f: kiosk.reload())
     try:
-        with _signals_wake(lambda: kiosk.events.put(("wake", None))):
+        with logging_in_background(), _signals_wake(lambda: kiosk.events.put(("wake", None))):
             return kiosk.run()
     finally:
         journal.close()
