@@ -19,13 +19,15 @@ STAGE=/var/cache/kiosk-layer # wheels and this script, inside the root, during t
 UNIT_DIR=/usr/lib/systemd/system
 # Debian bookworm ships these; the venv sees them through --system-site-packages. evdev has no
 # aarch64 wheel on PyPI and compiling under emulation is slow, so Debian's build is used.
+# Debian's cryptography links the system's OpenSSL, the one `ssl` loads: one OpenSSL in the
+# kiosk's memory, not a second copy inside a wheel, and Debian's security updates for both.
 DEBIAN_PACKAGES=(python3 python3-venv python3-evdev python3-serial python3-defusedxml
-	ca-certificates)
-# Not in bookworm at a usable version (gpiozero 1.6.2, no lgpio, cryptography 38 < 42,
-# requests 2.28 on urllib3 1.26 while the kiosk needs urllib3 2): aarch64 wheels fetched on
-# the host, so nothing is compiled in the emulated chroot.
-WHEEL_REQUIREMENTS=("cryptography>=42" "gpiozero>=2.0.1.post3" "lgpio>=0.2.2" "requests>=2.31"
-	"urllib3>=2")
+	python3-cryptography ca-certificates)
+CRYPTOGRAPHY_MIN=38.0 # pyproject.toml's minimum; bookworm ships 38.0.4
+# Not in bookworm at a usable version (gpiozero 1.6.2, no lgpio, requests 2.28 on urllib3 1.26
+# while the kiosk needs urllib3 2): aarch64 wheels fetched on the host, so nothing is compiled
+# in the emulated chroot.
+WHEEL_REQUIREMENTS=("gpiozero>=2.0.1.post3" "lgpio>=0.2.2" "requests>=2.31" "urllib3>=2")
 
 log() { printf 'kiosk-layer: %s\n' "$*" >&2; }
 die() {
@@ -119,6 +121,7 @@ inside() {
 	# --no-deps: evdev comes from Debian (1.6.1), older than pyproject's pin.
 	"${VENV}/bin/pip" install --quiet --no-cache-dir --no-index --no-deps "${wheels}"/kiosk-*.whl
 	"${VENV}/bin/python" -c 'import kiosk.daemon, kiosk.alipay.client, evdev, serial, gpiozero, lgpio'
+	check_cryptography
 	# Nothing probes serial ports, nothing compiles on the kiosk.
 	if dpkg-query -W -f='${Status}' modemmanager 2>/dev/null | grep -q 'ok installed'; then
 		apt-get purge -y modemmanager
@@ -133,6 +136,32 @@ inside() {
 	systemd-tmpfiles --create /usr/lib/tmpfiles.d/kiosk.conf
 	apt-get clean
 	rm -rf "${STAGE}"
+}
+
+# The venv's cryptography is Debian's, new enough, and signs through the system's libcrypto.
+check_cryptography() {
+	"${VENV}/bin/python" - "${CRYPTOGRAPHY_MIN}" <<-'EOF'
+		import sys
+		import cryptography
+		from cryptography.hazmat.primitives import hashes
+		from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+		def version(text):
+		    return tuple(int(part) for part in text.split(".")[:2])
+
+		where, found = cryptography.__file__, cryptography.__version__
+		if not where.startswith("/usr/lib/python3/dist-packages/"):
+		    sys.exit(f"cryptography {found} from {where}, not Debian's python3-cryptography")
+		if version(found) < version(sys.argv[1]):
+		    sys.exit(f"cryptography {found} is older than the kiosk's minimum {sys.argv[1]}")
+		key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+		key.sign(b"kiosk", padding.PKCS1v15(), hashes.SHA256())
+		with open("/proc/self/maps") as maps:
+		    libcrypto = {line.split()[-1] for line in maps if "/libcrypto.so" in line}
+		if not libcrypto:
+		    sys.exit("cryptography signed without the system's libcrypto: a second OpenSSL")
+		print(f"kiosk-layer: cryptography {found} (Debian) on {' '.join(sorted(libcrypto))}")
+	EOF
 }
 
 main() {
