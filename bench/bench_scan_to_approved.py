@@ -133,7 +133,7 @@ def report(
     peak: dict[str, str],
     status: int | None,
 ) -> dict[str, Any]:
-    totals, own, sim_s = [], [], []
+    totals, own, sim_s, approved = [], [], [], []
     steps: dict[str, list[float]] = {name: [] for name, *_ in STEPS}
     for sale in sales:
         marks = {**traced.get(sale["ref"], {}), **sale}
@@ -141,6 +141,8 @@ def report(
         answering = gateway.within(sale["written"], sale["seen"])
         sim_s.append(answering)
         own.append(sale["seen"] - sale["written"] - answering)
+        if "committed" in marks and "approved" in marks:
+            approved.append(marks["approved"] - marks["committed"])
         for name, start, end, _share in STEPS:
             if start in marks and end in marks:
                 took = marks[end] - marks[start]
@@ -187,6 +189,9 @@ def report(
         part = fl["steps_ms"][share]
         print(f"    {name:<26} {fmt_ms(mine_ms)} {fmt_ms(part)} {mine_ms / part:6.2f}x")
     print(f"    {'(the simulator answering)':<26} {fmt_ms(sim_ms)}")
+    if approved:
+        written = statistics.median(approved) * 1000
+        print(f"    {'(APPROVED written, kiosk)':<26} {fmt_ms(written)}  of write APPROVED")
     over = {
         name: step_ms[name] - (fl["steps_ms"][share] if share else 0.0)
         for name, _s, _e, share in STEPS

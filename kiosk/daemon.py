@@ -751,8 +751,10 @@ class Kiosk:
         self._sale_abandoned = abandoned
         self._sale_approve_by = approve_by
         self._sale_in_hand = True
-        self._sales.run(sell)
         self._refresh_lights()
+        # Last: from here the sale thread wants the interpreter, and this one only goes back
+        # to waiting.
+        self._sales.run(sell)
 
     def _forget_finished_sale(self) -> None:
         self._sale_in_hand = False
