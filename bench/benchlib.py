@@ -4,22 +4,37 @@ set-ups several benches share, built on the tests' keys, simulator account and d
 from __future__ import annotations
 
 import argparse
+import atexit
+import base64
 import contextlib
+import functools
 import json
 import logging
 import os
+import shutil
+import socket
+import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import requests
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
+from requests.adapters import HTTPAdapter
+
 from drivers.vend_fake import FakeVendOutput
 from kiosk.alipay.client import AlipayClient, GatewaySettings, PayOrder
-from kiosk.alipay.signing import SignType
+from kiosk.alipay.signing import SignType, presign_string
 from kiosk.config import AlipaySection
 from kiosk.journal import Journal
 from kiosk.log import JsonFormatter
@@ -221,15 +236,42 @@ def kiosk_rig() -> Iterator[DaemonRig]:
             rig.close()
 
 
+# What `kiosk run` imports, compiled once per bench into a cache of the bench's own: the
+# kiosk runs from bytecode, as installed on the image (pip compiles it), not compiling its
+# modules at every start (which costs start-up time and shows in its peak RSS). The checkout
+# gets no __pycache__.
+_DAEMON_IMPORTS = (
+    "import kiosk.cli, kiosk.config, kiosk.daemon, kiosk.journal, kiosk.systemd, drivers, "
+    "drivers.scanner_serial, drivers.vend_serial, drivers.indicator_fake"
+)
+
+
+@functools.cache
+def bytecode_env() -> dict[str, str]:
+    cache = tempfile.mkdtemp(prefix="kiosk-bench-pyc-")
+    atexit.register(shutil.rmtree, cache, True)
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": cache}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-c", _DAEMON_IMPORTS], env=env, cwd=ROOT, check=True)
+    return {"PYTHONPYCACHEPREFIX": cache}
+
+
 def is_ready_light(entry: dict[str, Any]) -> bool:
     """The log line of the lights going to ready."""
     return entry.get("event") == "indicator" and entry.get("state") == "ready"
 
 
-def start_kiosk(rig: DaemonRig, wait_ready: bool = True, **env: str) -> None:
-    """Start `kiosk run` with `env` added; with `wait_ready`, wait until it is ready, both
-    serial ports are open and the lights show ready."""
-    rig.start(wait_ready=wait_ready, extra_env={"PYTHONDONTWRITEBYTECODE": "1", **env})
+def start_kiosk(
+    rig: DaemonRig, wait_ready: bool = True, wrap: list[str] | None = None, **env: str
+) -> None:
+    """Start `kiosk run` with `env` added (and its command prefixed by `wrap`); with
+    `wait_ready`, wait until it is ready, both serial ports are open and the lights show
+    ready."""
+    rig.start(
+        wait_ready=wait_ready,
+        wrap=wrap,
+        extra_env={**bytecode_env(), "PYTHONDONTWRITEBYTECODE": "1", **env},
+    )
     if wait_ready:
         rig.wait_log(is_ready_light, 10, "indicator ready")
 
@@ -252,3 +294,164 @@ def cpu_seconds(pid: int) -> float:
     after = stat.rsplit(")", 1)[1].split()
     utime, stime = int(after[11]), int(after[12])
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the floor: the unavoidable work of one paid sale -------------------------------------
+
+ANSWER = b"<?xml version='1.0' encoding='UTF-8'?><alipay><is_success>T</is_success></alipay>"
+
+
+class _Canned(BaseHTTPRequestHandler):
+    """Reads the request and answers a fixed body at once, over HTTP/1.1 with keep-alive, as
+    the simulator does: the floor's exchange is transport only, no gateway work."""
+
+    protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/xml; charset=UTF-8")
+        self.send_header("Content-Length", str(len(ANSWER)))
+        self.end_headers()
+        self.wfile.write(ANSWER)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def floor_texts(client: AlipayClient) -> tuple[str, str]:
+    """A pay's pre-sign string and a pay answer's, of the real sizes, for the floor."""
+    stamp = f"{datetime.now(UTC):%Y%m%d%H%M%S}"
+    ref = f"VM-BENCH-{stamp}-0a1b2c3d"
+    presign = presign_string(client.pay_params(pay_order(ref, unique_code(1), stamp)))
+    answer = presign_string(
+        {
+            "result_code": "SUCCESS",
+            "alipay_trans_id": "2026010122001400000000000001",
+            "partner_trans_id": ref,
+            "trans_amount": "1.50",
+            "currency": "USD",
+            "exchange_rate": "7.10000000",
+            "trans_amount_cny": "10.65",
+            "alipay_buyer_login_id": "138****1234",
+            "alipay_buyer_user_id": "2088000000001234",
+            "alipay_pay_time": "20260101120000",
+        }
+    )
+    return presign, answer
+
+
+class Floor:
+    """The unavoidable work of one paid sale, step by step: one RSA2 sign, one verify, `commits`
+    fsync'd commits (SQLite WAL, synchronous=FULL, like the journal) and one loopback HTTP
+    exchange through a kept-alive requests.Session, as the Alipay client makes it."""
+
+    STEPS = ("sign", "verify", "journal", "http")
+
+    def __init__(self, tmp: Path, commits: int, presign: str, answer_text: str) -> None:
+        self.commits = commits
+        self.private = named_key("merchant")
+        alipay = named_key("alipay")
+        self.public = alipay.public_key()
+        self.presign = presign.encode()
+        self.answer_text = answer_text.encode()
+        self.answer_sig = alipay.sign(self.answer_text, padding.PKCS1v15(), hashes.SHA256())
+        self.body = ("x" * len(presign)).encode()  # a request body of the pay's size
+        self.db = sqlite3.connect(tmp / "floor.db", isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, state TEXT)")
+        self.row = 0
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Canned)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/gateway.do"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.session = requests.Session()
+        adapter = HTTPAdapter(max_retries=0)
+        self.session.mount("http://", adapter)
+        self.commit_s: list[float] = []  # each commit on its own
+        self.template: requests.PreparedRequest | None = None
+
+    def sign(self) -> None:
+        raw = self.private.sign(self.presign, padding.PKCS1v15(), hashes.SHA256())
+        base64.b64encode(raw)
+
+    def verify(self) -> None:
+        self.public.verify(self.answer_sig, self.answer_text, padding.PKCS1v15(), hashes.SHA256())
+
+    def journal(self) -> None:
+        self.row += 1
+        for i in range(self.commits):
+            t0 = time.perf_counter()
+            self.db.execute("BEGIN IMMEDIATE")
+            if i == 0:
+                self.db.execute("INSERT INTO t (id, state) VALUES (?, 'paying')", (self.row,))
+            else:
+                self.db.execute("UPDATE t SET state=? WHERE id=?", (f"s{i}", self.row))
+            self.db.execute("COMMIT")
+            self.commit_s.append(time.perf_counter() - t0)
+
+    def http(self) -> None:
+        """A request prepared up to its body once, sent on the kept connection, as the
+        client does."""
+        if self.template is None:
+            headers = {"Content-Type": "application/x-www-form-urlencoded; charset=UTF-8"}
+            self.template = self.session.prepare_request(
+                requests.Request("POST", self.url, headers=headers)
+            )
+        request = self.template.copy()
+        request.prepare_body(self.body, None)
+        with self.session.send(
+            request, timeout=(3.0, 10.0), stream=True, allow_redirects=False, proxies={}
+        ) as response:
+            response.content  # noqa: B018 (read the body)
+
+    def once(self) -> dict[str, float]:
+        steps: dict[str, float] = {}
+        started = time.perf_counter()
+        for name in self.STEPS:
+            t0 = time.perf_counter()
+            getattr(self, name)()
+            steps[name] = time.perf_counter() - t0
+        steps["total"] = time.perf_counter() - started
+        return steps
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.session.close()
+        self.db.close()
+
+
+def floor_summary(floors: Sequence[dict[str, float]], floor: Floor) -> dict[str, Any]:
+    """p50/p99 of the floor's total, p50 of each step and of one commit, in milliseconds."""
+    total = summary([f["total"] for f in floors])
+    steps = {k: summary([f[k] for f in floors])["p50_ms"] for k in Floor.STEPS}
+    steps["commit"] = summary(floor.commit_s)["p50_ms"]
+    return {"p50_ms": total["p50_ms"], "p99_ms": total["p99_ms"], "steps_ms": steps}
+
+
+class GatewayClock:
+    """The simulator's own time answering each request (parsing it, verifying it, the ledger,
+    signing the answer: Alipay's work in the field, not the kiosk's), as (start, end) in
+    time.monotonic(). Install on a running simulator; `within(a, b)` sums what fell between."""
+
+    def __init__(self, sim: GatewaySimulator) -> None:
+        self.spans: list[tuple[float, float]] = []
+        serve = sim._serve_gateway
+
+        def timed(query: str, body: bytes) -> Any:
+            started = time.monotonic()
+            try:
+                return serve(query, body)
+            finally:
+                self.spans.append((started, time.monotonic()))
+
+        sim._serve_gateway = timed  # type: ignore[method-assign]
+
+    def within(self, start: float, end: float) -> float:
+        return sum(b - a for a, b in self.spans if a >= start and b <= end)

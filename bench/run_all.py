@@ -36,32 +36,61 @@ def _ms(value: float) -> str:
 ROWS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str]]]] = {
     "paid_transaction": [
         (
-            "paid sale p50 / p99 / mean",
-            lambda r: (
-                f"{_ms(r['sale_p50_ms'])} / {_ms(r['sale_p99_ms'])} / {_ms(r['sale_mean_ms'])}"
-            ),
+            "in-process sale p50 / p99",
+            lambda r: f"{_ms(r['sale_p50_ms'])} / {_ms(r['sale_p99_ms'])}",
         ),
         (
-            "floor p50 (sign+verify+commits+HTTP)",
+            "  its floor p50 (sign+verify+commits+HTTP)",
             lambda r: f"{_ms(r['floor_p50_ms'])} ({r['commits']} commits)",
         ),
-        ("sale p50 / floor p50", lambda r: f"{r['ratio']:.2f}x"),
+        ("  the sale's CPU time (its thread)", lambda r: _ms(r["cpu_per_sale_ms"])),
         (
-            "slowest floor step",
-            lambda r: (
-                f"{r['slowest_floor_step']} ({_ms(r['floor_steps_ms'][r['slowest_floor_step']])})"
-            ),
+            "  flow's own / floor, p50",
+            lambda r: f"{r['ratio']:.2f}x{_goal(r['ratio'], 1.3, 'x')}",
         ),
     ],
     "scan_to_approved": [
         ("scan-to-APPROVED p50 / p99", lambda r: f"{_ms(r['p50_ms'])} / {_ms(r['p99_ms'])}"),
+        (
+            "  kiosk's own (less the simulator) p50 / p99",
+            lambda r: f"{_ms(r['own_p50_ms'])} / {_ms(r['own_p99_ms'])}",
+        ),
+        (
+            "  floor p50 / p99 (sign+verify+2 commits+HTTP)",
+            lambda r: f"{_ms(r['floor_p50_ms'])} / {_ms(r['floor_p99_ms'])}",
+        ),
+        (
+            "  kiosk's own / floor, p50",
+            lambda r: f"{r['ratio_p50']:.2f}x{_goal(r['ratio_p50'], 1.5, 'x')}",
+        ),
+        (
+            "  kiosk's own / floor, p99",
+            lambda r: f"{r['ratio_p99']:.2f}x{_goal(r['ratio_p99'], 2.0, 'x')}",
+        ),
+        ("  kiosk's CPU time per sale", lambda r: _ms(r["cpu_per_sale_ms"])),
+        (
+            "  step most above its floor share",
+            lambda r: f"{r['slowest_step']} (+{_ms(r['slowest_over_ms'])} at p50)",
+        ),
     ],
     "idle": [
-        ("idle CPU", lambda r: f"{r['cpu_pct']:.3f} % of a core over {r['window_s']} s"),
-        ("peak RSS (VmHWM) / RSS", lambda r: f"{r['vmhwm_mib']:.1f} MiB / {r['rss_mib']:.1f} MiB"),
+        (
+            "peak RSS (VmHWM) of kiosk run",
+            lambda r: f"{r['vmhwm_mib']:.1f} MiB{_goal(r['vmhwm_mib'], 40.0, ' MiB')}",
+        ),
+        (
+            "idle CPU",
+            lambda r: (
+                f"{r['cpu_pct']:.3f} % of a core over {r['window_s']} s"
+                f"{_goal(r['cpu_pct'], 0.1, ' %')}"
+            ),
+        ),
     ],
     "startup": [
-        ("start-up to READY=1, median", lambda r: _ms(r["median_ms"])),
+        (
+            "start-up to READY=1, median",
+            lambda r: f"{_ms(r['median_ms'])}{_goal(r['median_ms'] / 1000, 0.3, ' s')}",
+        ),
     ],
     "recovery": [
         ("journal open (10k + 100 rows)", lambda r: _ms(r["open_ms"])),
@@ -82,6 +111,11 @@ ROWS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str]]]] = {
         ("ScanDecoder throughput", lambda r: f"{r['codes_per_s']:,.0f} codes/s"),
     ],
 }
+
+
+def _goal(value: float, goal: float, unit: str) -> str:
+    """`  (goal <= G: met)`; a report, never a failure: this machine is shared and noisy."""
+    return f"  (goal <= {goal:g}{unit}: {'met' if value <= goal else 'NOT met'})"
 
 
 def run_one(script: str, tmp: Path, env: dict[str, str]) -> tuple[int, float, dict[str, Any]]:

@@ -182,6 +182,17 @@ make_overlay() {
 		    done
 		}
 		kiosk_active() { [ "$(prop kiosk.service ActiveState)" = active ]; }
+		kiosk_figures() { # for comparison between runs: emulated, so not absolute
+		    local pid start ready
+		    pid="$(prop kiosk.service MainPID)"
+		    start="$(prop kiosk.service ExecMainStartTimestampMonotonic)"
+		    ready="$(prop kiosk.service ActiveEnterTimestampMonotonic)"
+		    echo "KIOSK-TEST-INFO boot${boot} kiosk run: start to READY=1 \
+		$(awk -v a="${start}" -v b="${ready}" 'BEGIN { printf "%.2f", (b - a) / 1e6 }') s, \
+		$(grep -E '^(VmHWM|VmRSS|Threads):' "/proc/${pid}/status" | tr -s '\t\n' '  ')"
+		    echo "KIOSK-TEST-INFO boot${boot} OpenSSL mapped by kiosk run: \
+		$(grep -oE '/[^ ]*lib(crypto|ssl)[^ ]*' "/proc/${pid}/maps" | sort -u | tr '\n' ' ')"
+		}
 		as_kiosk() { runuser -u kiosk -- "$@"; }
 		journal_json() { as_kiosk /opt/kiosk/bin/kiosk journal --json --all --config /etc/kiosk/kiosk.toml; }
 
@@ -191,6 +202,7 @@ make_overlay() {
 		started=${SECONDS}
 		check "boot${boot}-kiosk-ready" "READY=1 after $((SECONDS - started)) s of waiting" \
 		    wait_for 300 kiosk_active
+		kiosk_active && kiosk_figures
 		journalctl -b -u kiosk.service -u kiosk-provision.service --no-pager -n 30 \
 		    | sed 's/^/KIOSK-TEST-LOG /'
 

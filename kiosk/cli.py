@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from kiosk import __version__
 from kiosk.errors import ConfigError, JournalError, KioskError
-from kiosk.log import event, setup_logging, under_systemd
+from kiosk.log import event, logging_in_background, setup_logging, under_systemd
 
 if TYPE_CHECKING:
     from kiosk.scanner_hold import HeldScanner
@@ -784,7 +784,7 @@ def _run_kiosk(
     signal.signal(signal.SIGINT, lambda s, f: kiosk.stop())
     signal.signal(signal.SIGHUP, lambda s, f: kiosk.reload())
     try:
-        with _signals_wake(lambda: kiosk.events.put(("wake", None))):
+        with logging_in_background(), _signals_wake(lambda: kiosk.events.put(("wake", None))):
             return kiosk.run()
     finally:
         journal.close()

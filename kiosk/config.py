@@ -9,7 +9,6 @@ file's line and column, so `kiosk check` prints `FILE:LINE:COL: error: message (
 
 from __future__ import annotations
 
-import difflib
 import functools
 import ipaddress
 import json
@@ -171,6 +170,14 @@ def _time_zones() -> frozenset[str]:
         return frozenset(zoneinfo.available_timezones())
     except OSError:
         return frozenset()
+
+
+def _close_matches(word: str, choices: list[str]) -> list[str]:
+    """The closest of `choices` to a mistyped `word`, for a "did you mean" (difflib loads
+    only when a config has a mistake, never in a daemon reading a sound one)."""
+    import difflib
+
+    return difflib.get_close_matches(word, choices, n=1)
 
 
 def payment_budget_s(alipay: AlipaySection) -> float:
@@ -454,7 +461,7 @@ class _Checker:
         if value is _BAD or value in allowed:
             return value
         close = [a for a in allowed if a.lower() == value.lower()]
-        close = close or difflib.get_close_matches(value, allowed, n=1)
+        close = close or _close_matches(value, list(allowed))
         hint = (
             f'did you mean "{close[0]}"?'
             if close
@@ -736,7 +743,7 @@ class _Checker:
                 self.problem("", name, f"{name!r} is outside any [section]", hint)
                 continue
             if name not in SECTIONS:
-                close = difflib.get_close_matches(name, list(SECTIONS), n=1)
+                close = _close_matches(name, list(SECTIONS))
                 hint = (
                     f"did you mean [{close[0]}]?"
                     if close
@@ -748,7 +755,7 @@ class _Checker:
             for key in value:
                 if key in ROWS[name]:
                     continue
-                close = difflib.get_close_matches(key, list(ROWS[name]), n=1)
+                close = _close_matches(key, list(ROWS[name]))
                 if close:
                     hint = f"did you mean {close[0]}?"
                 elif key in all_keys:
@@ -986,7 +993,7 @@ class _Checker:
         if self.ok(s, "timezone") and zone:
             known = _time_zones()
             if known and zone not in known:
-                close = difflib.get_close_matches(zone, sorted(known), n=1)
+                close = _close_matches(zone, sorted(known))
                 self.problem(
                     s,
                     "timezone",

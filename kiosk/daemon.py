@@ -2,8 +2,9 @@
 and turns what happens into sales, lights and systemd notifications.
 
 Drivers call back from their own threads; every callback only puts an event on one queue, so
-all decisions are made here, in order, on the main thread. A sale runs on its own thread (it
-blocks on the gateway and the vend output) and reports back through the same queue.
+all decisions are made here, in order, on the main thread. A sale runs on the sale thread (it
+blocks on the gateway and the vend output), started once and waiting between sales, and
+reports back through the same queue.
 
 What lives for the whole process, created once: the journal, the drivers, the refs in hand
 and the journal worker. A reloaded config (SIGHUP) replaces only what it configures: the
@@ -309,7 +310,8 @@ class Kiosk:
         self._reported: tuple[KioskState, str | None] | None = None
         self._state_since = wall_clock()
         self.flow: PaymentFlow | None = None  # the foreground's; None until keys are usable
-        self._sale_thread: threading.Thread | None = None
+        self._sales = _SaleThread()
+        self._sale_in_hand = False  # from the scan until its "sale_done" is handled
         self._sale_started = 0.0
         self._sale_vending = False
         # Set when the controller dropped the request a sale is paying for (MDB), or its
@@ -425,6 +427,7 @@ class Kiosk:
         self._check_clock()
         self._build_flows()
         self.worker.start()
+        self._sales.start()
         self.scanner.start(self.on_scan)
         # A kiosk that starts out of service keeps the reader off from the first moment.
         self._update_reader()
@@ -469,8 +472,7 @@ class Kiosk:
         self.notifier.stopping()
         event(log, "kiosk.stopping")
         self.scanner.close()
-        if self._sale_thread is not None:
-            self._sale_thread.join()
+        self._sales.stop()  # after the sale in hand, if any, has ended
         # The worker closes its own flow's client once it has stopped.
         self.worker.stop(timeout=self.config.vend.timeout_s + 30)
         if self.flow is not None:
@@ -704,7 +706,7 @@ class Kiosk:
     def _sale_busy(self) -> bool:
         """From the scan until its "sale_done" is handled (the thread may have just ended:
         its last events, like "vending", are still to be handled in order)."""
-        return self._sale_thread is not None
+        return self._sale_in_hand
 
     # -- talking to the controller: always protocol tokens ---------------------------------
 
@@ -796,14 +798,14 @@ class Kiosk:
         self._sale_vending = False
         self._sale_abandoned = abandoned
         self._sale_approve_by = approve_by
-        self._sale_thread = threading.Thread(target=sell, name="sale", daemon=True)
-        self._sale_thread.start()
+        self._sale_in_hand = True
         self._refresh_lights()
+        # Last: from here the sale thread wants the interpreter, and this one only goes back
+        # to waiting.
+        self._sales.run(sell)
 
     def _forget_finished_sale(self) -> None:
-        if self._sale_thread is not None:
-            self._sale_thread.join()
-            self._sale_thread = None
+        self._sale_in_hand = False
         self._sale_vending = False
         self._sale_abandoned = None
         self._sale_approve_by = None
@@ -1327,6 +1329,35 @@ class Kiosk:
     def _retry_ceiling(self, ref: str, message: str | None) -> None:
         """The worker: a transaction past its retry ceiling (message), or finished (None)."""
         self.alarms.update("retry_ceiling", message, key=ref, ref=ref)
+
+
+class _SaleThread:
+    """The thread sales run on: started once, waiting on its queue between sales, so a scan
+    hands its sale over instead of starting a thread (which costs more than a journal write's
+    CPU time on a Pi). One sale at a time; the loop never hands over a second while one is in
+    hand."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._serve, name="sale", daemon=True)
+        self._thread.start()
+
+    def run(self, sale: Callable[[], None]) -> None:
+        self._jobs.put(sale)
+
+    def stop(self) -> None:
+        """Let the sale in hand end, then the thread."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _serve(self) -> None:
+        while (sale := self._jobs.get()) is not None:
+            sale()  # reports back itself, whatever happens ("sale_done")
 
 
 def _token(text: str | None) -> str:

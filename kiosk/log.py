@@ -9,13 +9,16 @@ payment code (`mask_codes()`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import queue
 import re
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 _FIELDS = "kiosk_fields"
@@ -201,3 +204,56 @@ def _thread_exception(args: threading.ExceptHookArgs) -> None:
         name,
         exc_info=(args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback),
     )
+
+
+class _LogThread(logging.Handler):
+    """Formats and writes records on a thread of its own: whoever logs (a sale on its way to
+    APPROVED) only hands the record over. Records keep their order and their time of logging
+    (`record.created`); `close()` writes what is still queued."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__(target.level)
+        self.setFormatter(target.formatter)  # what the format is, for whoever asks
+        self._target = target
+        self._queue: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="log", daemon=True)
+        self._thread.start()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # No handler lock: a put on a SimpleQueue is safe even from a signal handler.
+        if not self.filter(record):
+            return False
+        self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.args:  # arguments may change later: their text is taken now
+            record.msg, record.args = record.getMessage(), None
+        self._queue.put(record)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=5.0)
+        self._target.flush()
+        super().close()
+
+    def _write(self) -> None:
+        while (record := self._queue.get()) is not None:
+            self._target.handle(record)
+
+
+@contextlib.contextmanager
+def logging_in_background() -> Iterator[None]:
+    """While inside, the root logger's handlers write from a log thread (the daemon's hot path
+    never formats or writes a line); on the way out, everything queued is written first."""
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    threads = [_LogThread(handler) for handler in handlers]
+    root.handlers[:] = threads
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        for thread in threads:
+            thread.close()

@@ -306,14 +306,14 @@ def mutated_answers(draw: st.DrawFn) -> Signed:
 
 
 class CannedSession(requests.Session):
-    """A `requests` session whose every POST gets `body` back with status 200: no socket."""
+    """A `requests` session whose every request gets `body` back with status 200: no socket."""
 
     def __init__(self, body: bytes = b"", content_length: bool = True) -> None:
         super().__init__()
         self.body = body
         self.content_length = content_length
 
-    def post(self, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
         response = requests.Response()
         response.status_code = 200
         response.raw = io.BytesIO(self.body)

@@ -23,7 +23,7 @@ import ssl
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from http.client import RemoteDisconnected
@@ -113,6 +113,10 @@ class GatewaySettings:
     connect_timeout_s: float = 3.0
     pay_timeout_s: float = 10.0  # read timeout of pay
     read_timeout_s: float = 10.0  # read timeout of query, cancel and refund
+    # A kept-alive connection carries the next request only this soon after the last answer:
+    # servers close idle ones (some after 5 s), and a request sent into one being closed is
+    # lost with its outcome unknown. Later, a new connection is made.
+    reuse_connection_s: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,9 @@ class AlipayClient:
             session.mount("http://", HTTPAdapter(max_retries=0))
         self._session = session
         self._verify = system_trust_store() if settings.verify_tls is True else settings.verify_tls
+        self._routes: dict[str, _Route] = {}  # per gateway, made at its first request
+        self._last_answer: float | None = None  # monotonic; when a connection was last used
+        self._guard = _AnswerGuard()
 
     # -- request builders -------------------------------------------------------------------
 
@@ -352,6 +359,7 @@ class AlipayClient:
         )
 
     def close(self) -> None:
+        self._guard.close()
         if self._own_session:
             self._session.close()
 
@@ -387,23 +395,29 @@ class AlipayClient:
         raise GatewayUnreachable("no gateway took the connection (" + "; ".join(reasons) + ")")
 
     def _send(self, gateway: str, body: bytes, read_timeout_s: float) -> _Reply:
-        url = gateway + ("&" if "?" in gateway else "?") + f"_input_charset={INPUT_CHARSET}"
         timeout = (self.settings.connect_timeout_s, read_timeout_s)
         # The read timeout bounds each socket read, not the answer: a gateway (or anything in
         # its place) trickling bytes just inside it could hold the call for as long as it
         # liked. The whole exchange gets the connect timeout plus the read timeout.
-        deadline = time.monotonic() + self.settings.connect_timeout_s + read_timeout_s
-        if self.settings.pin_sha256 and not url.lower().startswith("https://"):
+        now = time.monotonic()
+        deadline = now + self.settings.connect_timeout_s + read_timeout_s
+        if self._last_answer is not None and now - self._last_answer > (
+            self.settings.reuse_connection_s
+        ):
+            self._forget_connections()
+        self._last_answer = None
+        if self.settings.pin_sha256 and not gateway.lower().startswith("https://"):
             raise _NotSent("pinned keys need an https gateway")
         try:
-            response = self._session.post(
-                url,
-                data=body,
-                headers={
-                    "Content-Type": f"application/x-www-form-urlencoded; charset={INPUT_CHARSET}"
-                },
+            route = self._routes.get(gateway) or self._route(gateway)
+            request = route.request.copy()
+            request.prepare_body(body, None)
+            response = self._session.send(
+                request,
                 timeout=timeout,
-                verify=self._verify,
+                proxies=route.proxies,
+                verify=route.verify,
+                cert=route.cert,
                 allow_redirects=False,
                 stream=True,
             )
@@ -430,12 +444,10 @@ class AlipayClient:
         with response:
             if response.status_code != 200:
                 return _Reply(None, f"HTTP {response.status_code}", gateway)
-            # A read that blocks inside one chunk is ended at the deadline from outside.
-            guard = threading.Timer(max(0.0, deadline - time.monotonic()), _cut, (response,))
-            guard.daemon = True
-            guard.start()
             try:
-                raw = _read_capped(response, deadline)
+                # A read that blocks inside one chunk is ended at the deadline from outside.
+                with self._guard.watching(response, deadline):
+                    raw = _read_capped(response, deadline)
             except _TooLong:
                 return _Reply(None, f"answer over {MAX_ANSWER_BYTES // 1024} KiB", gateway)
             except _TooSlow:
@@ -444,13 +456,31 @@ class AlipayClient:
                 if time.monotonic() >= deadline:
                     return _Reply(None, "answer too slow", gateway)
                 return _Reply(None, _after_connect(exc), gateway)
-            finally:
-                guard.cancel()
+        # A whole answer read: its connection went back to the pool, for the next request.
+        self._last_answer = time.monotonic()
         try:
             answer = parse_answer(raw)
         except AnswerUnreadable as exc:
             return _Reply(None, str(exc), gateway)
         return _Reply(answer, None, gateway)
+
+    def _route(self, gateway: str) -> _Route:
+        """What every request to `gateway` shares, worked out once: the request prepared up to
+        its body (URL, headers), and the trust store, which do not change while the kiosk runs.
+        Its own session reads nothing from the environment (trust_env off). Preparing each
+        request whole costs more than signing it."""
+        url = _url(gateway)
+        settings = self._session.merge_environment_settings(url, {}, None, self._verify, None)
+        headers = {"Content-Type": f"application/x-www-form-urlencoded; charset={INPUT_CHARSET}"}
+        request = self._session.prepare_request(requests.Request("POST", url, headers=headers))
+        route = _Route(request, settings["proxies"], settings["verify"], settings["cert"])
+        self._routes[gateway] = route
+        return route
+
+    def _forget_connections(self) -> None:
+        """Close the kept-alive connections: the next request makes a new one."""
+        for adapter in self._session.adapters.values():
+            adapter.close()
 
     # -- judging answers --------------------------------------------------------------------
 
@@ -725,8 +755,21 @@ def system_trust_store() -> str | bool:
     return default if default and os.path.isfile(default) else True
 
 
+def _url(gateway: str) -> str:
+    """The URL a request goes to: the gateway's, with the charset the signature covers."""
+    return gateway + ("&" if "?" in gateway else "?") + f"_input_charset={INPUT_CHARSET}"
+
+
 def _host(url: str) -> str:
     return url.split("://", 1)[-1].split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class _Route:
+    request: requests.PreparedRequest  # URL and headers; each request adds its body
+    proxies: MutableMapping[str, str]
+    verify: bool | str | None
+    cert: str | tuple[str, str] | None
 
 
 class _NotSent(Exception):
@@ -739,6 +782,61 @@ class _TooLong(Exception):
 
 class _TooSlow(Exception):
     pass
+
+
+class _AnswerGuard:
+    """Cuts an answer still being read at its deadline, from a thread of its own. One thread
+    per client, started with its first exchange and asleep until the deadline it watches, so
+    an exchange costs no thread start and an idle client no wake-up."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watched: tuple[float, requests.Response] | None = None
+        self._wakes_at: float | None = None  # when the thread looks next; None: when told
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def watching(self, response: requests.Response, deadline: float) -> Iterator[None]:
+        with self._cond:
+            self._watched = (deadline, response)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="alipay-answer-guard", daemon=True
+                )
+                self._thread.start()
+            elif self._wakes_at is None or self._wakes_at > deadline:
+                self._cond.notify()
+            # else: it wakes at an earlier deadline, and then sees this one.
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._watched = None
+
+    def close(self) -> None:
+        """End the thread (a later exchange starts a new one)."""
+        with self._cond:
+            self._thread = None
+            self._watched = None
+            self._cond.notify()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        with self._cond:
+            while self._thread is me:
+                watched = self._watched
+                if watched is None:
+                    self._wakes_at = None
+                    self._cond.wait()
+                    continue
+                deadline, response = watched
+                remaining = deadline - time.monotonic()
+                if remaining > 0:
+                    self._wakes_at = deadline
+                    self._cond.wait(remaining)
+                    continue
+                self._watched = None
+                _cut(response)
 
 
 def _cut(response: requests.Response) -> None:

@@ -161,6 +161,7 @@ class GatewaySimulator:
         self._stopped = threading.Event()
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self._connections_opened = 0
 
     # Life ---------------------------------------------------------------------------------
 
@@ -243,10 +244,18 @@ class GatewaySimulator:
         for connection in connections:
             _cut(connection)
 
+    @property
+    def connections_opened(self) -> int:
+        """How many connections clients have opened to the gateway so far (a kept-alive
+        client opens one for many requests)."""
+        with self._connections_lock:
+            return self._connections_opened
+
     def _track(self, connection: socket.socket, open_: bool) -> None:
         with self._connections_lock:
             if open_:
                 self._connections.add(connection)
+                self._connections_opened += 1
             else:
                 self._connections.discard(connection)
 
@@ -569,15 +578,23 @@ class _Server(ThreadingHTTPServer):
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive, as a real gateway: a client may send request after request
+    on one connection. An answer a fault spoils (dropped, cut short, HTTP 500, held) closes
+    its connection, so nothing of it is left for the next request to read."""
+
     server: _Server
     server_version = "AlipayGatewaySimulator/1"
-    timeout = 30  # a client that sends nothing does not hold a thread for ever
+    protocol_version = "HTTP/1.1"
+    timeout = 30  # a client that sends nothing (or keeps a connection idle) frees its thread
 
     def setup(self) -> None:
         if isinstance(self.request, ssl.SSLSocket):
             self.request.settimeout(self.timeout)
             self.request.do_handshake()
         super().setup()
+        # Small answers go out at once, not after Nagle waits for the client's ACK.
+        with contextlib.suppress(OSError):
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.simulator._track(self.request, True)
 
     def finish(self) -> None:
@@ -599,8 +616,10 @@ class _Handler(BaseHTTPRequestHandler):
         simulator = self.server.simulator
         interrupt = simulator._interrupt
         url = urlsplit(self.path)
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # a body not framed by length is never read ahead
         length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if method == "POST" and length > 0 else b""
+        body = self.rfile.read(length) if length > 0 else b""
         if url.path == GATEWAY_PATH:
             self._send(simulator._serve_gateway(url.query, body), interrupt)
         elif url.path.startswith("/_sim/"):
@@ -627,17 +646,21 @@ class _Handler(BaseHTTPRequestHandler):
             _cut(self.request)
             return
         body = reply.body[: len(reply.body) // 2] if reply.truncate else reply.body
+        # A spoiled answer ends its connection; a sound one leaves it open for the next.
+        spoiled = reply.truncate or reply.delay_s > 0 or reply.status != 200
         try:
             self.send_response(reply.status)
             self.send_header("Content-Type", reply.content_type)
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Connection", "close")
+            if spoiled:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(body)
             self.wfile.flush()
         except OSError:
-            pass  # the client gave up (timed out) before the answer: that is what slow is for
-        self.close_connection = True
+            spoiled = True  # the client gave up (timed out) before the answer: what slow is for
+        if spoiled:
+            self.close_connection = True
 
     def _send_json(self, status: int, obj: Any) -> None:
         body = json.dumps(obj).encode("utf-8")

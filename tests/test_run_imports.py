@@ -1,0 +1,136 @@
+"""`kiosk run` loads only what the daemon uses: the gateway simulator, the demo, the config
+checker's suggestions (difflib) and the other commands' code load only in their own commands.
+Every module a daemon imports stays resident for its life (on a 512 MB Pi, beside everything
+else), so this is checked on a real `kiosk run`, with fake devices, from start to SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MD5_KEY, PARTNER
+
+# Loaded by other commands only (or by a config with a mistake in it).
+NOT_FOR_THE_DAEMON = (
+    "difflib",
+    "kiosk.simulator",
+    "kiosk.demo",
+    "kiosk.selftest",
+    "kiosk.provision",
+    "kiosk.config_docs",
+    "http.server",
+    "socketserver",
+)
+
+# Runs `kiosk run ARGS` in this interpreter and writes the names of every module it loaded,
+# at exit, to the file named first.
+_RUN = """
+import atexit, json, sys
+out = sys.argv[1]
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
+from kiosk.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture
+def fake_device_config(tmp_path: Path) -> Path:
+    key = tmp_path / "md5.key"
+    key.write_bytes(MD5_KEY)
+    key.chmod(0o600)
+    config = tmp_path / "kiosk.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [kiosk]
+            terminal_id = "VM-IMPORTS"
+            state_dir = "{tmp_path / "state"}"
+            require_synced_clock = false
+
+            [alipay]
+            gateway = "http://127.0.0.1:9/gateway.do"
+            allow_http = true
+            partner = "{PARTNER}"
+            sign_type = "MD5"
+            md5_key_file = "{key}"
+            currency = "USD"
+
+            [merchant]
+            secondary_merchant_id = "M-1"
+            store_id = "S-1"
+
+            [sale]
+            mode = "fixed"
+            price = "1.50"
+            item = "coffee"
+
+            [scanner]
+            driver = "fake"
+
+            [indicators]
+            driver = "fake"
+
+            [vend]
+            driver = "fake"
+            """
+        )
+    )
+    return config
+
+
+def test_kiosk_run_loads_nothing_of_the_other_commands(
+    tmp_path: Path, fake_device_config: Path
+) -> None:
+    loaded_file = tmp_path / "modules.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _RUN,
+            str(loaded_file),
+            "run",
+            "--config",
+            str(fake_device_config),
+            "--log-format",
+            "json",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stderr is not None
+    seen: list[str] = []
+    try:
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace")
+            seen.append(line)
+            if '"kiosk.ready"' in line:
+                break
+        else:
+            raise AssertionError(f"kiosk run ended before ready: {seen[-10:]}")
+        ready = json.loads(seen[-1])
+        assert ready["out_of_service"] is None, ready  # the whole daemon is up, not a fallback
+        proc.send_signal(signal.SIGTERM)
+        proc.stderr.read()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    loaded = set(json.loads(loaded_file.read_text()))
+    assert {"kiosk.daemon", "kiosk.payment", "kiosk.alipay.client"} <= loaded
+    unwanted = sorted(
+        name
+        for name in loaded
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in NOT_FOR_THE_DAEMON)
+    )
+    assert unwanted == [], f"`kiosk run` loaded {unwanted}"
