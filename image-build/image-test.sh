@@ -212,6 +212,10 @@ make_overlay() {
 		    check boot-secrets-removed "$(cd /boot/firmware && echo *)" \
 		        test ! -e /boot/firmware/merchant_private_key.pem -a ! -e /boot/firmware/kiosk.toml \
 		        -a -e /boot/firmware/kiosk.toml.provisioned
+		    # [telemetry] imports paho-mqtt only when a broker is named: proven here, not at a sale.
+		    mqtt="$(as_kiosk /opt/kiosk/bin/python -c 'import paho.mqtt, paho.mqtt.client; print(paho.mqtt.__version__)' 2>&1)"
+		    check telemetry-client-present "paho-mqtt ${mqtt}" \
+		        grep -qE '^([3-9]|2\.([1-9]|[1-9][0-9]))' <<<"${mqtt}"
 		    key_mode="$(stat -c '%U %a' /etc/kiosk/keys/merchant_private_key.pem 2>&1)"
 		    check key-owner-only "${key_mode}" test "${key_mode}" = "kiosk 600"
 
@@ -721,7 +725,7 @@ main() {
 	powercut_short
 	phase "done"
 
-	required=(boot1-kiosk-ready provision-ran boot-secrets-removed key-owner-only
+	required=(boot1-kiosk-ready provision-ran boot-secrets-removed key-owner-only telemetry-client-present
 		hardening-in-force live-exposure-at-most-1.2 reload-same-process watchdog-restart journal-written
 		boot2-kiosk-ready journal-survived-reboot journal-readable-after-reboot)
 	required+=("${HARDENING_REQUIRED[@]}")

@@ -20,6 +20,12 @@ events (empty: none); KIOSK_CAMPAIGN_OUTAGE=http_500|refused picks the outage's 
 faults (clock_jump, late_restart) need libfaketime (Debian package `faketime`); without it they
 are left out, with a warning that says so (KIOSK_RIG_NO_FAKETIME=1 plays that).
 
+The rig's controller dispenses at once when it reads APPROVED; when its thread was starved, or it
+read APPROVED while waiting for a fault's moment, its SUCCESS can come after the kiosk's
+vend.timeout_s. The kiosk logs that as vend.report_late and reverses the charge, as SPEC section 4
+says: counted ("dispensed after the vend timeout"), not a violation, unless the rig wrote it
+promptly. The long outage has no wall-clock window: the count goes on while retries keep coming.
+
 Every violation is reported with the transaction and fault kind it belongs to
 (`#17 unsigned_pay[ILLEGAL_SIGN charged]: ...`); the run prints the count per fault kind, kills,
 reloads, clock jumps (and how many the daemon's log stamps showed), and seconds per kind.
@@ -63,7 +69,9 @@ OUTAGES = max(1, TRANSACTIONS // 500)
 EVENTS = ("long_outage", "late_restart", "reload", "kill")  # the rarer first
 LATE_SHIFT_S = 30 * 3600.0  # past the Beijing-day cancel window, whatever the hour
 OUTAGE_RETRIES = 1000
-OUTAGE_WAIT_S = 240.0  # at most, for the retries to pass OUTAGE_RETRIES (a loaded machine)
+# While retries keep coming (none STALL_S apart), the worker is not wedged, however loaded the
+# machine: the count goes on. This cap only ends a run that crawls (a retry per 1.8 s).
+OUTAGE_WAIT_S = 1800.0
 STALL_S = 15.0  # no retry for this long: the worker stopped trying
 SETTLE_WAIT_S = 30.0  # for the outage's transactions to settle once the gateway is back
 # The compressed clock for the outage: the worker's backoff ceiling, and queries
@@ -71,6 +79,9 @@ SETTLE_WAIT_S = 30.0  # for the outage's transactions to settle once the gateway
 OUTAGE_CONFIG = {"retry_max_s": 0.002, "query_interval_s": 0.05}
 TIMINGS = {"pay_timeout_s": 0.4, "query_interval_s": 0.1, "query_deadline_s": 0.8}
 VEND_TIMEOUT_S = 1.2  # the controller's silence counts as FAILURE after this
+# A SUCCESS the rig wrote this soon after reading APPROVED is on time, however loaded the
+# machine: a kiosk that takes it as late has a vend timer that fires early.
+PROMPT_REPORT_S = VEND_TIMEOUT_S / 4
 
 
 @dataclass
@@ -91,6 +102,9 @@ class Campaign:
     codes: set[str] = field(default_factory=set)
     vended: set[str] = field(default_factory=set)  # refs the VMC dispensed (its own log)
     unacked: set[str] = field(default_factory=set)  # dispensed, ACK not seen: re-reported
+    # Dispensed after the kiosk's vend.timeout_s (it logged vend.report_late): the controller
+    # broke SPEC section 4, the kiosk reversed the charge as it must. Counted, not a violation.
+    late: set[str] = field(default_factory=set)
     kinds: Counter[str] = field(default_factory=Counter)  # transactions per fault kind
     events: Counter[str] = field(default_factory=Counter)  # kills, reloads, ...
     seconds: Counter[str] = field(default_factory=Counter)  # time spent per fault kind
@@ -175,7 +189,8 @@ def test_fault_campaign_keeps_every_money_rule(tmp_path: Path, simulator: Gatewa
     print("events:", dict(sorted(c.events.items())))
     print(
         f"transactions {TRANSACTIONS}, kills {c.events['kills']}, reloads {c.events['reloads']}, "
-        f"vended {len(c.vended)}, violations {len(violations)}, {elapsed:.0f} s"
+        f"vended {len(c.vended)}, dispensed after the vend timeout {len(c.late)}, "
+        f"violations {len(violations)}, {elapsed:.0f} s"
     )
     if violations:
         print("violations by fault kind:", dict(sorted(by_kind(violations).items())))
@@ -328,8 +343,13 @@ def _note_refs(c: Campaign, start: int) -> None:
 
 def _restart(c: Campaign) -> None:
     c.rig.start()
+    mark = len(c.rig.logs)
     for ref in sorted(c.unacked):
         c.rig.vmc.write_line(f"SUCCESS {ref}")
+    for ref in sorted(c.unacked):
+        if _report_was_late(c, mark, ref):
+            c.vended.discard(ref)
+            c.late.add(ref)
     c.unacked.clear()
 
 
@@ -354,7 +374,9 @@ def _play_vmc(c: Campaign, answer: str, pending: list[str]) -> None:
     rig = c.rig
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
+        fresh = not pending  # read now, not kept while the rig waited for a fault's moment
         line = pending.pop(0) if pending else rig.vmc.read_line(deadline - time.monotonic())
+        read_at = time.monotonic()
         if line is None:
             return
         if line.startswith("DENIED"):
@@ -362,15 +384,49 @@ def _play_vmc(c: Campaign, answer: str, pending: list[str]) -> None:
         if line.startswith("APPROVED "):
             ref = line.split(" ")[1]
             if answer == "success":
+                mark = len(rig.logs)
                 rig.vmc.write_line(f"SUCCESS {ref}")
+                written = time.monotonic()
                 c.vended.add(ref)
                 c.unacked.add(ref)
-                if rig.vmc.expect("ACK ", 5) == f"ACK {ref}":
+                acked = rig.vmc.expect("ACK ", 5) == f"ACK {ref}"
+                if acked:
                     c.unacked.discard(ref)
+                # Without the ACK (a kill) the kiosk may still have logged its word.
+                if _report_was_late(c, mark, ref, 5 if acked else 1):
+                    c.vended.discard(ref)
+                    c.unacked.discard(ref)
+                    c.late.add(ref)
+                    if fresh and written - read_at < PROMPT_REPORT_S:
+                        c.find(
+                            f"SUCCESS {ref} written {written - read_at:.2f} s after APPROVED "
+                            f"was taken as late (vend.timeout_s {VEND_TIMEOUT_S})"
+                        )
             elif answer == "failure":
                 rig.vmc.write_line(f"FAILURE {ref}")
                 rig.vmc.expect("ACK ", 5)
             return
+
+
+def _report_was_late(c: Campaign, mark: int, ref: str, timeout_s: float = 5) -> bool:
+    """Did the kiosk take the SUCCESS just ACKed as late (its vend.timeout_s had passed, the
+    charge is being reversed)? Its log says which, just before the ACK went out. The rig's
+    controller is late when its thread was starved, or it read APPROVED while waiting for a
+    fault's moment; a real one that dispensed late gave the product away by its own fault."""
+    events = ("vend.report", "vend.report_late", "vend.report_repeated", "vend.report_claimed")
+    try:
+        index = c.rig.wait_log_after(
+            mark,
+            lambda e: e.get("event") in events and str(e.get("ref")) == ref,
+            timeout_s,
+            f"the kiosk's word on SUCCESS {ref}",
+        )
+    except AssertionError:
+        return False  # not logged: counted as dispensed, so the checks judge it
+    entry = c.rig.logs[index]
+    return entry.get("event") == "vend.report_late" or (
+        entry.get("event") == "vend.report_repeated" and entry.get("settled") == "timed_out"
+    )
 
 
 def _wait_ready(c: Campaign, start: int) -> None:
