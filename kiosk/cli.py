@@ -646,15 +646,28 @@ def _text(value: str, what: str, limit: int) -> str:
 # -- kiosk run ------------------------------------------------------------------------------
 
 
+# SIGHUPs taken while the kiosk starts, before it can reload: SIGHUP's default action would end
+# the process (a reload sent during start-up, a crash to systemd). The config read next is the
+# new one; one read before the kiosk runs is followed by a reload. Appended to only: a handler
+# must not take a lock its own thread may hold.
+_EARLY_RELOADS: list[int] = []
+
+
+def _note_early_reload(signum: int, frame: object) -> None:
+    _EARLY_RELOADS.append(signum)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon. A bad config or an unreadable journal does not crash-loop the service: the
     kiosk reports itself out of service and waits for SIGHUP (config fixed) or SIGTERM. In a
     terminal it says what is wrong and exits instead (2 for the config, 1 for the journal).
     The scanner is grabbed first of all, and held while it waits (kiosk/scanner_hold.py)."""
+    signal.signal(signal.SIGHUP, _note_early_reload)
     import drivers
     from kiosk.scanner_hold import HeldScanner
 
     setup_logging(args.log_format)
+    event(log, "kiosk.starting", version=__version__, pid=os.getpid())
     path = _config_path(args)
     held = HeldScanner(drivers.build_scanner_for)
     held.hold_early(path)
@@ -672,6 +685,7 @@ def _serve(path: Path, held: HeldScanner) -> int:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     notifier = Notifier()
     while True:
+        _EARLY_RELOADS.clear()  # the config read now is the one any SIGHUP so far asked for
         try:
             if not path.exists():
                 raise ConfigError(f"no config at {path} (give --config PATH or set $KIOSK_CONFIG)")
@@ -719,7 +733,9 @@ def _wait_out_of_service(notifier: object, reason: str) -> bool:
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    handlers[signal.SIGHUP] = _note_early_reload  # from here until the kiosk runs again
+    for sig in handlers:
         signal.signal(sig, on_signal)
     try:
         event(log, "indicator", state="out_of_service")
@@ -733,6 +749,9 @@ def _wait_out_of_service(notifier: object, reason: str) -> bool:
             elif not why:
                 notifier.watchdog()
     finally:
+        # A signal after this wait is not lost in a list nobody reads any more.
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         signal.set_wakeup_fd(previous)
         os.close(write_fd)
         os.close(read_fd)
@@ -783,6 +802,10 @@ def _run_kiosk(
     signal.signal(signal.SIGTERM, lambda s, f: kiosk.stop())
     signal.signal(signal.SIGINT, lambda s, f: kiosk.stop())
     signal.signal(signal.SIGHUP, lambda s, f: kiosk.reload())
+    if _EARLY_RELOADS:  # taken after the config was read: it may have changed since
+        _EARLY_RELOADS.clear()
+        event(log, "config.reload_early")
+        kiosk.reload()
     try:
         with logging_in_background(), _signals_wake(lambda: kiosk.events.put(("wake", None))):
             return kiosk.run()

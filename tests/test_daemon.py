@@ -281,6 +281,33 @@ def test_vmc_mode_vend_request_then_scan_charges_the_asked_amount(
         rig.close()
 
 
+def test_a_sighup_while_the_kiosk_starts_is_a_reload_not_its_end(
+    tmp_path: Path, simulator: GatewaySimulator
+) -> None:
+    """SIGHUP's default action ends a process: a reload sent while the kiosk was still starting
+    (before it could reload) used to kill it. Now the config it reads is the new one, or it
+    reloads once it runs; either way it comes up and sells at the new price."""
+    rig = DaemonRig(tmp_path, simulator)
+    try:
+        text = rig.config_path.read_text()
+        rig.start(wait_ready=False)
+        rig.wait_log(lambda e: e.get("event") == "kiosk.starting", 30, "kiosk.starting")
+        rig.config_path.write_text(text.replace('price = "1.50"', 'price = "2.00"'))
+        rig.signal(signal.SIGHUP)
+        rig.wait_log(lambda e: e.get("event") == "kiosk.ready", 30, "kiosk.ready")
+        rig.wait_log(lambda e: e.get("event") == "scanner.opened", 10, "scanner.opened")
+        rig.wait_log(lambda e: e.get("event") == "vend.link_up", 10, "vend.link_up")
+        assert rig.proc is not None and rig.proc.poll() is None
+        rig.scanner.write_line(payment_code("0001"))
+        _, ref, amount = rig.vmc.expect("APPROVED ").split(" ")
+        assert amount == "2.00"
+        rig.vmc.write_line(f"SUCCESS {ref}")
+        rig.vmc.expect("ACK ")
+        assert rig.stop() == 0
+    finally:
+        rig.close()
+
+
 def test_sighup_during_a_vend_keeps_the_sale_and_the_new_price_applies_after_it(
     rig: DaemonRig,
 ) -> None:
