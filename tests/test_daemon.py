@@ -226,17 +226,22 @@ def test_merchant_configuration_error_takes_it_out_of_service_until_a_probe_pass
     assert_money_rules(rig)
 
 
+def sells_at(rig: DaemonRig, price: str) -> None:
+    """One paid, vended sale at `price`; then a clean stop."""
+    rig.scanner.write_line(payment_code("0001"))
+    _, ref, amount = rig.vmc.expect("APPROVED ").split(" ")
+    assert amount == price
+    rig.vmc.write_line(f"SUCCESS {ref}")
+    rig.vmc.expect("ACK ")
+    assert rig.stop() == 0
+
+
 def test_sighup_rereads_the_config(rig: DaemonRig) -> None:
     text = rig.config_path.read_text()
     rig.config_path.write_text(text.replace('price = "1.50"', 'price = "2.00"'))
     rig.signal(signal.SIGHUP)
     rig.wait_log(lambda e: e.get("event") == "config.reloaded", 10)
-    rig.scanner.write_line(payment_code("0001"))
-    _, ref, amount = rig.vmc.expect("APPROVED ").split(" ")
-    assert amount == "2.00"
-    rig.vmc.write_line(f"SUCCESS {ref}")
-    rig.vmc.expect("ACK ")
-    assert rig.stop() == 0
+    sells_at(rig, "2.00")
 
 
 def test_vmc_mode_vend_request_then_scan_charges_the_asked_amount(
@@ -298,12 +303,7 @@ def test_a_sighup_while_the_kiosk_starts_is_a_reload_not_its_end(
         rig.wait_log(lambda e: e.get("event") == "scanner.opened", 10, "scanner.opened")
         rig.wait_log(lambda e: e.get("event") == "vend.link_up", 10, "vend.link_up")
         assert rig.proc is not None and rig.proc.poll() is None
-        rig.scanner.write_line(payment_code("0001"))
-        _, ref, amount = rig.vmc.expect("APPROVED ").split(" ")
-        assert amount == "2.00"
-        rig.vmc.write_line(f"SUCCESS {ref}")
-        rig.vmc.expect("ACK ")
-        assert rig.stop() == 0
+        sells_at(rig, "2.00")
     finally:
         rig.close()
 
