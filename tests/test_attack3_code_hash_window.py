@@ -72,3 +72,22 @@ def test_a_sold_codes_hash_is_gone_from_disk_once_its_window_is_over(
                 " s ago, its key and its last 4 digits: enough to find the whole code again "
                 "(rule 6); README promises the hash is kept for the 3-minute window only"
             )
+
+
+def test_a_running_kiosk_forgets_a_codes_hash_after_its_window_without_another_sale(
+    make_rig: Callable[..., Rig], tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    clock = Clock()
+    journal = Journal(state, wall_clock=clock)
+    rig = make_rig(journal=journal)
+    code = payment_code("0001", 72)
+    rig.scanner.scan(code)
+    rig.log.wait_for("payment.result", 15)
+    mark = rig.log.size
+    assert journal.recent_codes(since=0), "the sale journaled no hash of its code"
+    clock.advance(CODE_REUSE_WINDOW_S + 1)
+    rig.kiosk.worker.wake()
+    # The next pass of the journal worker drops it; nothing else is written meanwhile.
+    rig.log.wait_for("journal.codes_forgotten", 15, after=mark - 1, count=1)
+    assert journal.recent_codes(since=0) == []
