@@ -480,6 +480,7 @@ class Kiosk:
         self.vend.close()
         self.indicator.close()
         try:
+            self.journal.forget_codes()  # past their window: not left on disk (rule 6)
             self.journal.checkpoint()
         except JournalError as exc:
             event(log, "journal.error", level=logging.ERROR, error=str(exc))

@@ -547,6 +547,27 @@ class Journal:
                 raise self._classify(exc) from None
         return [(bytes(d), float(t)) for d, t in rows]
 
+    def forget_codes(self) -> int:
+        """Drop the hashes of codes seen longer ago than the reuse window; how many went. A
+        hash, its key and the code's last 4 digits are enough to find the code again by trying
+        the codes that end so (rule 6): they are kept for rule 7's window only, whether or not
+        another sale follows. A look only, without a write, when none is that old."""
+        if self._schema < 2:
+            return 0
+        cutoff = self._time() - CODE_REUSE_WINDOW_S
+        with self._lock:
+            try:
+                old = self._conn.execute(
+                    "SELECT 1 FROM recent_codes WHERE seen_at < ? LIMIT 1", (cutoff,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise self._classify(exc) from None
+        if old is None:
+            return 0
+        with self._write() as conn:
+            gone = conn.execute("DELETE FROM recent_codes WHERE seen_at < ?", (cutoff,)).rowcount
+        return int(gone)
+
     def _classify(self, exc: sqlite3.Error) -> JournalError:
         text = str(exc)
         if "disk is full" in text or "disk I/O" in text or "readonly" in text:

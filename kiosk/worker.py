@@ -223,6 +223,7 @@ class JournalWorker:
             self.on_journal_error(journal_failed)
         if not (self._stop.is_set() or flow.stopping.is_set()):
             self._fold_if_due(flow.settings.keep_days)
+            self._forget_codes()
         # No second read of the journal: a sale that ends unfinished wakes the worker, and its
         # row is in the next pass.
         self._report_backlog(len(left))
@@ -239,6 +240,22 @@ class JournalWorker:
         if not due:
             return self.idle_s
         return min(self.idle_s, max(0.0, min(due) - self._clock()))
+
+    def _forget_codes(self) -> None:
+        """The hashes of codes past rule 7's window leave the journal (rule 6). A failure is
+        logged and tried at the next pass; the sales' own writes tell a journal fault."""
+        try:
+            gone = self.journal.forget_codes()
+        except Exception as exc:
+            event(
+                log,
+                "journal.forget_codes_failed",
+                level=logging.ERROR,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return
+        if gone:
+            event(log, "journal.codes_forgotten", level=logging.DEBUG, count=gone)
 
     def _fold_if_due(self, keep_days: int) -> None:
         """Retention, at the first pass and then once a day. A fold that fails is logged and
