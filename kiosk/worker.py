@@ -254,8 +254,19 @@ class JournalWorker:
                 error=f"{type(exc).__name__}: {exc}",
             )
             return
-        if gone:
-            event(log, "journal.codes_forgotten", level=logging.DEBUG, count=gone)
+        if not gone:
+            return
+        try:  # the WAL still holds the pages as they were: folded and truncated now
+            self.journal.checkpoint()
+        except Exception as exc:
+            event(
+                log,
+                "journal.forget_codes_failed",
+                level=logging.ERROR,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return
+        event(log, "journal.codes_forgotten", level=logging.DEBUG, count=gone)
 
     def _fold_if_due(self, keep_days: int) -> None:
         """Retention, at the first pass and then once a day. A fold that fails is logged and

@@ -91,3 +91,7 @@ def test_a_running_kiosk_forgets_a_codes_hash_after_its_window_without_another_s
     # The next pass of the journal worker drops it; nothing else is written meanwhile.
     rig.log.wait_for("journal.codes_forgotten", 15, after=mark - 1, count=1)
     assert journal.recent_codes(since=0) == []
+    digest = code_digest(journal.code_key, code)
+    # Nor in the WAL's old page images, nor in the freed bytes of the main file, while it runs.
+    held = [f.name for f in state.iterdir() if f.is_file() and digest in f.read_bytes()]
+    assert held == [], f"{held} still hold the code's keyed hash past its window"
