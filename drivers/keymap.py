@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from evdev import ecodes as e
 
-from kiosk.log import event, mask_code
+from kiosk.log import event, mask_partial
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class ScanDecoder:
                 reason="too_long" if self._too_long else reason,
                 source=self.source,
                 length=len(typed),
-                partial=mask_code(typed),
+                partial=mask_partial(typed),
             )
         self._chars.clear()
         self._too_long = False

@@ -15,7 +15,7 @@ from typing import Any
 import serial
 
 from drivers.scanner_thread import ScannerThread
-from kiosk.log import event, mask_code
+from kiosk.log import event, mask_partial
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class LineSplitter:
                 reason="too_long" if self._too_long else reason,
                 source=self.source,
                 length=len(self._buf),
-                partial=mask_code(text),
+                partial=mask_partial(text),
             )
         self._buf.clear()
         self._too_long = False

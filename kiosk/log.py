@@ -31,6 +31,12 @@ def mask_code(code: str | None) -> str | None:
     return "*" * max(len(code) - 4, 0) + code[-4:]
 
 
+def mask_partial(text: str) -> str:
+    """A half-read scan as it may be logged: no digit at all. Its last 4 are a code's middle
+    digits when the line was cut short, and with the rescan's last 4 they would give away 8."""
+    return re.sub(r"[0-9]", "*", text)
+
+
 # A maximal run of digits long enough to be (or to hold) a payment code.
 _DIGIT_RUN = re.compile(r"(?<![0-9])[0-9]{16,}(?![0-9])")
 _CODE_FIRST_TWO = range(25, 31)  # Alipay payment codes are 16-24 digits starting 25-30
