@@ -755,7 +755,7 @@ def _wait_out_of_service(notifier: object, reason: str) -> bool:
         signal.set_wakeup_fd(previous)
         os.close(write_fd)
         os.close(read_fd)
-    if why[-1] == "hup":
+    if "term" not in why:  # a stop and a reload in one wait: the stop wins
         event(log, "config.reload")
         return True
     notifier.stopping()

@@ -260,3 +260,24 @@ def test_a_second_kiosk_run_on_the_same_state_dir_refuses_in_one_line_and_exits_
         assert rig.stop() == 0
     finally:
         rig.close()
+
+
+def test_a_stop_and_a_reload_in_one_out_of_service_wait_end_the_kiosk() -> None:
+    """SIGTERM, then SIGHUP before the wait ends: the stop wins (systemd is stopping the
+    service; a reload must not forget that)."""
+    import signal as signals
+
+    from kiosk import cli
+    from kiosk.systemd import Notifier
+
+    class Signalled(Notifier):
+        def ready(self, status: str = "") -> None:
+            signals.raise_signal(signals.SIGTERM)
+            signals.raise_signal(signals.SIGHUP)
+
+    before = {sig: signals.getsignal(sig) for sig in (signals.SIGTERM, signals.SIGHUP)}
+    try:
+        assert cli._wait_out_of_service(Signalled(environ={}), "config: test") is False
+    finally:
+        for sig, handler in before.items():
+            signals.signal(sig, handler)
