@@ -667,7 +667,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kiosk.scanner_hold import HeldScanner
 
     setup_logging(args.log_format)
-    event(log, "kiosk.starting", version=__version__, pid=os.getpid())
+    if not in_terminal():  # for the journal: which firmware started; a person sees the prompt
+        event(log, "kiosk.starting", version=__version__, pid=os.getpid())
     path = _config_path(args)
     held = HeldScanner(drivers.build_scanner_for)
     held.hold_early(path)

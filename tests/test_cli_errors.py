@@ -350,7 +350,9 @@ def test_run_under_systemd_with_a_bad_config_waits_out_of_service(tmp_path: Path
     with terminal("run", "--config", str(path), env={"INVOCATION_ID": "0123abcd"}) as term:
         term.read_until(r".*event=kiosk\.out_of_service.*")
         assert term.proc.poll() is None  # no crash loop: it waits for SIGHUP
-        assert term.lines()[0].startswith("error kiosk: event=config.invalid problem=")
+        first, second = term.lines()[:2]
+        assert first.startswith("info kiosk: event=kiosk.starting version=")  # which firmware
+        assert second.startswith("error kiosk: event=config.invalid problem=")
         term.proc.send_signal(signal.SIGTERM)
         assert term.finish() == 0
 
