@@ -556,7 +556,7 @@ make_hardening_overlay() {
 # broker and its clients are Debian's arm64 packages, fetched on the host at test time and
 # written into the run's copy only: the built image never holds a broker.
 TELEMETRY_REQUIRED=(telemetry-online telemetry-sale telemetry-last-will telemetry-back-online
-	telemetry-payloads-clean)
+	telemetry-payloads-clean telemetry-sale-once)
 BROKER_PACKAGES=(mosquitto mosquitto-clients)
 DEBIAN_MIRROR="${KIOSK_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 GUEST_LIB=/usr/local/lib/kiosk-image-test
@@ -729,7 +729,7 @@ make_telemetry_overlay() {
 
 		# Availability and state are retained: a client that subscribes later gets them at once.
 		started=${SECONDS}
-		mqtt_wait 180 "^${TOPIC}/availability online\$"
+		mqtt_wait 120 "^${TOPIC}/availability online\$"
 		avail="$(mqtt_sub --retained-only -C 1 -W 10 -t "${TOPIC}/availability" 2>&1)"
 		state="$(mqtt_sub --retained-only -C 1 -W 10 -t "${TOPIC}/state" 2>&1)"
 		check telemetry-online "after $((SECONDS - started)) s, retained: availability ${avail}, \
@@ -741,7 +741,7 @@ make_telemetry_overlay() {
 		from="$(mqtt_mark)"
 		started=${SECONDS}
 		timeout 30 bash -c 'echo "$1" >/run/kiosk-test-scanner' typed "${code}"
-		mqtt_wait 240 "^${TOPIC}/sale " "${from}"
+		mqtt_wait 180 "^${TOPIC}/sale " "${from}"
 		sale="${MQTT_LINE#* }"
 		check telemetry-sale "after $((SECONDS - started)) s: ${sale:-no sale message}" \
 		    grep -qE '"state":"vended","amount":"1\.50","currency":"USD"' <<<"${sale}"
@@ -761,8 +761,8 @@ make_telemetry_overlay() {
 		back() { kiosk_active && [ "$(prop kiosk.service MainPID)" != "${kill_pid}" ]; }
 		from="$(mqtt_mark)"
 		started=${SECONDS}
-		wait_for 180 back
-		mqtt_wait 180 "^${TOPIC}/availability online\$" "${from}"
+		wait_for 120 back
+		mqtt_wait 60 "^${TOPIC}/availability online\$" "${from}"
 		check telemetry-back-online "kiosk.service $(prop kiosk.service ActiveState) as \
 		$(prop kiosk.service MainPID), online again after $((SECONDS - started)) s" \
 		    test -n "${MQTT_LINE}" -a "$(prop kiosk.service MainPID)" != "${kill_pid}"
@@ -784,6 +784,9 @@ make_telemetry_overlay() {
 		$(cut -d' ' -f1 "${MQTT_LOG}" | sort -u | wc -l) topics: ${runs} code-like digit runs, ${typed} with \
 		the typed code or its last 4 masked, ${keys} with a line of a key, ${marker} PRIVATE KEY" \
 		    test "${runs}" = 0 -a "${typed}" = 0 -a "${keys}" = 0 -a "${marker}" = 0
+		sales="$(grep -c "^${TOPIC}/sale " "${MQTT_LOG}")"
+		check telemetry-sale-once "${sales} sale messages in all, the kiosk killed and restarted \
+		since" test "${sales}" = 1
 		cut -d' ' -f1 "${MQTT_LOG}" | sort | uniq -c | sed 's/^ */KIOSK-TEST-INFO mqtt /'
 	EOF
 }
