@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import logging
 import os
 import re
@@ -77,10 +78,16 @@ class InputBackend(Protocol):
 class EvdevBackend:
     """The real kernel, through python-evdev."""
 
-    def list_devices(self) -> list[str]:
-        import evdev
+    def __init__(self, input_dir: str = "/dev/input") -> None:
+        self.input_dir = input_dir
 
-        return sorted(evdev.list_devices())
+    def list_devices(self) -> list[str]:
+        """The event nodes this process may read. Not `evdev.list_devices()`: it lists only
+        nodes it may also write, and kiosk.service allows input devices read-only
+        (DeviceAllow=char-input r), a policy access() answers too, so under the service's
+        sandbox it would list nothing. Reading and grabbing need no write access."""
+        nodes = glob.glob(os.path.join(self.input_dir, "event*"))
+        return sorted(path for path in nodes if os.access(path, os.R_OK))
 
     def open(self, path: str) -> InputNode:
         import evdev

@@ -3,8 +3,10 @@
 # config and fresh test keys on its boot partition, boots it twice under qemu-system-aarch64
 # (TCG) and reads the verdict of a test-only check unit from the serial console.
 #
-#   image-test.sh [--reuse]   --reuse: boot the image and card files of the last run again
-#                             (for iterating on the checks; CI always builds)
+#   image-test.sh [--reuse]   --reuse: boot the image and card keys of the last run again; the
+#                             card's config and the test units and checks are this checkout's,
+#                             written into each run's copy (for iterating on the checks; CI
+#                             always builds)
 #   image-test.sh --check-host   build nothing: check every host package, file and command the
 #                             build and the boots need (tools/host-packages.txt, groups
 #                             image-build and image-boot), and start qemu-system-aarch64 paused
@@ -14,8 +16,9 @@
 # In the guest, under real systemd: provisioning ran and took the secrets off the boot
 # partition; kiosk.service became active (READY=1) with its hardening in force; a hung main
 # loop (SIGSTOP) is killed by the watchdog and restarted; systemctl reload keeps the same
-# process; the journal in /var/lib/kiosk survives a reboot; the live `systemd-analyze
-# security` exposure is printed.
+# process; telemetry to a Mosquitto on the guest's loopback: online, a sale typed by a uinput
+# scanner, the last will after SIGKILL, no code or key in any payload; the journal in
+# /var/lib/kiosk survives a reboot; the live `systemd-analyze security` exposure is printed.
 # Needs root (debootstrap, chroot). Must fit in 30 minutes on 2 cores with nothing cached.
 set -euo pipefail
 
@@ -61,8 +64,8 @@ host_python() {
 	fi
 }
 
-# What a technician puts on the card: the config and freshly made keys. The simulator's own
-# (Alipay side) private key goes into the test overlay, never onto the card.
+# What a technician puts on the card: freshly made keys (and the config, make_card_config). The
+# simulator's own (Alipay side) private key goes into the test overlay, never onto the card.
 make_card_files() {
 	local card="$1" overlay="$2"
 	mkdir -p "${card}" "${overlay}/etc/kiosk-test"
@@ -88,8 +91,16 @@ make_card_files() {
 		    ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo), 0o644)
 		write(f"{sim}/alipay_private_key.pem", private_pem(alipay), 0o600)
 	EOF
+}
+
+# The card's config, written again at each run (--reuse too): the scanner is the test's uinput
+# keyboard (kiosk-test-scanner.service), the gateway simulator and the MQTT broker are on the
+# guest's loopback.
+make_card_config() {
+	local card="$1"
 	cat >"${card}/kiosk.toml" <<-'EOF'
-		# Image test: fake devices, the gateway simulator on the guest's loopback.
+		# Image test: fake indicators and vend, a uinput scanner the test types into, the gateway
+		# simulator and an MQTT broker on the guest's loopback.
 		[kiosk]
 		terminal_id = "IMAGE-TEST"
 		state_dir = "/var/lib/kiosk"
@@ -116,13 +127,18 @@ make_card_files() {
 		item = "coffee"
 
 		[scanner]
-		driver = "fake"
+		driver = "evdev"
+		match = "kiosk-test-scanner"
 
 		[indicators]
 		driver = "fake"
 
 		[vend]
 		driver = "fake"
+
+		[telemetry]
+		mqtt_url = "mqtt://127.0.0.1:1883"
+		topic_prefix = "kiosk"
 	EOF
 }
 
@@ -249,6 +265,8 @@ make_overlay() {
 		    check watchdog-restart "NRestarts ${restarts} -> $(prop kiosk.service NRestarts) in \
 		$((SECONDS - started)) s, watchdog timeouts logged: ${why}" test "${result}" = 0 -a "${why}" -ge 1
 
+		    # Telemetry, before the journal is recorded for boot 2: its sale is in it.
+		    . /usr/local/lib/kiosk-image-test/telemetry-checks.sh
 		    find /var/lib/kiosk -type f -printf '%P\n' | sort >"${MARK}/files"
 		    journal_json >"${MARK}/journal.json" 2>"${MARK}/journal.err"
 		    check journal-written "$(tr '\n' ' ' <"${MARK}/files")" test -s "${MARK}/files"
@@ -534,6 +552,279 @@ make_hardening_overlay() {
 	EOF
 }
 
+# Telemetry (SPEC section 8) in the booted guest, against a Mosquitto on its loopback. The
+# broker and its clients are Debian's arm64 packages, fetched on the host at test time and
+# written into the run's copy only: the built image never holds a broker.
+TELEMETRY_REQUIRED=(telemetry-online telemetry-sale telemetry-last-will telemetry-back-online
+	telemetry-payloads-clean telemetry-sale-once)
+BROKER_PACKAGES=(mosquitto mosquitto-clients)
+DEBIAN_MIRROR="${KIOSK_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+GUEST_LIB=/usr/local/lib/kiosk-image-test
+
+# Mosquitto and its clients with what the image lacks of their libraries: apt resolves them
+# against the image's own dpkg status (read with debugfs), so the set is exactly what this image
+# needs. The .debs are kept in OUT/broker-debs/<status hash>/: a rerun downloads nothing.
+fetch_broker() { # DEST: gets sbin/mosquitto, bin/mosquitto_sub, bin/mosquitto_pub, lib/
+	local dest="$1" apt="${WORK}/apt" debs key deb unpacked="${WORK}/broker-root"
+	mkdir -p "${apt}/etc/apt/apt.conf.d" "${apt}/etc/apt/preferences.d" \
+		"${apt}/var/lib/dpkg" "${apt}/var/lib/apt/lists/partial" "${apt}/var/cache/apt"
+	debugfs -R "dump /var/lib/dpkg/status ${apt}/var/lib/dpkg/status" \
+		"${PRISTINE}?offset=$(partition_start "${PRISTINE}" 2)" 2>/dev/null
+	[[ -s "${apt}/var/lib/dpkg/status" ]] || die "no /var/lib/dpkg/status in ${PRISTINE}"
+	key="$(sha256sum <"${apt}/var/lib/dpkg/status" | cut -c1-16)"
+	debs="${OUT}/broker-debs/${key}"
+	if [[ -f "${debs}/complete" ]]; then
+		log "broker: the image's packages as fetched before ($(cd "${debs}" && echo *.deb))"
+	else
+		rm -rf "${debs}"
+		mkdir -p "${debs}/partial"
+		local keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+		cat >"${apt}/etc/apt/sources.list" <<-EOF
+			deb [signed-by=${keyring}] ${DEBIAN_MIRROR} bookworm main
+			deb [signed-by=${keyring}] ${DEBIAN_MIRROR} bookworm-updates main
+			deb [signed-by=${keyring}] http://security.debian.org/debian-security bookworm-security main
+		EOF
+		local options=(-q -o "Dir=${apt}" -o "Dir::State::status=${apt}/var/lib/dpkg/status"
+			-o "Dir::Cache::archives=${debs}" -o APT::Architecture=arm64 -o APT::Architectures::=arm64
+			-o Acquire::Languages=none -o Debug::NoLocking=1 -o APT::Sandbox::User=root
+			-o APT::Install-Recommends=false)
+		if ! { apt-get "${options[@]}" update && apt-get "${options[@]}" install --download-only -y \
+			"${BROKER_PACKAGES[@]}"; } >"${WORK}/apt.log" 2>&1; then
+			cat "${WORK}/apt.log" >&2
+			die "broker: apt-get could not fetch ${BROKER_PACKAGES[*]} for arm64"
+		fi
+		rm -rf "${debs}/partial" "${debs}/lock"
+		touch "${debs}/complete"
+		log "broker: fetched $(cd "${debs}" && echo *.deb)"
+	fi
+	rm -rf "${unpacked}"
+	for deb in "${debs}"/*.deb; do dpkg-deb -x "${deb}" "${unpacked}"; done
+	mkdir -p "${dest}/sbin" "${dest}/bin" "${dest}/lib"
+	cp -a "${unpacked}/usr/sbin/mosquitto" "${dest}/sbin/"
+	cp -a "${unpacked}/usr/bin/mosquitto_sub" "${unpacked}/usr/bin/mosquitto_pub" "${dest}/bin/"
+	local folder
+	for folder in "${unpacked}/usr/lib/aarch64-linux-gnu" "${unpacked}/lib/aarch64-linux-gnu"; do
+		[[ -d "${folder}" ]] && find "${folder}" -maxdepth 1 -name '*.so*' -exec cp -a {} "${dest}/lib/" \;
+	done
+	return 0
+}
+
+make_telemetry_overlay() {
+	local overlay="$1" units="$1/etc/systemd/system" lib="$1${GUEST_LIB}"
+	mkdir -p "${units}/multi-user.target.wants" "${lib}/mosquitto"
+	fetch_broker "${lib}/mosquitto"
+	cat >"${lib}/mosquitto/mosquitto.conf" <<-'EOF'
+		# Image test: the kiosk's MQTT broker, on loopback only, no persistence.
+		listener 1883 127.0.0.1
+		allow_anonymous true
+		persistence false
+		log_dest stderr
+		log_type error
+		log_type warning
+		log_type notice
+		log_type information
+		connection_messages true
+	EOF
+	cat >"${units}/kiosk-test-mqtt.service" <<-EOF
+		[Unit]
+		Description=Image test: MQTT broker (Mosquitto) on loopback
+		Before=kiosk.service
+
+		[Service]
+		Type=notify
+		DynamicUser=yes
+		Environment=LD_LIBRARY_PATH=${GUEST_LIB}/mosquitto/lib
+		ExecStart=${GUEST_LIB}/mosquitto/sbin/mosquitto -c ${GUEST_LIB}/mosquitto/mosquitto.conf
+
+		[Install]
+		WantedBy=multi-user.target
+	EOF
+	cat >"${units}/kiosk-test-scanner.service" <<-EOF
+		[Unit]
+		Description=Image test: a uinput keyboard the test types payment codes into
+		Before=kiosk.service
+
+		[Service]
+		Type=notify
+		ExecStartPre=-/sbin/modprobe uinput
+		ExecStart=/opt/kiosk/bin/python ${GUEST_LIB}/scanner.py
+
+		[Install]
+		WantedBy=multi-user.target
+	EOF
+	local unit
+	for unit in kiosk-test-mqtt.service kiosk-test-scanner.service; do
+		ln -sfn "/etc/systemd/system/${unit}" "${units}/multi-user.target.wants/${unit}"
+	done
+	install -m 0644 /dev/stdin "${lib}/scanner.py" <<-'EOF'
+		"""Image test: a barcode scanner (a uinput keyboard, "kiosk-test-scanner") that types each
+		line written to /run/kiosk-test-scanner, then Enter, for the kiosk's evdev driver."""
+		import os
+		import socket
+
+		import evdev
+		from evdev import ecodes
+
+		FIFO = "/run/kiosk-test-scanner"
+		DIGITS = {str(n): getattr(ecodes, f"KEY_{n}") for n in range(10)}
+
+		device = evdev.UInput({ecodes.EV_KEY: [*DIGITS.values(), ecodes.KEY_ENTER]},
+		                      name="kiosk-test-scanner", vendor=0x1209, product=0x0001)
+
+
+		def press(key):
+		    for value in (1, 0):
+		        device.write(ecodes.EV_KEY, key, value)
+		        device.syn()
+
+
+		if os.path.lexists(FIFO):
+		    os.unlink(FIFO)
+		os.mkfifo(FIFO, 0o600)
+		notify = os.environ.get("NOTIFY_SOCKET", "")
+		if notify:
+		    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+		        sock.connect("\0" + notify[1:] if notify.startswith("@") else notify)
+		        sock.send(b"READY=1")
+		print(f"scanner {device.device.path} ready, typing what {FIFO} gets", flush=True)
+		while True:
+		    with open(FIFO, encoding="ascii") as lines:
+		        for line in lines:
+		            digits = line.strip()
+		            for char in digits:
+		                press(DIGITS[char])
+		            press(ecodes.KEY_ENTER)
+		            print(f"typed {len(digits)} digits", flush=True)
+	EOF
+	install -m 0644 /dev/stdin "${lib}/telemetry-checks.sh" <<-'EOF'
+		# Sourced by check.sh (boot 1): the kiosk's telemetry through the broker on loopback. One
+		# subscriber to everything runs through these checks; each check reads its messages with
+		# a deadline (no sleeps) and every message is kept for the last check, the payloads'.
+		MQTT_DIR=/usr/local/lib/kiosk-image-test/mosquitto
+		TOPIC=kiosk/IMAGE-TEST
+		MQTT_LOG="${MARK}/mqtt.log"
+		mqtt_sub() {
+		    LD_LIBRARY_PATH="${MQTT_DIR}/lib" "${MQTT_DIR}/bin/mosquitto_sub" -h 127.0.0.1 -p 1883 "$@"
+		}
+		mqtt_mark() { wc -l <"${MQTT_LOG}"; }
+		# SECONDS ERE [FROM]: the first message ("topic payload") after line FROM of the log that
+		# matches, in MQTT_LINE, read from the subscriber until the deadline.
+		mqtt_wait() {
+		    local deadline=$((SECONDS + $1)) line
+		    MQTT_LINE="$(tail -n +"$((${3:-0} + 1))" "${MQTT_LOG}" | grep -m1 -E -- "$2")" && return 0
+		    while [ "${SECONDS}" -lt "${deadline}" ] &&
+		        IFS= read -r -t "$((deadline - SECONDS))" line <&"${mqtt_fd}"; do
+		        printf '%s\n' "${line}" >>"${MQTT_LOG}"
+		        grep -qE -- "$2" <<<"${line}" && { MQTT_LINE="${line}"; return 0; }
+		    done
+		    return 1
+		}
+
+		echo "KIOSK-TEST-INFO broker kiosk-test-mqtt.service $(prop kiosk-test-mqtt.service ActiveState), \
+		scanner kiosk-test-scanner.service $(prop kiosk-test-scanner.service ActiveState)"
+		: >"${MQTT_LOG}"
+		coproc MQTT_SUB { mqtt_sub -v -W 900 -t '#' 2>&1; }
+		mqtt_pid=${MQTT_SUB_PID}
+		exec {mqtt_fd}<&"${MQTT_SUB[0]}"
+
+		# Availability and state are retained: a client that subscribes later gets them at once.
+		started=${SECONDS}
+		mqtt_wait 120 "^${TOPIC}/availability online\$"
+		avail="$(mqtt_sub --retained-only -C 1 -W 10 -t "${TOPIC}/availability" 2>&1)"
+		state="$(mqtt_sub --retained-only -C 1 -W 10 -t "${TOPIC}/state" 2>&1)"
+		check telemetry-online "after $((SECONDS - started)) s, retained: availability ${avail}, \
+		state ${state}" test "${avail}" = online -a -n "$(grep -E '^\{.*"state":"[a-z_]+".*"firmware":' <<<"${state}")"
+
+		# A sale: a fresh payment code typed by the scanner (last digits 0NNN: the simulator pays
+		# at once), one `sale` message once the transaction is final.
+		code="28$(printf '%06d%06d' $((RANDOM % 1000000)) $((RANDOM % 1000000)))0$(printf '%03d' $((RANDOM % 1000)))"
+		from="$(mqtt_mark)"
+		started=${SECONDS}
+		timeout 30 bash -c 'echo "$1" >/run/kiosk-test-scanner' typed "${code}"
+		mqtt_wait 180 "^${TOPIC}/sale " "${from}"
+		sale="${MQTT_LINE#* }"
+		check telemetry-sale "after $((SECONDS - started)) s: ${sale:-no sale message}" \
+		    grep -qE '"state":"vended","amount":"1\.50","currency":"USD"' <<<"${sale}"
+		[ -n "${sale}" ] || journalctl -b -u kiosk.service -u kiosk-test-scanner.service -o cat \
+		    --no-pager -n 25 | sed 's/^/KIOSK-TEST-INFO sale-log /'
+
+		# The last will: killed, the kiosk cannot say goodbye; the broker says it.
+		kill_pid="$(prop kiosk.service MainPID)"
+		from="$(mqtt_mark)"
+		started=${SECONDS}
+		systemctl kill -s KILL kiosk.service
+		mqtt_wait 60 "^${TOPIC}/availability offline\$" "${from}"
+		check telemetry-last-will "offline $((SECONDS - started)) s after SIGKILL of ${kill_pid}: \
+		${MQTT_LINE:-none}; broker: $(journalctl -b -u kiosk-test-mqtt.service -o cat --no-pager |
+		    grep -iE 'kiosk-IMAGE-TEST.*(closed|disconnect|exceeded|error)' | tail -1)" test -n "${MQTT_LINE}"
+		# Restarted (RestartSec=), it reconnects: later checks find the service as before.
+		back() { kiosk_active && [ "$(prop kiosk.service MainPID)" != "${kill_pid}" ]; }
+		from="$(mqtt_mark)"
+		started=${SECONDS}
+		wait_for 120 back
+		mqtt_wait 60 "^${TOPIC}/availability online\$" "${from}"
+		check telemetry-back-online "kiosk.service $(prop kiosk.service ActiveState) as \
+		$(prop kiosk.service MainPID), online again after $((SECONDS - started)) s" \
+		    test -n "${MQTT_LINE}" -a "$(prop kiosk.service MainPID)" != "${kill_pid}"
+
+		# Every message so far: no payment code (whole, the one typed, or masked), no key.
+		kill "${mqtt_pid}" 2>/dev/null
+		while IFS= read -r -t 10 line <&"${mqtt_fd}"; do printf '%s\n' "${line}" >>"${MQTT_LOG}"; done
+		exec {mqtt_fd}<&-
+		wait "${mqtt_pid}" 2>/dev/null
+		payloads="$(cut -d' ' -f2- "${MQTT_LOG}")"
+		runs="$(grep -oE '[0-9]+' <<<"${payloads}" |
+		    awk '{ first = substr($0, 1, 2) + 0 } length($0) >= 16 && length($0) <= 24 && first >= 25 && first <= 30' |
+		    wc -l)"
+		typed="$(grep -cF -e "${code}" -e "*${code: -4}" <<<"${payloads}")"
+		keys="$(cat /etc/kiosk/keys/*.pem /etc/kiosk-test/*.pem 2>/dev/null | grep -v -- '-----' |
+		    grep -cF -f - <<<"${payloads}")"
+		marker="$(grep -c 'PRIVATE KEY' <<<"${payloads}")"
+		check telemetry-payloads-clean "$(wc -l <"${MQTT_LOG}") messages on \
+		$(cut -d' ' -f1 "${MQTT_LOG}" | sort -u | wc -l) topics: ${runs} code-like digit runs, ${typed} with \
+		the typed code or its last 4 masked, ${keys} with a line of a key, ${marker} PRIVATE KEY" \
+		    test "${runs}" = 0 -a "${typed}" = 0 -a "${keys}" = 0 -a "${marker}" = 0
+		sales="$(grep -c "^${TOPIC}/sale " "${MQTT_LOG}")"
+		check telemetry-sale-once "${sales} sale messages in all, the kiosk killed and restarted \
+		since" test "${sales}" = 1
+		cut -d' ' -f1 "${MQTT_LOG}" | sort | uniq -c | sed 's/^ */KIOSK-TEST-INFO mqtt /'
+	EOF
+}
+
+# The test overlay, written into the run's copy (debugfs, no mount) at each run, --reuse too: a
+# rerun boots this checkout's checks. (The build bakes the same units into the image, less the
+# broker; the power-cut rig's boots use its NTP server.)
+write_test_overlay() {
+	local overlay="${WORK}/run-overlay"
+	make_overlay "${overlay}"
+	make_hardening_overlay "${overlay}"
+	make_telemetry_overlay "${overlay}"
+	PYTHONPATH="${PROJECT}" "$(host_python)" - "${overlay}" "${IMAGE}" <<-'EOF'
+		import os, sys
+		from pathlib import Path
+		from tests.powercut.ext4 import Ext4Image
+
+		overlay, image = Path(sys.argv[1]), Path(sys.argv[2])
+		count = 0
+		with Ext4Image(image) as fs:
+		    for folder, dirs, files in os.walk(overlay):
+		        guest = "/" + Path(folder).relative_to(overlay).as_posix().lstrip(".").strip("/")
+		        fs.mkdirs(guest)
+		        for name in sorted(dirs + files):
+		            path, target = Path(folder) / name, f"{guest.rstrip('/')}/{name}"
+		            if path.is_symlink():
+		                fs.symlink(target, os.readlink(path))
+		            elif path.is_file():
+		                fs.write(target, path.read_bytes(), path.stat().st_mode & 0o7777)
+		            else:
+		                continue
+		            count += 1
+		    fs.commit()
+		print(f"image-test: test overlay: {count} files and links written into {image.name}",
+		      file=sys.stderr)
+	EOF
+}
+
 # The boot's kernel command line: the image's own cmdline.txt (root=PARTUUID=..., SysRq off),
 # with the console on the virt machine's UART instead of HDMI.
 guest_cmdline() {
@@ -700,7 +991,7 @@ main() {
 
 	phase tools
 	install_tools
-	if [[ "${REUSE}" -eq 1 && -f "${PRISTINE}" && -f "${CARD}/kiosk.toml" ]]; then
+	if [[ "${REUSE}" -eq 1 && -f "${PRISTINE}" && -f "${CARD}/merchant_private_key.pem" ]]; then
 		log "reusing ${PRISTINE} and its card files"
 	else
 		phase keys
@@ -713,7 +1004,10 @@ main() {
 	fi
 	phase card
 	cp --sparse=always "${PRISTINE}" "${IMAGE}"
+	make_card_config "${CARD}"
 	provision_card
+	phase overlay
+	write_test_overlay
 	guest_cmdline
 	check_sbom
 	phase boot1
@@ -728,7 +1022,7 @@ main() {
 	required=(boot1-kiosk-ready provision-ran boot-secrets-removed key-owner-only telemetry-client-present
 		hardening-in-force live-exposure-at-most-1.2 reload-same-process watchdog-restart journal-written
 		boot2-kiosk-ready journal-survived-reboot journal-readable-after-reboot)
-	required+=("${HARDENING_REQUIRED[@]}")
+	required+=("${HARDENING_REQUIRED[@]}" "${TELEMETRY_REQUIRED[@]}")
 	local failed=0
 	for name in "${required[@]}"; do
 		grep -q "^KIOSK-TEST PASS ${name} " "${OUT}/results.txt" || {

@@ -422,9 +422,11 @@ class TelemetrySink:
         with self._lock:
             state_due = self._state_pending and not self._events
         if state_due and len(self._inflight) < WINDOW:
-            payload = self._state_payload()
+            # Cleared before the payload is built: a change that comes meanwhile sets it again
+            # and goes out next, rather than being cleared with the state it came after.
             with self._lock:
                 self._state_pending = False
+            payload = self._state_payload()
             self._textfile_pending = bool(self.settings.prometheus_textfile)
             self._inflight.add(link.publish(f"{self.base_topic}/state", payload, True))
 

@@ -478,3 +478,25 @@ def test_unknown_layout_is_refused_at_construction() -> None:
 def test_physical_device_strips_the_interface() -> None:
     assert physical_device("usb-0000:01:00.0-1.2/input1") == "usb-0000:01:00.0-1.2"
     assert physical_device("py-evdev-uinput") == "py-evdev-uinput"
+
+
+def test_real_backend_lists_nodes_it_may_only_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kiosk.service allows input devices read-only, and access() reports that policy: a node
+    that may be read but not written is still a scanner candidate; one that may not be read
+    is not. (evdev.list_devices() asks for both, and would list nothing in the service.)"""
+    from drivers import scanner_evdev
+
+    for name in ("event3", "event1", "event2", "mice"):
+        (tmp_path / name).write_bytes(b"")
+    unreadable = str(tmp_path / "event2")
+
+    def access(path: str, mode: int) -> bool:
+        if mode & os.W_OK:
+            return False  # DeviceAllow=char-input r
+        return path != unreadable
+
+    monkeypatch.setattr(scanner_evdev.os, "access", access)
+    listed = scanner_evdev.EvdevBackend(str(tmp_path)).list_devices()
+    assert listed == [str(tmp_path / "event1"), str(tmp_path / "event3")]

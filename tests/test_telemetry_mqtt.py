@@ -408,3 +408,35 @@ def test_a_wrong_ca_fails_cleanly_and_the_kiosk_sells_on(
     sink = rig.kiosk.telemetry
     assert sink is not None and not sink.connected.is_set()
     rig.stop()
+
+
+def test_a_state_change_while_the_state_is_being_published_goes_out_too(
+    broker: Broker, subscriber: Subscriber, simulator: GatewaySimulator, tmp_path: Path
+) -> None:
+    """The kiosk moves on (here: to ready) while the telemetry thread is building the state
+    it had: that change is published as well, not forgotten until the next heartbeat."""
+    import threading
+    from datetime import UTC, datetime
+
+    from kiosk.alarms import AlarmBoard
+    from kiosk.telemetry import FiguresReader, KioskSnapshot, TelemetrySink
+
+    config = telemetry_config(tmp_path, simulator.url, mqtt_url=broker.url)
+    sink = TelemetrySink(config, FiguresReader(config.kiosk.state_dir), AlarmBoard())
+    build = sink._state_payload
+    raced = threading.Event()
+
+    def racing_payload() -> str:
+        payload = build()
+        if not raced.is_set():
+            raced.set()
+            sink.state_changed(KioskSnapshot(KioskState.READY, None, datetime.now(UTC)))
+        return payload
+
+    sink._state_payload = racing_payload  # type: ignore[method-assign]
+    sink.start()
+    try:
+        subscriber.wait_for(state_where(lambda s: s["state"] == "starting"), WAIT_S, "starting")
+        subscriber.wait_for(state_where(lambda s: s["state"] == "ready"), WAIT_S, "ready")
+    finally:
+        sink.stop()
