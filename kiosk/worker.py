@@ -246,6 +246,8 @@ class JournalWorker:
         logged and tried at the next pass; the sales' own writes tell a journal fault."""
         try:
             gone = self.journal.forget_codes()
+            if gone:  # the WAL still holds the pages as they were: folded and truncated now
+                self.journal.checkpoint()
         except Exception as exc:
             event(
                 log,
@@ -254,19 +256,8 @@ class JournalWorker:
                 error=f"{type(exc).__name__}: {exc}",
             )
             return
-        if not gone:
-            return
-        try:  # the WAL still holds the pages as they were: folded and truncated now
-            self.journal.checkpoint()
-        except Exception as exc:
-            event(
-                log,
-                "journal.forget_codes_failed",
-                level=logging.ERROR,
-                error=f"{type(exc).__name__}: {exc}",
-            )
-            return
-        event(log, "journal.codes_forgotten", level=logging.DEBUG, count=gone)
+        if gone:
+            event(log, "journal.codes_forgotten", level=logging.DEBUG, count=gone)
 
     def _fold_if_due(self, keep_days: int) -> None:
         """Retention, at the first pass and then once a day. A fold that fails is logged and

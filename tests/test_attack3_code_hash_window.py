@@ -47,18 +47,24 @@ def make_rig(
         yield make
 
 
+def sold(make_rig: Callable[..., Rig], state: Path, last: int) -> tuple[Rig, Journal, Clock, str]:
+    """A kiosk on a journal with a test-moved wall clock, after one sale of a code."""
+    clock = Clock()
+    journal = Journal(state, wall_clock=clock)
+    rig = make_rig(journal=journal)
+    code = payment_code("0001", last)
+    rig.scanner.scan(code)
+    rig.log.wait_for("payment.result", 15)
+    assert journal.recent_codes(since=0), "the sale journaled no hash of its code"
+    return rig, journal, clock, code
+
+
 def test_a_sold_codes_hash_is_gone_from_disk_once_its_window_is_over(
     make_rig: Callable[..., Rig], tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
-    clock = Clock()
-    journal = Journal(state, wall_clock=clock)
-    rig = make_rig(journal=journal)
-    code = payment_code("0001", 71)
-    rig.scanner.scan(code)
-    rig.log.wait_for("payment.result", 15)
+    rig, journal, clock, code = sold(make_rig, state, 71)
     digest = code_digest(journal.code_key, code)
-    assert journal.recent_codes(since=0), "the sale journaled no hash of its code"
     # The kiosk sells nothing more; the window passes.
     clock.advance(CODE_REUSE_WINDOW_S + 60)
     rig.kiosk.worker.wake()
@@ -78,14 +84,8 @@ def test_a_running_kiosk_forgets_a_codes_hash_after_its_window_without_another_s
     make_rig: Callable[..., Rig], tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
-    clock = Clock()
-    journal = Journal(state, wall_clock=clock)
-    rig = make_rig(journal=journal)
-    code = payment_code("0001", 72)
-    rig.scanner.scan(code)
-    rig.log.wait_for("payment.result", 15)
+    rig, journal, clock, code = sold(make_rig, state, 72)
     mark = rig.log.size
-    assert journal.recent_codes(since=0), "the sale journaled no hash of its code"
     clock.advance(CODE_REUSE_WINDOW_S + 1)
     rig.kiosk.worker.wake()
     # The next pass of the journal worker drops it; nothing else is written meanwhile.
