@@ -82,6 +82,7 @@ class RecordingBackend(EvdevBackend):
     """The production backend; the test learns which of our nodes the driver opened."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.nodes: queue.Queue[RecordingNode] = queue.Queue()
 
     def open(self, path: str) -> InputNode:
