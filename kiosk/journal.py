@@ -181,6 +181,10 @@ class UnreadableRow:
 # retry_count and next_retry_at (the worker schedules retries in memory, on the monotonic clock).
 
 # Schema 1, as the first firmware made it: every journal starts here and takes the steps below.
+# Hashes of codes older than rule 7's window (one parameter: the cutoff, epoch seconds): dropped
+# with each new sale's commit, and by the journal worker when no sale follows.
+FORGET_OLD_CODES = "DELETE FROM recent_codes WHERE seen_at < ?"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS transactions (
@@ -565,7 +569,7 @@ class Journal:
         if old is None:
             return 0
         with self._write() as conn:
-            gone = conn.execute("DELETE FROM recent_codes WHERE seen_at < ?", (cutoff,)).rowcount
+            gone = conn.execute(FORGET_OLD_CODES, (cutoff,)).rowcount
         return int(gone)
 
     def _classify(self, exc: sqlite3.Error) -> JournalError:
@@ -640,10 +644,7 @@ class Journal:
             if first_request is not None:
                 self._insert_request(conn, txn, *first_request)
             if code_digest is not None:
-                conn.execute(
-                    "DELETE FROM recent_codes WHERE seen_at < ?",
-                    (seen_at - CODE_REUSE_WINDOW_S,),
-                )
+                conn.execute(FORGET_OLD_CODES, (seen_at - CODE_REUSE_WINDOW_S,))
                 conn.execute(
                     "INSERT OR REPLACE INTO recent_codes (digest, seen_at) VALUES (?, ?)",
                     (code_digest, seen_at),
