@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -47,6 +48,18 @@ def signature_for(sign_type: SignType, sim: GatewaySimulator) -> Md5Signature | 
     return RsaSignature(
         sign_type, private_key=named_key("merchant"), public_key=sim.alipay_public_key
     )
+
+
+@pytest.fixture
+def make_rig(
+    tmp_path: Path, simulator: GatewaySimulator, make_client: Callable[..., AlipayClient]
+) -> Iterator[Callable[..., Any]]:
+    """The kiosk loop with fake devices against the simulator (tests/loop_rig.py); each rig
+    made is closed at the end of the test."""
+    from tests.loop_rig import rig_factory  # loop_rig imports this module
+
+    with rig_factory(tmp_path, simulator.url, make_client) as make:
+        yield make
 
 
 @pytest.fixture

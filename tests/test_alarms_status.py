@@ -4,7 +4,7 @@ worker and the journal; and systemd's STATUS= that always says the state now."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -14,22 +14,13 @@ import pytest
 
 from drivers.vend_fake import FakeVendOutput
 from kiosk.alarms import ALARM_KINDS, Alarm, AlarmBoard
-from kiosk.alipay.client import AlipayClient
 from kiosk.journal import TxnState
 from kiosk.ports import KioskState
 from kiosk.simulator import GatewaySimulator
 from kiosk.systemd import Notifier
-from tests.loop_rig import Rig, rig_config, rig_factory
+from tests.loop_rig import Rig, rig_config
 
 WAIT_S = 20.0
-
-
-@pytest.fixture
-def make_rig(
-    tmp_path: Path, simulator: GatewaySimulator, make_client: Callable[..., AlipayClient]
-) -> Iterator[Callable[..., Rig]]:
-    with rig_factory(tmp_path, simulator.url, make_client) as make:
-        yield make
 
 
 def test_the_board_raises_once_clears_once_and_tells_its_listeners() -> None:

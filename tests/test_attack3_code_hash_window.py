@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from kiosk.alipay.client import AlipayClient
 from kiosk.journal import Journal
 from kiosk.payment_code import CODE_REUSE_WINDOW_S, code_digest
-from kiosk.simulator import GatewaySimulator
 from tests.conftest import payment_code
-from tests.loop_rig import Rig, rig_factory
+from tests.loop_rig import Rig
 
 
 class Clock:
@@ -37,14 +33,6 @@ class Clock:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self.now += seconds
-
-
-@pytest.fixture
-def make_rig(
-    tmp_path: Path, simulator: GatewaySimulator, make_client: Callable[..., AlipayClient]
-) -> Iterator[Callable[..., Rig]]:
-    with rig_factory(tmp_path, simulator.url, make_client) as make:
-        yield make
 
 
 def sold(make_rig: Callable[..., Rig], state: Path, last: int) -> tuple[Rig, Journal, Clock, str]:

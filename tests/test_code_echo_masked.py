@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from kiosk.alipay.client import UNRECOGNISED_ERROR, AlipayClient, normalise_error
+from kiosk.alipay.client import UNRECOGNISED_ERROR, normalise_error
 from kiosk.log import mask_codes
 from kiosk.simulator import Fault, FaultPlan, GatewaySimulator
 from tests.conftest import payment_code
-from tests.loop_rig import Rig, rig_config, rig_factory
-
-
-@pytest.fixture
-def make_rig(
-    tmp_path: Path, simulator: GatewaySimulator, make_client: Callable[..., AlipayClient]
-) -> Iterator[Callable[..., Rig]]:
-    with rig_factory(tmp_path, simulator.url, make_client) as make:
-        yield make
+from tests.loop_rig import Rig, rig_config
 
 
 def _leaks(text: str, code: str) -> bool:

@@ -6,23 +6,12 @@ seconds is refused, not sent to Alipay a second time. The whole code never reach
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from kiosk.alipay.client import AlipayClient
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import payment_code
-from tests.loop_rig import Rig, rig_config, rig_factory
-
-
-@pytest.fixture
-def make_rig(
-    tmp_path: Path, simulator: GatewaySimulator, make_client: Callable[..., AlipayClient]
-) -> Iterator[Callable[..., Rig]]:
-    with rig_factory(tmp_path, simulator.url, make_client) as make:
-        yield make
+from tests.loop_rig import Rig, rig_config
 
 
 def test_a_code_sold_before_a_restart_is_refused_after_it_without_a_request(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -22,15 +22,7 @@ from kiosk.ports import KioskState, Sound
 from kiosk.simulator import GatewaySimulator
 from kiosk.systemd import Notifier
 from tests.conftest import PARTNER, payment_code
-from tests.loop_rig import ProtocolVendOutput, Rig, rig_config, rig_factory
-
-
-@pytest.fixture
-def make_rig(
-    tmp_path: Path, simulator: GatewaySimulator, make_client: Callable[..., AlipayClient]
-) -> Iterator[Callable[..., Rig]]:
-    with rig_factory(tmp_path, simulator.url, make_client) as make:
-        yield make
+from tests.loop_rig import ProtocolVendOutput, Rig, rig_config
 
 
 def test_lights_follow_a_paid_sale_in_order(make_rig: Callable[..., Rig]) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,24 +15,15 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kiosk.alipay.client import AlipayClient
 from kiosk.config import TelemetrySection
 from kiosk.metrics import METRIC_NAMES, METRICS, render, write_textfile
 from kiosk.ports import KioskState
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import payment_code
-from tests.loop_rig import Rig, rig_config, rig_factory
+from tests.loop_rig import Rig, rig_config
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 20.0
-
-
-@pytest.fixture
-def make_rig(
-    tmp_path: Path, simulator: GatewaySimulator, make_client: Callable[..., AlipayClient]
-) -> Iterator[Callable[..., Rig]]:
-    with rig_factory(tmp_path, simulator.url, make_client) as make:
-        yield make
 
 
 def parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

@@ -4,13 +4,11 @@ survive a reload unless the new config is what changes them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-
-import pytest
 
 from drivers.vend_fake import FakeVendOutput
 from kiosk.alipay.client import AlipayClient
@@ -21,15 +19,7 @@ from kiosk.journal import TxnState
 from kiosk.ports import KioskState, VendResult
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import PARTNER, payment_code
-from tests.loop_rig import Rig, rig_config, rig_factory
-
-
-@pytest.fixture
-def make_rig(
-    tmp_path: Path, simulator: GatewaySimulator, make_client: Callable[..., AlipayClient]
-) -> Iterator[Callable[..., Rig]]:
-    with rig_factory(tmp_path, simulator.url, make_client) as make:
-        yield make
+from tests.loop_rig import Rig, rig_config
 
 
 class Configs:

@@ -14,13 +14,12 @@ from typing import Any
 
 import pytest
 
-from kiosk.alipay.client import AlipayClient
 from kiosk.config import TelemetrySection
 from kiosk.ports import KioskState
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import payment_code
 from tests.daemon_rig import DaemonRig
-from tests.loop_rig import Rig, rig_config, rig_factory
+from tests.loop_rig import Rig, rig_config
 from tests.mosquitto import Broker, Message, Subscriber, make_ca, mosquitto_problem
 
 WAIT_S = 20.0
@@ -41,14 +40,6 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
         yield b
     finally:
         b.stop()
-
-
-@pytest.fixture
-def make_rig(
-    tmp_path: Path, simulator: GatewaySimulator, make_client: Callable[..., AlipayClient]
-) -> Iterator[Callable[..., Rig]]:
-    with rig_factory(tmp_path, simulator.url, make_client) as make:
-        yield make
 
 
 def telemetry_config(tmp_path: Path, gateway: str, **telemetry: Any) -> Any:

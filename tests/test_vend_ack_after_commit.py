@@ -8,28 +8,17 @@ repeated SUCCESS and journals VENDED, rather than reversing a sale whose product
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from drivers.vend_serial import SerialVendOutput
-from kiosk.alipay.client import AlipayClient
 from kiosk.journal import Journal, TxnState
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import PARTNER, payment_code
 from tests.daemon_rig import Pty
-from tests.loop_rig import Rig, rig_config, rig_factory
+from tests.loop_rig import Rig, rig_config
 
 RESEND_EVERY_S = 0.5  # the controller repeats a report it has no ACK for
-
-
-@pytest.fixture
-def make_rig(
-    tmp_path: Path, simulator: GatewaySimulator, make_client: Callable[..., AlipayClient]
-) -> Iterator[Callable[..., Rig]]:
-    with rig_factory(tmp_path, simulator.url, make_client) as make:
-        yield make
 
 
 def test_success_is_acked_only_once_journaled_and_a_repeat_settles_it_after_restart(
