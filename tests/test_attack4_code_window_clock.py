@@ -20,8 +20,6 @@ from kiosk.simulator import GatewaySimulator
 from tests.conftest import payment_code
 from tests.loop_rig import Rig, rig_factory
 
-BACK_S = 600.0  # the clock is set back ten minutes between the two scans
-
 
 @pytest.fixture
 def make_rig(
@@ -31,8 +29,9 @@ def make_rig(
         yield make
 
 
+@pytest.mark.parametrize("back_s", [600.0, -600.0], ids=["set_back", "set_ahead"])
 def test_a_restart_after_the_clock_was_set_back_still_refuses_a_code_just_sold(
-    make_rig: Callable[..., Rig], tmp_path: Path
+    make_rig: Callable[..., Rig], tmp_path: Path, back_s: float
 ) -> None:
     state = tmp_path / "state"
     code = payment_code("0001", 81)
@@ -42,8 +41,8 @@ def test_a_restart_after_the_clock_was_set_back_still_refuses_a_code_just_sold(
     first.stop()
     first.kiosk.journal.close()
     # Seconds later the wall clock is stepped back ten minutes, and the kiosk restarts.
-    back = datetime.now(UTC) - timedelta(seconds=BACK_S)
-    journal = Journal(state, wall_clock=lambda: time.time() - BACK_S)
+    back = datetime.now(UTC) - timedelta(seconds=back_s)
+    journal = Journal(state, wall_clock=lambda: time.time() - back_s)
     second = make_rig(wall=back, journal=journal)
     mark = second.log.size
     second.scanner.scan(code)
@@ -56,6 +55,7 @@ def test_a_restart_after_the_clock_was_set_back_still_refuses_a_code_just_sold(
     )
     refused = second.log.index("scan.refused", after=mark - 1, reason="CODE_REUSED")
     assert refused is not None, (
-        f"a code sold seconds ago was scanned again after the clock went back {BACK_S:.0f} s "
-        f"and a restart, and it was not refused locally (rule 7: {CODE_REUSE_WINDOW_S:.0f} s)"
+        f"a code sold seconds ago was scanned again after the clock went back {back_s:.0f} s "
+        f"(negative: ahead) and a restart, and it was not refused locally "
+        f"(rule 7: {CODE_REUSE_WINDOW_S:.0f} s)"
     )
