@@ -92,14 +92,14 @@ class RecentCodes:
 
     def seed(self, seen: Iterable[tuple[bytes, float]], now_wall: float) -> int:
         """Remember hashes seen `now_wall - seen_at` seconds ago (wall clock, as journaled);
-        those outside the window are left out; one stamped a little ahead (the clock was set
-        back) counts as seen now. Returns how many were taken."""
+        those older than the window are left out; one stamped ahead, by however much (the
+        clock was set back since), counts as seen now. Returns how many were taken."""
         now = self._clock()
         taken = 0
         with self._lock:
             for digest, seen_at in seen:
                 age = now_wall - seen_at
-                if -self._window_s <= age <= self._window_s:
+                if age <= self._window_s:
                     age = max(age, 0.0)
                     self._seen[digest] = max(self._seen.get(digest, now - age), now - age)
                     taken += 1
