@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import tomllib
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
@@ -663,6 +664,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     terminal it says what is wrong and exits instead (2 for the config, 1 for the journal).
     The scanner is grabbed first of all, and held while it waits (kiosk/scanner_hold.py)."""
     signal.signal(signal.SIGHUP, _note_early_reload)
+    _without_text_guessing()
     import drivers
     from kiosk.scanner_hold import HeldScanner
 
@@ -676,6 +678,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _serve(path, held)
     finally:
         held.release()
+
+
+def _without_text_guessing() -> None:
+    """requests loads a character set detector (charset_normalizer, about 2.8 MiB resident) to
+    guess the text of an answer that names no charset. The kiosk reads every gateway answer as
+    bytes (kiosk/alipay/xml.py) and never asks requests for text, so the daemon goes without it:
+    requests supports that (it then takes such text as UTF-8) and only warns at import."""
+    for name in ("charset_normalizer", "chardet"):
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # importing it fails
+    warnings.filterwarnings(
+        "ignore", message="Unable to find acceptable character detection", module="requests"
+    )
 
 
 def _serve(path: Path, held: HeldScanner) -> int:

@@ -9,7 +9,6 @@ kernel call is refused (EPERM) and the flag file alone answers.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -50,10 +49,11 @@ class _Timex(ctypes.Structure):
 
 @functools.cache
 def _adjtimex() -> Callable[..., int] | None:
-    """libc's adjtimex, looked up once: `find_library` runs `ldconfig -p` on every call, and
-    the clock is checked every minute."""
+    """libc's adjtimex, looked up once (the clock is checked every minute) among the symbols the
+    interpreter already has loaded: libc is one of them, and `ctypes.util.find_library` would
+    run `ldconfig -p` in a child process and keep subprocess loaded for nothing."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
         return libc.adjtimex
     except (OSError, AttributeError):
         return None

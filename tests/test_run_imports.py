@@ -17,8 +17,15 @@ import pytest
 
 from tests.conftest import MD5_KEY, PARTNER
 
-# Loaded by other commands only (or by a config with a mistake in it).
+# Loaded by other commands only (or by a config with a mistake in it), or by nothing the
+# daemon does: requests' character set guessing (the kiosk reads answers as bytes), x509
+# (only a pinned TLS connection needs it), ctypes.util and subprocess (libc is already loaded).
 NOT_FOR_THE_DAEMON = (
+    "charset_normalizer",
+    "chardet",
+    "cryptography.x509",
+    "ctypes.util",
+    "subprocess",
     "difflib",
     "kiosk.simulator",
     "kiosk.demo",
@@ -34,7 +41,9 @@ NOT_FOR_THE_DAEMON = (
 _RUN = """
 import atexit, json, sys
 out = sys.argv[1]
-atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
+atexit.register(
+    lambda: open(out, "w").write(json.dumps(sorted(k for k, v in sys.modules.items() if v)))
+)
 from kiosk.cli import main
 sys.exit(main(sys.argv[2:]))
 """

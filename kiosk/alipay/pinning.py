@@ -21,7 +21,6 @@ import ssl
 from collections.abc import Collection
 from typing import Any
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPSConnection
@@ -30,6 +29,10 @@ from urllib3.connectionpool import HTTPSConnectionPool
 
 def spki_pin(certificate_der: bytes) -> str:
     """The pin of a certificate (DER): base64 of the SHA-256 of its SubjectPublicKeyInfo."""
+    # Loaded at the first pinned connection, not with the client: x509 is a megabyte resident
+    # that a kiosk without pins never needs.
+    from cryptography import x509
+
     key = x509.load_der_x509_certificate(certificate_der).public_key()
     spki = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
