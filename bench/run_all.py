@@ -79,6 +79,10 @@ ROWS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str]]]] = {
             lambda r: f"{r['vmhwm_mib']:.1f} MiB{_goal(r['vmhwm_mib'], 40.0, ' MiB')}",
         ),
         (
+            "  with a busy year's journal (20,000 sales)",
+            lambda r: f"{r['vmhwm_year_mib']:.1f} MiB{_goal(r['vmhwm_year_mib'], 40.0, ' MiB')}",
+        ),
+        (
             "idle CPU",
             lambda r: (
                 f"{r['cpu_pct']:.3f} % of a core over {r['window_s']} s"

@@ -222,6 +222,11 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_ref ON requests (ref);
 """
 
+# SQLite keeps up to this much of the journal's pages in memory per connection (its default is
+# 2000 KiB). A sale touches a few pages at the journal's end; a year of sales would otherwise
+# fill the whole default with pages that start-up's check and the reports read once.
+PAGE_CACHE_KIB = 256
+
 FIGURES_LOOK_PAST = 50  # Journal.figures: rows from before today read before it stops
 
 
@@ -406,6 +411,7 @@ class Journal:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
             conn.execute("PRAGMA secure_delete=ON")
             conn.execute("PRAGMA foreign_keys=ON")
             if version <= 1:
@@ -437,6 +443,7 @@ class Journal:
                 "it was left untouched — move it aside to start a new journal"
             )
         try:
+            conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")  # also while it checks
             rows = conn.execute("PRAGMA quick_check").fetchall()
         except sqlite3.DatabaseError as exc:
             raise self._classify(exc) from None
