@@ -215,3 +215,33 @@ def test_secret_file_with_mode_600_is_read(tmp_path: Path) -> None:
 def test_missing_secret_file_is_a_key_file_error(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError):
         read_secret_file(tmp_path / "absent.pem", "private_key_file")
+
+
+def test_a_private_key_file_loaded_again_is_checked_once_and_a_changed_one_is_the_new_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`kiosk run` loads the same key file three times as it starts; cryptography's check of
+    the key (both primes tested) runs once. A file with other bytes (a reload after a new key
+    was made) is loaded and checked, never answered from the last key."""
+    from kiosk.alipay import signing
+
+    first, second = rsa_key("merchant"), rsa_key("other merchant")
+    first_pem = private_pem(first, serialization.PrivateFormat.PKCS8)
+    second_pem = private_pem(second, serialization.PrivateFormat.TraditionalOpenSSL)
+    checked: list[bytes] = []
+    load = signing.serialization.load_pem_private_key
+
+    def counting(data: bytes, password: bytes | None) -> object:
+        checked.append(data)
+        return load(data, password)
+
+    monkeypatch.setattr(signing.serialization, "load_pem_private_key", counting)
+    monkeypatch.setattr(signing, "_last_private_key", None)
+    numbers = [
+        load_private_key(pem).private_numbers()
+        for pem in (first_pem, first_pem, first_pem, second_pem, second_pem, first_pem)
+    ]
+    assert numbers == [first.private_numbers()] * 3 + [second.private_numbers()] * 2 + [
+        first.private_numbers()
+    ]
+    assert checked == [first_pem, second_pem, first_pem]

@@ -113,11 +113,29 @@ class RsaSignature:
         return f"RsaSignature({self.sign_type.value}, key=<hidden>)"
 
 
+# The last private key loaded, by the SHA-256 of its file's bytes. Loading one checks it
+# (cryptography tests both primes: about 45 ms for 2048 bits here, several times that on a Pi),
+# and `kiosk run` loads the same file three times as it starts: the config check, then the
+# clients of the sale and of the journal worker. A changed file is a new key, checked again.
+_last_private_key: tuple[bytes, rsa.RSAPrivateKey] | None = None
+
+
 def load_private_key(pem: bytes, source: str = "private key") -> rsa.RSAPrivateKey:
     """A merchant private key, PKCS#1 (`BEGIN RSA PRIVATE KEY`) or PKCS#8 PEM.
 
     Alipay's key tool writes the bare base64 body (no BEGIN/END lines); that is accepted too.
     """
+    global _last_private_key
+    digest = hashlib.sha256(pem).digest()
+    last = _last_private_key
+    if last is not None and hmac.compare_digest(last[0], digest):
+        return last[1]
+    key = _load_private_key(pem, source)
+    _last_private_key = (digest, key)
+    return key
+
+
+def _load_private_key(pem: bytes, source: str) -> rsa.RSAPrivateKey:
     if b"-----BEGIN" not in pem:
         body = pem.strip()
         for label in (b"PRIVATE KEY", b"RSA PRIVATE KEY"):
