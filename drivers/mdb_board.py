@@ -511,10 +511,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "mdb-board") -> int:
-    """`python -m drivers.mdb_board` and `kiosk mdb-emulator`: a board on a pty, played from
-    standard input; prints the pty's path first."""
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+def main(
+    argv: Sequence[str] | None = None,
+    prog: str = "mdb-board",
+    parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+) -> int:
+    """`python -m drivers.mdb_board` and `kiosk mdb-emulator` (whose parser class says a
+    mistake the kiosk's way): a board on a pty, played from standard input; prints the pty's
+    path first."""
+    parser = parser_class(prog=prog, description=DESCRIPTION)
     add_arguments(parser)
     args = parser.parse_args(argv)
 

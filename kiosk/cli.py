@@ -232,14 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--vend", action="store_true", help="also approve one test vend on a serial controller"
     )
 
-    from drivers import mdb_board
-
-    emulator = sub.add_parser(
+    # Listed here for `kiosk --help`; its own parser (drivers/mdb_board.py) reads its flags,
+    # so the other commands never load the emulator.
+    sub.add_parser(
         "mdb-emulator",
         help="emulate a Qibixx MDB board and a vending machine on a pty, for a bench",
-        description=mdb_board.DESCRIPTION,
+        add_help=False,
     )
-    mdb_board.add_arguments(emulator)
 
     provision = sub.add_parser(
         "provision",
@@ -379,7 +378,12 @@ def _say(exc: BaseException) -> None:
 
 
 def _dispatch(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["mdb-emulator"]:
+        from drivers import mdb_board
+
+        return mdb_board.main(given[1:], "kiosk mdb-emulator", KioskArgumentParser)
+    args = build_parser().parse_args(given)
     match args.command:
         case "run":
             return cmd_run(args)
@@ -429,12 +433,6 @@ def _dispatch(argv: list[str] | None) -> int:
                 args.vend,
                 ask=ask_in_terminal if person else None,
             )
-        case "mdb-emulator":
-            from drivers import mdb_board
-
-            given = list(sys.argv[1:] if argv is None else argv)
-            rest = given[given.index("mdb-emulator") + 1 :]
-            return mdb_board.main(rest, prog="kiosk mdb-emulator")
         case "provision":
             return cmd_provision(args)
         case "keygen":

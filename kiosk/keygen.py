@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kiosk.alipay.signing import load_private_key
-from kiosk.bundle import write_new
 from kiosk.errors import KeyFileError, KioskError
 
 PRIVATE_KEY = Path("/etc/kiosk/keys/merchant_private_key.pem")
@@ -86,6 +85,8 @@ def generate(
     """Make the pair (or, with `keep_existing`, reuse a private key already there) and write
     the public key and its upload note. `owner`/`group` get the private key (None: the current
     user). An existing private key is an error unless `force` (replace) or `keep_existing`."""
+    from kiosk.bundle import write_new  # here: `kiosk run` reads this module's paths only
+
     if bits not in BITS:
         raise KeygenRefused(f"--bits must be 2048 or 4096, not {bits}")
     uid, gid = _ids(owner, group)

@@ -32,6 +32,8 @@ NOT_FOR_THE_DAEMON = (
     "kiosk.selftest",
     "kiosk.provision",
     "kiosk.config_docs",
+    "kiosk.bundle",
+    "drivers.mdb_board",
     "http.server",
     "socketserver",
 )
