@@ -319,8 +319,7 @@ class PaymentFlow:
     ) -> tuple[Transaction, R | None]:
         """Journal a money-moving request durably (unless the caller already did), then send
         it. None: no gateway took the connection, so it never left the kiosk. With
-        `record=False` the caller notes the outcome in its own next commit, and tells the
-        watch that the gateway answered."""
+        `record=False` the caller notes the outcome in its own next commit."""
         if not journaled:
             txn = self.journal.before_request(txn, kind, params, **changes)
         try:
@@ -329,11 +328,9 @@ class PaymentFlow:
             self.watch.unreachable()
             txn = self.journal.after_request(txn, "not_sent", "no gateway reachable", sent=False)
             return txn, None
+        self.watch.reachable()
         if record:
-            try:
-                self.journal.after_request(txn, result.outcome.value, result.detail)
-            finally:
-                self.watch.reachable()
+            self.journal.after_request(txn, result.outcome.value, result.detail)
         return txn, result
 
     def _pay(
@@ -357,17 +354,6 @@ class PaymentFlow:
         if result is None:
             # No gateway took the connection: the request never left, a known refusal.
             return self.journal.update(txn, state=TxnState.DECLINED, error_code="OFFLINE"), None
-        try:
-            return self._paid_or_not(txn, result, abandoned)
-        finally:
-            # Told once the answer is journaled: what the watch does about it (the kiosk's
-            # loop wakes) never holds up the commit that comes before APPROVED.
-            self.watch.reachable()
-
-    def _paid_or_not(
-        self, txn: Transaction, result: PayResult, abandoned: threading.Event
-    ) -> tuple[Transaction, str | None]:
-        """The pay's answer, journaled: see `_pay`."""
         outcome = (result.outcome.value, result.detail)
         if result.outcome is Outcome.SUCCESS:
             return self._paid(txn, outcome, abandoned, alipay_trans_id=result.alipay_trans_id), None
