@@ -2,9 +2,9 @@
 
 A pay answered, then a request of the journal worker that found no gateway: the gateway was
 last seen unreachable, so the kiosk is offline (OFFLINE shown, an MDB reader off, the probe
-scheduled) until something answers again. The sale thread tells the loop that its pay was
-answered only once the answer is journaled; a worker's failure that the loop heard during that
-commit must not be overruled by the older news that comes after it.
+scheduled) until something answers again. A failure the loop hears while the answer is being
+journaled (a slow fsync) must not be overruled afterwards by the older news of that answer:
+the flow tells the loop of an answer as soon as it has it, before journaling it.
 """
 
 from __future__ import annotations
