@@ -837,9 +837,11 @@ class Kiosk:
                     )
                 case SaleResult.STOPPED:
                     pass
-            if sale.result is not SaleResult.VENDED:
-                self.worker.wake()
+        # A reload that waited for this sale first: the worker woken below for it must sign
+        # with the new config's key, not send one more request under the old.
         self._apply_pending_config()
+        if sale is not None and sale.result is not SaleResult.VENDED:
+            self.worker.wake()
         self._refresh_lights()
 
     def _over_max_price(self, request: VendRequest) -> bool:

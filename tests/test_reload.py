@@ -9,6 +9,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from drivers.vend_fake import FakeVendOutput
 from kiosk.alipay.client import AlipayClient
@@ -301,3 +302,33 @@ def test_a_deferred_reload_is_not_lost_when_the_sale_is_reversed(
 def test_flow_settings_take_the_retry_cap_from_the_config(tmp_path: Path) -> None:
     config = rig_config(tmp_path, "http://127.0.0.1:1/gateway.do", alipay={"retry_max_s": 7.5})
     assert flow_settings(config).retry_max_s == 7.5
+
+
+def test_a_deferred_reload_is_applied_before_the_worker_settles_the_sale_it_waited_for(
+    make_rig: Callable[..., Rig], tmp_path: Path, simulator: GatewaySimulator
+) -> None:
+    """A sale that ends unvended wakes the journal worker, whose next request must go out
+    under the config the deferred reload brought (a new merchant key signs it), not the old."""
+    config = rig_config(tmp_path / "state", simulator.url)
+    vend = FakeVendOutput()
+    vend.hold()
+    vend.script(VendResult.FAILED)
+    rig = make_rig(config, vend=vend, reload_config=Configs(with_price(config, "2.50")))
+    rig.scanner.scan(payment_code("0001"))
+    assert vend.wait_for_approval(10)
+    mark = rig.log.size
+    rig.kiosk.reload()
+    rig.log.wait_for("config.reload_deferred", after=mark - 1)
+    config_at_wake: list[Decimal] = []
+    wake = rig.kiosk.worker.wake
+
+    def noting_wake(*args: Any, **kwargs: Any) -> None:
+        config_at_wake.append(rig.kiosk.config.sale.price)
+        wake(*args, **kwargs)
+
+    rig.kiosk.worker.wake = noting_wake  # type: ignore[method-assign]
+    vend.release()
+    rig.log.wait_for("config.reloaded", after=mark - 1)
+    rig.stop()
+    assert config_at_wake, "the unvended sale never woke the worker"
+    assert config_at_wake[0] == Decimal("2.50")
