@@ -88,7 +88,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] | None = getattr(record, _FIELDS, None)
         if fields is None:
-            text = record.getMessage()
+            text = mask_codes(record.getMessage())
         else:
             text = " ".join(f"{k}={_text(v)}" for k, v in fields.items())
         line = f"{record.levelname.lower()} {record.name}: {text}"
@@ -96,7 +96,7 @@ class TextFormatter(logging.Formatter):
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
             line = f"{stamp}.{int(record.msecs):03d} {line}"
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + mask_codes(self.formatException(record.exc_info))
         return line
 
 
@@ -115,11 +115,11 @@ class JsonFormatter(logging.Formatter):
         }
         if fields is None:
             obj["event"] = "message"
-            obj["message"] = record.getMessage()
+            obj["message"] = mask_codes(record.getMessage())
         else:
             obj.update(fields)
         if record.exc_info:
-            obj["exception"] = self.formatException(record.exc_info)
+            obj["exception"] = mask_codes(self.formatException(record.exc_info))
         return _to_json(obj)
 
 
