@@ -283,32 +283,8 @@ def test_a_currency_change_is_not_applied_without_a_restart(
 def test_a_deferred_reload_is_not_lost_when_the_sale_is_reversed(
     make_rig: Callable[..., Rig], tmp_path: Path, simulator: GatewaySimulator
 ) -> None:
-    config = rig_config(tmp_path / "state", simulator.url)
-    vend = FakeVendOutput()
-    vend.hold()
-    vend.script(VendResult.FAILED)
-    rig = make_rig(config, vend=vend, reload_config=Configs(with_price(config, "2.50")))
-    rig.scanner.scan(payment_code("0001"))
-    assert vend.wait_for_approval(10)
-    mark = rig.log.size
-    rig.kiosk.reload()
-    rig.log.wait_for("config.reload_deferred", after=mark - 1)
-    vend.release()
-    rig.log.wait_for("config.reloaded", after=mark - 1)
-    assert rig.kiosk.config.sale.price == Decimal("2.50")
-    rig.stop()
-
-
-def test_flow_settings_take_the_retry_cap_from_the_config(tmp_path: Path) -> None:
-    config = rig_config(tmp_path, "http://127.0.0.1:1/gateway.do", alipay={"retry_max_s": 7.5})
-    assert flow_settings(config).retry_max_s == 7.5
-
-
-def test_a_deferred_reload_is_applied_before_the_worker_settles_the_sale_it_waited_for(
-    make_rig: Callable[..., Rig], tmp_path: Path, simulator: GatewaySimulator
-) -> None:
-    """A sale that ends unvended wakes the journal worker, whose next request must go out
-    under the config the deferred reload brought (a new merchant key signs it), not the old."""
+    """And it is applied before the worker is woken for the unvended sale: the worker's next
+    request goes out under the new config (a new merchant key signs it), not the old."""
     config = rig_config(tmp_path / "state", simulator.url)
     vend = FakeVendOutput()
     vend.hold()
@@ -329,6 +305,12 @@ def test_a_deferred_reload_is_applied_before_the_worker_settles_the_sale_it_wait
     rig.kiosk.worker.wake = noting_wake  # type: ignore[method-assign]
     vend.release()
     rig.log.wait_for("config.reloaded", after=mark - 1)
+    assert rig.kiosk.config.sale.price == Decimal("2.50")
     rig.stop()
     assert config_at_wake, "the unvended sale never woke the worker"
     assert config_at_wake[0] == Decimal("2.50")
+
+
+def test_flow_settings_take_the_retry_cap_from_the_config(tmp_path: Path) -> None:
+    config = rig_config(tmp_path, "http://127.0.0.1:1/gateway.do", alipay={"retry_max_s": 7.5})
+    assert flow_settings(config).retry_max_s == 7.5
