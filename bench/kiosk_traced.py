@@ -138,8 +138,11 @@ def main() -> int:
     if at < 1 or argv[at - 1] != "-m":
         print("usage: kiosk_traced.py PYTHON -m kiosk ARGS", file=sys.stderr)
         return 2
-    install(os.environ[TRACE_ENV])
     from kiosk.cli import main as kiosk_main
+    from kiosk.cli import without_text_guessing
+
+    without_text_guessing()  # as `kiosk run` does first: install() loads requests
+    install(os.environ[TRACE_ENV])
 
     return kiosk_main(argv[at + 1 :])
 

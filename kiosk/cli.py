@@ -662,7 +662,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     terminal it says what is wrong and exits instead (2 for the config, 1 for the journal).
     The scanner is grabbed first of all, and held while it waits (kiosk/scanner_hold.py)."""
     signal.signal(signal.SIGHUP, _note_early_reload)
-    _without_text_guessing()
+    without_text_guessing()
     import drivers
     from kiosk.scanner_hold import HeldScanner
 
@@ -678,7 +678,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         held.release()
 
 
-def _without_text_guessing() -> None:
+def without_text_guessing() -> None:
     """requests loads a character set detector (charset_normalizer, about 2.8 MiB resident) to
     guess the text of an answer that names no charset. The kiosk reads every gateway answer as
     bytes (kiosk/alipay/xml.py) and never asks requests for text, so the daemon goes without it:
