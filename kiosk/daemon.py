@@ -272,6 +272,10 @@ class Kiosk:
         )
         self.status = KioskStatus()
         self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        # Failures of requests told to the loop, and heard by it (see `reachable`).
+        self._gateway_news = threading.Lock()
+        self._failures_told = 0
+        self._failures_heard = 0
         self.stopping = threading.Event()
         self.stopped = threading.Event()
         self.ready = threading.Event()
@@ -359,10 +363,18 @@ class Kiosk:
         self.events.put(("vend_problem", problem))
 
     def reachable(self) -> None:
-        self.events.put(("gateway", "reachable"))
+        # Every answered request says so, the pay's on its way to the VENDING commit too. The
+        # loop is woken only when the news can change something: it is offline, or a failure
+        # told before this answer is still on its way to it (the news keeps its order).
+        with self._gateway_news:
+            if not self.status.offline and self._failures_told == self._failures_heard:
+                return
+            self.events.put(("gateway", "reachable"))
 
     def unreachable(self) -> None:
-        self.events.put(("gateway", "unreachable"))
+        with self._gateway_news:
+            self._failures_told += 1
+            self.events.put(("gateway", "unreachable"))
 
     def merchant_problem(self, code: str) -> None:
         self.events.put(("gateway", f"merchant:{code}"))
@@ -534,7 +546,8 @@ class Kiosk:
             steps.append(self._forget_finished_sale)
             if not answered and not self._said:
                 steps.append(lambda: self._deny("ERROR"))
-            steps += [self._hold_declined, self.worker.wake, self._apply_pending_config]
+            # A reload that waited for this sale first, then the worker (see _handle_sale_done).
+            steps += [self._hold_declined, self._apply_pending_config, self.worker.wake]
         elif kind == "vend_request":
             steps.append(self._clear_selection)
             if not self._said:
@@ -926,6 +939,7 @@ class Kiosk:
             self._gateway_reachable()
         elif what == "unreachable":
             self._gateway_unreachable()
+            self._failures_heard += 1  # after offline is set: see `reachable`
         elif what.startswith("merchant:"):
             self._set_reason(MERCHANT, f"Alipay refused the merchant set-up ({what[9:]})")
         self._refresh_lights()

@@ -9,6 +9,7 @@ the flow tells the loop of an answer as soon as it has it, before journaling it.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -16,11 +17,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from drivers.indicator_fake import FakeIndicator
+from drivers.scanner_fake import FakeScanner
+from drivers.vend_fake import FakeVendOutput
+from kiosk.daemon import Kiosk
 from kiosk.demo import PARTNER
 from kiosk.journal import Journal, Transaction, TxnState
 from kiosk.ports import KioskState
+from kiosk.systemd import Notifier
 from tests.conftest import payment_code
-from tests.loop_rig import Rig
+from tests.loop_rig import Rig, rig_config
 
 
 class GatedJournal(Journal):
@@ -105,3 +111,43 @@ def test_a_failure_heard_while_the_worker_journals_an_answer_leaves_the_kiosk_of
     rig.stop()
     assert rig.kiosk.status.offline, "the cancel's older answer put the kiosk back online"
     assert rig.log.named("gateway.online") == []
+
+
+def test_an_answer_wakes_the_loop_only_when_the_news_can_change_something(
+    tmp_path: Path,
+) -> None:
+    """Every answered request tells the loop the gateway answered, the pay's among them, on its
+    way to the VENDING commit. Online, with no failure on its way to the loop, that news
+    changes nothing and is not sent; after a failure not yet heard it is sent, behind it."""
+    config = rig_config(tmp_path / "state", "http://127.0.0.1:9/gateway.do")
+    kiosk = Kiosk(
+        config,
+        scanner=FakeScanner(),
+        indicator=FakeIndicator(),
+        vend=FakeVendOutput(),
+        journal=Journal(config.kiosk.state_dir),
+        notifier=Notifier({}),
+    )
+
+    def sent() -> list[tuple[str, Any]]:
+        news: list[tuple[str, Any]] = []
+        while True:
+            try:
+                news.append(kiosk.events.get_nowait())
+            except queue.Empty:
+                return news
+
+    sent()
+    kiosk.reachable()
+    assert sent() == []
+    kiosk.unreachable()
+    kiosk.reachable()  # the failure is told, not yet heard: the answer follows it
+    assert sent() == [("gateway", "unreachable"), ("gateway", "reachable")]
+    kiosk._handle_gateway("unreachable")  # the loop hears the failure: offline
+    kiosk.reachable()
+    assert sent() == [("gateway", "reachable")]
+    kiosk._handle_gateway("reachable")  # and the answer: online again
+    assert not kiosk.status.offline
+    kiosk.reachable()
+    assert sent() == []
+    kiosk.journal.close()
