@@ -990,7 +990,12 @@ class Kiosk:
             key_problem = str(exc)
         except Exception:  # the probe must report back, whatever happened
             log.exception("gateway probe failed")
-        self.events.put(("probe", (generation, result, key_problem)))
+        if result is None and key_problem is None:
+            with self._gateway_news:  # a failure on its way to the loop (see `reachable`)
+                self._failures_told += 1
+                self.events.put(("probe", (generation, result, key_problem)))
+        else:
+            self.events.put(("probe", (generation, result, key_problem)))
 
     def _probe_done(self) -> None:
         self._probing = False
@@ -1004,6 +1009,7 @@ class Kiosk:
             return
         if result is None:
             self._gateway_unreachable()  # schedules the next probe
+            self._failures_heard += 1  # after offline is set: see `reachable`
             return
         # A signed, verified answer (even "no such trade") proves the key and partner are
         # accepted; an unsigned rejection proves nothing.
@@ -1221,8 +1227,8 @@ class Kiosk:
         available = reason is None
         if available == self._reader_available:
             return
-        self._reader_available = available
         set_available(self.vend, available, reason)
+        self._reader_available = available  # only once the reader took it, as for the lights
 
     def _refresh_lights(self) -> None:
         self._update_reader()
@@ -1244,10 +1250,10 @@ class Kiosk:
     def _show(self, state: KioskState) -> None:
         if state is self._shown:
             return
-        self._shown = state
         self.status.state = state
         event(log, "indicator", state=state.value)
         self.indicator.show(state)
+        self._shown = state  # only once the lights took it: a refused switch is tried again
 
     def _status_text(self) -> str:
         """systemd's STATUS=: the state now, with why when it takes no payments."""
