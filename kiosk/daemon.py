@@ -74,6 +74,7 @@ OFFLINE_PROBE_S = 30.0  # offline: how often to try the gateway (at most; probe_
 WRITE_CHECK_S = 30.0  # a journal write fault: how often to try a durable write (at most)
 CLOCK_RECHECK_OUT_S = 10.0  # out of service for the clock: how often to look again
 CLOCK_RECHECK_S = 60.0  # otherwise
+SWITCH_RETRY_S = 1.0  # a light or reader switch the driver refused: how often to ask again
 # A Pi without an RTC boots in 1970 (or at the image's build date) until NTP syncs.
 CLOCK_SANE_AFTER = datetime(2025, 1, 1, tzinfo=UTC)
 SALES_KEPT = 100  # KioskStatus.sales: the most recent ones only
@@ -338,6 +339,9 @@ class Kiosk:
         self._failures: dict[str, deque[float]] = {}  # event kind -> failures in a row
         self._said = False  # the current handler already answered the controller
         self._shown: KioskState | None = None
+        # Parts ("reader", "lights", "status") whose driver refused the last switch: asked
+        # again at each refresh and each tick until they take it (see `_refresh_lights`).
+        self._switches_failing: set[str] = set()
 
     # -- callbacks from drivers and threads (any thread; they only enqueue) ----------------
 
@@ -435,14 +439,14 @@ class Kiosk:
         if self.telemetry is not None:
             self.telemetry.start()
         self._next_alarm_check = time.monotonic()
-        self._show(KioskState.STARTING)
+        self._switch("lights", functools.partial(self._show, KioskState.STARTING))
         self._check_clock()
         self._build_flows()
         self.worker.start()
         self._sales.start()
         self.scanner.start(self.on_scan)
         # A kiosk that starts out of service keeps the reader off from the first moment.
-        self._update_reader()
+        self._switch("reader", self._update_reader)
         self.vend.start(self)
         self.status.vend_problem = vend_problem(self.vend)
         self._status_sent = self._status_text()
@@ -474,7 +478,8 @@ class Kiosk:
             if kind == "stop":
                 if not self._sale_busy():
                     return
-                self._update_reader()  # the machine sells for cash while the sale winds down
+                # The machine sells for cash while the sale winds down.
+                self._switch("reader", self._update_reader)
                 continue  # the sale finishes (or parks) and reports "sale_done"
             self._guarded(kind, payload, functools.partial(self._handle, kind, payload))
             if self.stopping.is_set() and not self._sale_busy():
@@ -598,6 +603,9 @@ class Kiosk:
         timer runs guarded: one failing does not stop the others or the watchdog."""
         now = time.monotonic()
         waits = [60.0]
+        if self._switches_failing:  # a light or the reader still owes its last switch
+            self._refresh_lights()
+            waits.append(SWITCH_RETRY_S)
         if self._declined_until is not None:
             if now >= self._declined_until:
                 self._declined_until = None
@@ -1004,6 +1012,15 @@ class Kiosk:
         self, generation: int, result: QueryResult | None, key_problem: str | None
     ) -> None:
         self._probe_done()
+        if generation != self._generation:
+            # Asked with a config that has since been replaced (another gateway, another
+            # key): its answer, failure or key problem says nothing of this one. Ask again.
+            if result is None and key_problem is None:
+                self._failures_heard += 1  # heard, and left aside: see `reachable`
+            event(log, "gateway.probe_stale", answered=result is not None)
+            if MERCHANT in self.status.reasons or self.status.offline:
+                self._next_probe = time.monotonic()
+            return
         if key_problem is not None:
             self._set_reason(KEY, f"key: {key_problem}")
             return
@@ -1016,11 +1033,6 @@ class Kiosk:
         accepted = result.verified
         event(log, "gateway.probe", accepted=accepted, error=result.error, detail=result.detail)
         self._gateway_reachable()
-        if generation != self._generation:
-            # Asked with a config that has since been replaced: ask again with this one.
-            if MERCHANT in self.status.reasons:
-                self._next_probe = time.monotonic()
-            return
         if accepted:
             self._clear_reason(MERCHANT)
         self._schedule_checks()
@@ -1231,9 +1243,31 @@ class Kiosk:
         self._reader_available = available  # only once the reader took it, as for the lights
 
     def _refresh_lights(self) -> None:
-        self._update_reader()
-        self._show(self._current_state())
-        self._report_status()
+        """The reader switch, the lights and systemd's status, from what the loop knows now.
+        Each part on its own: a driver that refuses (a GPIO write, the MDB reader) is logged
+        once and asked again at each refresh and tick until it takes it. A light never stops
+        a sale, a stop or the loop."""
+        self._switch("reader", self._update_reader)
+        self._switch("lights", lambda: self._show(self._current_state()))
+        self._switch("status", self._report_status)
+
+    def _switch(self, part: str, step: Callable[[], None]) -> None:
+        try:
+            step()
+        except Exception as exc:
+            if part not in self._switches_failing:
+                self._switches_failing.add(part)
+                event(
+                    log,
+                    "indicator.failed",
+                    level=logging.ERROR,
+                    part=part,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            return
+        if part in self._switches_failing:
+            self._switches_failing.discard(part)
+            event(log, "indicator.recovered", part=part)
 
     def _current_state(self) -> KioskState:
         """The state the lights show, from what the loop knows now (SPEC section 6)."""

@@ -13,7 +13,7 @@ from kiosk.ports import KioskState
 from tests.loop_rig import Rig
 
 
-def test_a_failed_switch_to_offline_is_shown_by_the_safe_state(
+def test_a_failed_switch_to_offline_is_shown_when_the_lights_take_it_again(
     make_rig: Callable[..., Rig],
 ) -> None:
     rig = make_rig()
@@ -30,10 +30,12 @@ def test_a_failed_switch_to_offline_is_shown_by_the_safe_state(
     rig.lights.show = once_refused  # type: ignore[method-assign]
     mark = rig.log.size
     rig.kiosk.unreachable()  # a request of the worker's flow found no gateway
-    rig.log.wait_for("alarm", after=mark - 1, kind="loop_error", handler="gateway")
+    rig.log.wait_for("indicator.failed", after=mark - 1, part="lights")
     assert rig.kiosk.status.offline
-    rig.stop()  # the loop has made safe before it takes the stop
     assert failed
+    # Asked again at the loop's next tick, it takes it.
+    rig.log.wait_for("indicator.recovered", after=mark - 1, part="lights")
+    rig.stop()
     assert rig.lights.state is KioskState.OFFLINE, (
         f"the kiosk is offline but the lights show {rig.lights.state}: {rig.lights.history}"
     )

@@ -43,7 +43,7 @@ def test_a_refused_switch_to_paying_does_not_leave_a_sale_in_hand_forever(
     failed = refuse_once(rig.lights, KioskState.PAYING)
     mark = rig.log.size
     rig.scanner.scan(payment_code("0001", 1))
-    rig.log.wait_for("alarm", after=mark - 1, kind="loop_error", handler="scan")
+    rig.log.wait_for("indicator.failed", after=mark - 1, part="lights")
     assert failed
     # Either the sale went on, or it is not in hand: not a kiosk busy with a sale nobody runs.
     assert rig.log.wait_until(lambda: not rig.kiosk._sale_busy(), 10), (
