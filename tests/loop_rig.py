@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ from kiosk import vmc_protocol
 from kiosk.alipay.client import AlipayClient
 from kiosk.config import Config
 from kiosk.daemon import Kiosk
-from kiosk.demo import demo_config
-from kiosk.journal import Journal
+from kiosk.demo import PARTNER, demo_config
+from kiosk.journal import Journal, Transaction, TxnState
 from kiosk.systemd import Notifier
 
 
@@ -189,3 +190,29 @@ def rig_factory(
             rig.kiosk.journal.close()
         root.removeHandler(log)
         root.setLevel(level)
+
+
+class Gate:
+    """A point a thread stops at until the test opens it; `reached` says it got there."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.open = threading.Event()
+
+    def pass_(self) -> None:
+        self.reached.set()
+        assert self.open.wait(20), "the test never opened the gate"
+
+
+def with_a_reversal_due(journal: Journal) -> Transaction:
+    """One paid sale in `journal` whose vend failed: the worker's to cancel."""
+    txn = journal.open_transaction(
+        ref="VM-DEMO-20260101000000-aa",
+        amount=Decimal("1.50"),
+        currency="USD",
+        item="coffee",
+        code_last4="0001",
+        trans_create_time=datetime.now(UTC).strftime("%Y%m%d%H%M%S"),
+        partner=PARTNER,
+    )
+    return journal.update(txn, state=TxnState.CANCELLING, note="vend failed")

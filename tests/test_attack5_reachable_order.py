@@ -12,8 +12,6 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +19,11 @@ from drivers.indicator_fake import FakeIndicator
 from drivers.scanner_fake import FakeScanner
 from drivers.vend_fake import FakeVendOutput
 from kiosk.daemon import Kiosk
-from kiosk.demo import PARTNER
 from kiosk.journal import Journal, Transaction, TxnState
 from kiosk.ports import KioskState
 from kiosk.systemd import Notifier
 from tests.conftest import payment_code
-from tests.loop_rig import Rig, rig_config
+from tests.loop_rig import Rig, rig_config, with_a_reversal_due
 
 
 class GatedJournal(Journal):
@@ -87,17 +84,7 @@ def test_a_failure_heard_while_the_worker_journals_an_answer_leaves_the_kiosk_of
     make_rig: Callable[..., Rig], tmp_path: Path
 ) -> None:
     journal = GatedAnswerJournal(tmp_path / "state")
-    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-    txn = journal.open_transaction(
-        ref="VM-DEMO-20260101000000-aa",
-        amount=Decimal("1.50"),
-        currency="USD",
-        item="coffee",
-        code_last4="0001",
-        trans_create_time=stamp,
-        partner=PARTNER,
-    )
-    journal.update(txn, state=TxnState.CANCELLING, note="vend failed")
+    txn = with_a_reversal_due(journal)
     rig = make_rig(journal=journal)
     # The worker's cancel was answered; its note of the answer is being committed.
     assert journal.at_gate.wait(10)

@@ -11,29 +11,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from kiosk.alipay.client import AlipayClient
-from kiosk.demo import PARTNER
 from kiosk.errors import GatewayUnreachable
 from kiosk.journal import Journal, TxnState
 from kiosk.ports import KioskState
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import payment_code
-from tests.loop_rig import Rig, rig_config
-
-
-class Gate:
-    def __init__(self) -> None:
-        self.reached = threading.Event()
-        self.open = threading.Event()
-
-    def pass_(self) -> None:
-        self.reached.set()
-        assert self.open.wait(20), "the test never opened the gate"
+from tests.loop_rig import Gate, Rig, rig_config, with_a_reversal_due
 
 
 class GatedClient:
@@ -64,17 +51,7 @@ def test_an_answer_after_the_probes_failure_puts_the_kiosk_back_online(
     tmp_path: Path,
 ) -> None:
     journal = Journal(tmp_path / "state")
-    stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-    txn = journal.open_transaction(
-        ref="VM-DEMO-20260101000000-aa",
-        amount=Decimal("1.50"),
-        currency="USD",
-        item="coffee",
-        code_last4="0001",
-        trans_create_time=stamp,
-        partner=PARTNER,
-    )
-    journal.update(txn, state=TxnState.CANCELLING, note="vend failed")
+    txn = with_a_reversal_due(journal)
 
     worker_gate, probe_gate, loop_gate = Gate(), Gate(), Gate()
     built = [0]

@@ -19,19 +19,9 @@ from kiosk.alipay.client import AlipayClient
 from kiosk.ports import KioskState
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import payment_code
-from tests.loop_rig import Rig, rig_config
+from tests.loop_rig import Gate, Rig, rig_config
 
 DEAD_GATEWAY = "http://127.0.0.1:9/gateway.do"  # nothing listens on the discard port
-
-
-class Gate:
-    def __init__(self) -> None:
-        self.reached = threading.Event()
-        self.open = threading.Event()
-
-    def pass_(self) -> None:
-        self.reached.set()
-        assert self.open.wait(20), "the test never opened the gate"
 
 
 class GatedQuery:
