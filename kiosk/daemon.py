@@ -339,6 +339,7 @@ class Kiosk:
         self._failures: dict[str, deque[float]] = {}  # event kind -> failures in a row
         self._said = False  # the current handler already answered the controller
         self._shown: KioskState | None = None
+        self._state_logged: KioskState | None = None
         # Parts ("reader", "lights", "status") whose driver refused the last switch: asked
         # again at each refresh and each tick until they take it (see `_refresh_lights`).
         self._switches_failing: set[str] = set()
@@ -603,7 +604,7 @@ class Kiosk:
         timer runs guarded: one failing does not stop the others or the watchdog."""
         now = time.monotonic()
         waits = [60.0]
-        if self._switches_failing:  # a light or the reader still owes its last switch
+        if self._switches_failing - {"buzzer"}:  # a light or the reader owes its last switch
             self._refresh_lights()
             waits.append(SWITCH_RETRY_S)
         if self._declined_until is not None:
@@ -749,21 +750,21 @@ class Kiosk:
         try:
             code = PaymentCode.parse(text)
         except PaymentCodeError as exc:
-            self.indicator.sound(Sound.ERROR)
+            self._sound(Sound.ERROR)
             event(log, "scan.rejected", reason=str(exc))
             return
         if self._sale_busy() or self._declined_until is not None:
             # Never queued: codes are single-use and go stale.
-            self.indicator.sound(Sound.ERROR)
+            self._sound(Sound.ERROR)
             event(log, "scan.ignored", reason="busy", code=code.masked)
             return
         if self._unavailable() is not None or self.flow is None:
-            self.indicator.sound(Sound.ERROR)
+            self._sound(Sound.ERROR)
             event(log, "scan.ignored", reason="out of service", code=code.masked)
             return
         if self.config.sale.mode == "vmc":
             if self._selection is None:
-                self.indicator.sound(Sound.ERROR)
+                self._sound(Sound.ERROR)
                 event(log, "scan.ignored", reason="no selection on the machine", code=code.masked)
                 return
             amount, item = self._selection.request.amount, self._selection.request.item
@@ -795,7 +796,7 @@ class Kiosk:
             self._hold_declined()
             return
         self._selection = None
-        self.indicator.sound(Sound.SCAN)
+        self._sound(Sound.SCAN)
         self._start_sale(code, amount, item, approve_by)
 
     def _start_sale(
@@ -1251,6 +1252,11 @@ class Kiosk:
         self._switch("lights", lambda: self._show(self._current_state()))
         self._switch("status", self._report_status)
 
+    def _sound(self, sound: Sound) -> None:
+        """A beep; a buzzer that refuses is logged as a failing part, never stops what beeps,
+        and is not asked again (a late beep would mean nothing)."""
+        self._switch("buzzer", functools.partial(self.indicator.sound, sound))
+
     def _switch(self, part: str, step: Callable[[], None]) -> None:
         try:
             step()
@@ -1285,7 +1291,9 @@ class Kiosk:
         if state is self._shown:
             return
         self.status.state = state
-        event(log, "indicator", state=state.value)
+        if state is not self._state_logged:  # once per change, however often it is retried
+            self._state_logged = state
+            event(log, "indicator", state=state.value)
         self.indicator.show(state)
         self._shown = state  # only once the lights took it: a refused switch is tried again
 
@@ -1307,8 +1315,8 @@ class Kiosk:
         only when it changed."""
         text = self._status_text()
         if text != self._status_sent:
-            self._status_sent = text
             self.notifier.status(text)
+            self._status_sent = text  # only once told: a failed telling is tried again
         self._sync_reason_alarms()
         state = self.status.state
         reason = self._unavailable() or (
@@ -1317,9 +1325,9 @@ class Kiosk:
         if self._reported is None or self._reported[0] is not state:
             self._state_since = self._wall()
         if (state, reason) != self._reported:
-            self._reported = (state, reason)
             if self.telemetry is not None:
                 self.telemetry.state_changed(KioskSnapshot(state, reason, self._state_since))
+            self._reported = (state, reason)
 
     def _sync_reason_alarms(self) -> None:
         """One out_of_service alarm per reason present (its kind is the key), and the clock's."""
