@@ -451,7 +451,7 @@ class Kiosk:
         self.vend.start(self)
         self.status.vend_problem = vend_problem(self.vend)
         self._status_sent = self._status_text()
-        self.notifier.ready(self._status_sent)
+        self._switch("systemd", functools.partial(self.notifier.ready, self._status_sent))
         self.ready.set()
         event(
             log,
@@ -487,16 +487,17 @@ class Kiosk:
                 return
 
     def _shutdown(self) -> None:
-        self.notifier.stopping()
+        # A device that fails as it closes must not keep the journal from its last checkpoint.
+        self._switch("systemd", self.notifier.stopping)
         event(log, "kiosk.stopping")
-        self.scanner.close()
+        self._switch("scanner", self.scanner.close)
         self._sales.stop()  # after the sale in hand, if any, has ended
         # The worker closes its own flow's client once it has stopped.
         self.worker.stop(timeout=self.config.vend.timeout_s + 30)
         if self.flow is not None:
             self.flow.client.close()
-        self.vend.close()
-        self.indicator.close()
+        self._switch("vend", self.vend.close)
+        self._switch("lights", self.indicator.close)
         try:
             self.journal.forget_codes()  # past their window: not left on disk (rule 6)
             self.journal.checkpoint()
@@ -1288,12 +1289,12 @@ class Kiosk:
         return KioskState.READY
 
     def _show(self, state: KioskState) -> None:
-        if state is self._shown:
-            return
-        self.status.state = state
+        self.status.state = state  # what the kiosk is, whatever the lights managed to show
         if state is not self._state_logged:  # once per change, however often it is retried
             self._state_logged = state
             event(log, "indicator", state=state.value)
+        if state is self._shown:
+            return
         self.indicator.show(state)
         self._shown = state  # only once the lights took it: a refused switch is tried again
 
@@ -1315,8 +1316,7 @@ class Kiosk:
         only when it changed."""
         text = self._status_text()
         if text != self._status_sent:
-            self.notifier.status(text)
-            self._status_sent = text  # only once told: a failed telling is tried again
+            self._switch("systemd", functools.partial(self._tell_systemd, text))
         self._sync_reason_alarms()
         state = self.status.state
         reason = self._unavailable() or (
@@ -1325,9 +1325,16 @@ class Kiosk:
         if self._reported is None or self._reported[0] is not state:
             self._state_since = self._wall()
         if (state, reason) != self._reported:
-            if self.telemetry is not None:
-                self.telemetry.state_changed(KioskSnapshot(state, reason, self._state_since))
-            self._reported = (state, reason)
+            self._switch("telemetry", functools.partial(self._tell_telemetry, state, reason))
+
+    def _tell_systemd(self, text: str) -> None:
+        self.notifier.status(text)
+        self._status_sent = text  # only once told: a failed telling is tried again
+
+    def _tell_telemetry(self, state: KioskState, reason: str | None) -> None:
+        if self.telemetry is not None:
+            self.telemetry.state_changed(KioskSnapshot(state, reason, self._state_since))
+        self._reported = (state, reason)
 
     def _sync_reason_alarms(self) -> None:
         """One out_of_service alarm per reason present (its kind is the key), and the clock's."""

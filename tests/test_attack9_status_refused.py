@@ -41,7 +41,7 @@ def test_a_refused_status_line_does_not_keep_the_out_of_service_alarm_from_being
     assert rig.lights.wait_for(KioskState.READY, 10)
     synced.clear()  # the clock lost its time source: out of service at the next check
     assert rig.lights.wait_for(KioskState.OUT_OF_SERVICE, 5)
-    rig.log.wait_for("indicator.failed", 5, part="status")
+    rig.log.wait_for("indicator.failed", 5, part="systemd")
     assert rig.log.wait_until(lambda: rig.kiosk.alarms.is_active("out_of_service", "clock"), 5), (
         "out of service, and no out_of_service alarm: the refused STATUS= line skipped it "
         f"(alarms: {[a.payload() for a in rig.kiosk.alarms.active()]}, "
