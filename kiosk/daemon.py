@@ -75,6 +75,8 @@ WRITE_CHECK_S = 30.0  # a journal write fault: how often to try a durable write 
 CLOCK_RECHECK_OUT_S = 10.0  # out of service for the clock: how often to look again
 CLOCK_RECHECK_S = 60.0  # otherwise
 SWITCH_RETRY_S = 1.0  # a light or reader switch the driver refused: how often to ask again
+# The parts of `Kiosk._switch` a refresh asks again (a beep, a start or a stop happens once).
+SWITCHES_RETRIED = frozenset({"reader", "lights", "status", "systemd", "telemetry"})
 # A Pi without an RTC boots in 1970 (or at the image's build date) until NTP syncs.
 CLOCK_SANE_AFTER = datetime(2025, 1, 1, tzinfo=UTC)
 SALES_KEPT = 100  # KioskStatus.sales: the most recent ones only
@@ -340,8 +342,8 @@ class Kiosk:
         self._said = False  # the current handler already answered the controller
         self._shown: KioskState | None = None
         self._state_logged: KioskState | None = None
-        # Parts ("reader", "lights", "status") whose driver refused the last switch: asked
-        # again at each refresh and each tick until they take it (see `_refresh_lights`).
+        # Parts whose driver refused the last call (`_switch`); those in SWITCHES_RETRIED are
+        # asked again at each refresh and each tick until they take it.
         self._switches_failing: set[str] = set()
 
     # -- callbacks from drivers and threads (any thread; they only enqueue) ----------------
@@ -377,9 +379,13 @@ class Kiosk:
             self.events.put(("gateway", "reachable"))
 
     def unreachable(self) -> None:
+        self._tell_failure(("gateway", "unreachable"))
+
+    def _tell_failure(self, news: tuple[str, Any]) -> None:
+        """Post news of a request that found no gateway, counted (see `reachable`)."""
         with self._gateway_news:
             self._failures_told += 1
-            self.events.put(("gateway", "unreachable"))
+            self.events.put(news)
 
     def merchant_problem(self, code: str) -> None:
         self.events.put(("gateway", f"merchant:{code}"))
@@ -605,7 +611,7 @@ class Kiosk:
         timer runs guarded: one failing does not stop the others or the watchdog."""
         now = time.monotonic()
         waits = [60.0]
-        if self._switches_failing - {"buzzer"}:  # a light or the reader owes its last switch
+        if self._switches_failing & SWITCHES_RETRIED:  # a light or the reader owes a switch
             self._refresh_lights()
             waits.append(SWITCH_RETRY_S)
         if self._declined_until is not None:
@@ -1000,12 +1006,11 @@ class Kiosk:
             key_problem = str(exc)
         except Exception:  # the probe must report back, whatever happened
             log.exception("gateway probe failed")
+        news = ("probe", (generation, result, key_problem))
         if result is None and key_problem is None:
-            with self._gateway_news:  # a failure on its way to the loop (see `reachable`)
-                self._failures_told += 1
-                self.events.put(("probe", (generation, result, key_problem)))
+            self._tell_failure(news)
         else:
-            self.events.put(("probe", (generation, result, key_problem)))
+            self.events.put(news)
 
     def _probe_done(self) -> None:
         self._probing = False
