@@ -23,6 +23,7 @@ from kiosk.alipay.client import AlipayClient
 from kiosk.config import Config
 from kiosk.daemon import Kiosk
 from kiosk.demo import PARTNER, demo_config
+from kiosk.errors import GatewayUnreachable
 from kiosk.journal import Journal, Transaction, TxnState
 from kiosk.systemd import Notifier
 
@@ -216,3 +217,24 @@ def with_a_reversal_due(journal: Journal) -> Transaction:
         partner=PARTNER,
     )
     return journal.update(txn, state=TxnState.CANCELLING, note="vend failed")
+
+
+class GatedClient:
+    """A real client whose `method` first waits at a gate; `fail` then makes it find no
+    gateway (a connection tried while the network was down, timing out late)."""
+
+    def __init__(self, client: AlipayClient, method: str, gate: Gate, fail: bool = False) -> None:
+        self._client, self._method, self._gate, self._fail = client, method, gate, fail
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self._client, name)
+        if name != self._method:
+            return real
+
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            self._gate.pass_()
+            if self._fail:
+                raise GatewayUnreachable("connect timed out")
+            return real(*args, **kwargs)
+
+        return gated

@@ -15,33 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from kiosk.alipay.client import AlipayClient
-from kiosk.errors import GatewayUnreachable
 from kiosk.journal import Journal, TxnState
 from kiosk.ports import KioskState
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import payment_code
-from tests.loop_rig import Gate, Rig, rig_config, with_a_reversal_due
-
-
-class GatedClient:
-    """A real client whose `method` first waits at a gate; `fail` then makes it find no
-    gateway (a connection tried while the network was down, timing out late)."""
-
-    def __init__(self, client: AlipayClient, method: str, gate: Gate, fail: bool) -> None:
-        self._client, self._method, self._gate, self._fail = client, method, gate, fail
-
-    def __getattr__(self, name: str) -> Any:
-        real = getattr(self._client, name)
-        if name != self._method:
-            return real
-
-        def gated(*args: Any, **kwargs: Any) -> Any:
-            self._gate.pass_()
-            if self._fail:
-                raise GatewayUnreachable("connect timed out")
-            return real(*args, **kwargs)
-
-        return gated
+from tests.loop_rig import Gate, GatedClient, Rig, rig_config, with_a_reversal_due
 
 
 def test_an_answer_after_the_probes_failure_puts_the_kiosk_back_online(

@@ -19,27 +19,9 @@ from kiosk.alipay.client import AlipayClient
 from kiosk.ports import KioskState
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import payment_code
-from tests.loop_rig import Gate, Rig, rig_config
+from tests.loop_rig import Gate, GatedClient, Rig, rig_config
 
 DEAD_GATEWAY = "http://127.0.0.1:9/gateway.do"  # nothing listens on the discard port
-
-
-class GatedQuery:
-    """A real client whose query first waits at a gate."""
-
-    def __init__(self, client: AlipayClient, gate: Gate) -> None:
-        self._client, self._gate = client, gate
-
-    def __getattr__(self, name: str) -> Any:
-        real = getattr(self._client, name)
-        if name != "query":
-            return real
-
-        def gated(*args: Any, **kwargs: Any) -> Any:
-            self._gate.pass_()
-            return real(*args, **kwargs)
-
-        return gated
 
 
 def test_an_old_gateways_answer_to_a_stale_probe_leaves_the_kiosk_offline(
@@ -59,7 +41,7 @@ def test_an_old_gateways_answer_to_a_stale_probe_leaves_the_kiosk_offline(
         if threading.current_thread().name == "probe":
             probes[0] += 1
             if probes[0] == 1:
-                return GatedQuery(client, probe_gate)
+                return GatedClient(client, "query", probe_gate)
         return client
 
     rig = make_rig(config, client_factory=client_factory, reload_config=lambda: moved)
