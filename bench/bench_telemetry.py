@@ -32,11 +32,12 @@ from benchlib import (
 from kiosk.alarms import AlarmBoard
 from kiosk.config import TelemetrySection
 from kiosk.demo import demo_config
+from kiosk.figures import FiguresReader
 from kiosk.journal import Journal
 from kiosk.payment import PaymentFlow, SaleResult
 from kiosk.payment_code import PaymentCode
 from kiosk.ports import KioskState
-from kiosk.telemetry import FiguresReader, KioskSnapshot, TelemetrySink
+from kiosk.telemetry import KioskSnapshot, TelemetrySink
 from tests.mosquitto import Broker, mosquitto_problem
 
 ROUNDS = 6

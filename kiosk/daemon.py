@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiosk.alarms import AlarmBoard
 from kiosk.alipay.client import AlipayClient, GatewaySettings, QueryResult
@@ -46,6 +46,7 @@ from kiosk.errors import (
     KeyFileError,
     PaymentCodeError,
 )
+from kiosk.figures import FiguresReader
 from kiosk.journal import Journal, Transaction, TxnState
 from kiosk.log import event
 from kiosk.money import format_amount
@@ -65,8 +66,10 @@ from kiosk.ports import (
     vend_running,
 )
 from kiosk.systemd import Notifier
-from kiosk.telemetry import FiguresReader, KioskSnapshot, TelemetrySink
 from kiosk.worker import JournalWorker
+
+if TYPE_CHECKING:
+    from kiosk.telemetry import TelemetrySink
 
 log = logging.getLogger("kiosk.daemon")
 
@@ -304,6 +307,11 @@ class Kiosk:
         self.figures = FiguresReader(journal.path.parent)
         self.telemetry: TelemetrySink | None = None
         if config.telemetry is not None:
+            # Loaded only here: a kiosk without a [telemetry] section never loads the sink,
+            # Home Assistant's discovery or the Prometheus writer (a [telemetry] section added
+            # later needs a restart anyway).
+            from kiosk.telemetry import TelemetrySink
+
             self.telemetry = TelemetrySink(config, self.figures, self.alarms, wall_clock=wall_clock)
             self.alarms.listen(self.telemetry.alarm)
         journal.watch(self._journal_changed)
@@ -1338,6 +1346,8 @@ class Kiosk:
 
     def _tell_telemetry(self, state: KioskState, reason: str | None) -> None:
         if self.telemetry is not None:
+            from kiosk.telemetry import KioskSnapshot  # loaded with the sink
+
             self.telemetry.state_changed(KioskSnapshot(state, reason, self._state_since))
         self._reported = (state, reason)
 

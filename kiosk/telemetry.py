@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 from kiosk import __version__
 from kiosk.alarms import Alarm, AlarmBoard, iso_seconds
 from kiosk.config import Config
-from kiosk.errors import JournalError, KeyFileError
+from kiosk.errors import KeyFileError
+from kiosk.figures import FiguresReader
 from kiosk.ha_discovery import discovery_configs
-from kiosk.journal import FINAL_STATES, Journal, JournalFigures, Transaction
+from kiosk.journal import FINAL_STATES, JournalFigures, Transaction
 from kiosk.log import drop_codes, event
 from kiosk.metrics import Figures, render, samples_of, write_textfile
 from kiosk.money import format_amount
@@ -59,47 +60,6 @@ class KioskSnapshot:
     state: KioskState
     reason: str | None
     since: datetime
-
-
-class FiguresReader:
-    """The journal's figures through a read-only connection of its own, so neither the
-    telemetry thread nor the loop ever waits on the sale path's write lock (WAL readers do
-    not block the writer). Thread-safe; opened on first use."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.state_dir = state_dir
-        self._lock = threading.Lock()
-        self._journal: Journal | None = None
-        self._failing: str | None = None
-
-    def read(self, wall: datetime) -> JournalFigures | None:
-        """Figures for the local day of `wall`; None (logged once) while unreadable."""
-        local = wall.astimezone()
-        day_start = local.replace(hour=0, minute=0, second=0, microsecond=0).astimezone(UTC)
-        start = day_start.strftime("%Y-%m-%dT%H:%M:%S.000Z")
-        with self._lock:
-            try:
-                if self._journal is None:
-                    self._journal = Journal(self.state_dir, read_only=True)
-                figures = self._journal.figures(start)
-            except JournalError as exc:
-                if self._journal is not None:
-                    self._journal.close()
-                    self._journal = None
-                if self._failing != str(exc):
-                    self._failing = str(exc)
-                    event(
-                        log, "telemetry.figures_unreadable", level=logging.WARNING, error=str(exc)
-                    )
-                return None
-            self._failing = None
-            return figures
-
-    def close(self) -> None:
-        with self._lock:
-            if self._journal is not None:
-                self._journal.close()
-                self._journal = None
 
 
 def _iso_of_journal(stamp: str | None) -> str | None:

@@ -19,7 +19,8 @@ from tests.conftest import MD5_KEY, PARTNER
 
 # Loaded by other commands only (or by a config with a mistake in it), or by nothing the
 # daemon does: requests' character set guessing (the kiosk reads answers as bytes), x509
-# (only a pinned TLS connection needs it), ctypes.util and subprocess (libc is already loaded).
+# (only a pinned TLS connection needs it), ctypes.util and subprocess (libc is already loaded),
+# and telemetry without a [telemetry] section.
 NOT_FOR_THE_DAEMON = (
     "charset_normalizer",
     "chardet",
@@ -36,6 +37,10 @@ NOT_FOR_THE_DAEMON = (
     "drivers.mdb_board",
     "http.server",
     "socketserver",
+    "kiosk.telemetry",
+    "kiosk.ha_discovery",
+    "kiosk.metrics",
+    "kiosk.mqtt_link",
 )
 
 # Runs `kiosk run ARGS` in this interpreter and writes the names of every module it loaded,

@@ -125,7 +125,7 @@ def test_a_kiosk_without_an_mqtt_broker_never_loads_paho() -> None:
     script = (
         "import sys, tempfile, dataclasses\n"
         "from pathlib import Path\n"
-        "import kiosk.cli, kiosk.daemon, kiosk.telemetry\n"
+        "import kiosk.cli, kiosk.daemon, kiosk.figures, kiosk.telemetry\n"
         "from kiosk.alarms import AlarmBoard\n"
         "from kiosk.config import TelemetrySection\n"
         "from kiosk.demo import demo_config\n"
@@ -134,7 +134,7 @@ def test_a_kiosk_without_an_mqtt_broker_never_loads_paho() -> None:
         "config = dataclasses.replace(config, telemetry=TelemetrySection(\n"
         "    prometheus_textfile=str(tmp / 'k.prom')))\n"
         "sink = kiosk.telemetry.TelemetrySink(\n"
-        "    config, kiosk.telemetry.FiguresReader(tmp / 'state'), AlarmBoard())\n"
+        "    config, kiosk.figures.FiguresReader(tmp / 'state'), AlarmBoard())\n"
         "sink.start(); sink.stop()\n"
         "assert not [m for m in sys.modules if m.startswith('paho')], 'paho loaded'\n"
     )

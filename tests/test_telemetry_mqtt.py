@@ -410,7 +410,8 @@ def test_a_state_change_while_the_state_is_being_published_goes_out_too(
     from datetime import UTC, datetime
 
     from kiosk.alarms import AlarmBoard
-    from kiosk.telemetry import FiguresReader, KioskSnapshot, TelemetrySink
+    from kiosk.figures import FiguresReader
+    from kiosk.telemetry import KioskSnapshot, TelemetrySink
 
     config = telemetry_config(tmp_path, simulator.url, mqtt_url=broker.url)
     sink = TelemetrySink(config, FiguresReader(config.kiosk.state_dir), AlarmBoard())
