@@ -47,7 +47,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.conftest import MD5_KEY, PARTNER, named_key, payment_code, signature_for  # noqa: E402
-from tests.daemon_rig import DaemonRig  # noqa: E402
+from tests.daemon_rig import DaemonRig, service_python_env  # noqa: E402
 
 RESULT_ENV = "KIOSK_BENCH_RESULT"  # run_all.py names a file here to collect each bench's figures
 T = TypeVar("T")
@@ -236,10 +236,10 @@ def kiosk_rig() -> Iterator[DaemonRig]:
             rig.close()
 
 
-# What `kiosk run` imports, compiled once per bench into a cache of the bench's own: the
-# kiosk runs from bytecode, as installed on the image (pip compiles it), not compiling its
-# modules at every start (which costs start-up time and shows in its peak RSS). The checkout
-# gets no __pycache__.
+# What `kiosk run` imports, compiled once per bench (with the service's PYTHONOPTIMIZE) into a
+# cache of the bench's own: the kiosk runs from bytecode, as the image has it compiled
+# (kiosk-layer.sh), not compiling its modules at every start (which costs start-up time and
+# shows in its peak RSS). The checkout gets no __pycache__.
 _DAEMON_IMPORTS = (
     "import kiosk.cli, kiosk.config, kiosk.daemon, kiosk.journal, kiosk.systemd, drivers, "
     "drivers.scanner_serial, drivers.vend_serial, drivers.indicator_fake"
@@ -250,7 +250,7 @@ _DAEMON_IMPORTS = (
 def bytecode_env() -> dict[str, str]:
     cache = tempfile.mkdtemp(prefix="kiosk-bench-pyc-")
     atexit.register(shutil.rmtree, cache, True)
-    env = {**os.environ, "PYTHONPYCACHEPREFIX": cache}
+    env = {**os.environ, **service_python_env(), "PYTHONPYCACHEPREFIX": cache}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     subprocess.run([sys.executable, "-c", _DAEMON_IMPORTS], env=env, cwd=ROOT, check=True)
     return {"PYTHONPYCACHEPREFIX": cache}
@@ -270,7 +270,7 @@ def start_kiosk(
     rig.start(
         wait_ready=wait_ready,
         wrap=wrap,
-        extra_env={**bytecode_env(), "PYTHONDONTWRITEBYTECODE": "1", **env},
+        extra_env={**bytecode_env(), **service_python_env(), **env},
     )
     if wait_ready:
         rig.wait_log(is_ready_light, 10, "indicator ready")

@@ -39,6 +39,13 @@ LOCK="${PROJECT}/requirements/image.lock"
 INVENTORY=/var/cache/kiosk-python-inventory.json
 # Firewall (nftables), installed by --inside with the layer's /etc/nftables.conf kept.
 HARDENING_PACKAGES=(nftables)
+# kiosk.service runs Python with PYTHONOPTIMIZE=2 (python -OO), whose byte code is a file of its
+# own (*.opt-2.pyc). The root is read-only when the kiosk runs, so --inside compiles it for every
+# module `kiosk run` loads in any configuration (each scanner, lights, vend link, telemetry).
+DAEMON_MODULES=(kiosk.cli kiosk.daemon kiosk.telemetry kiosk.mqtt_link kiosk.alipay.pinning
+	drivers.scanner_evdev drivers.scanner_serial drivers.scanner_fake drivers.indicator_gpio
+	drivers.indicator_fake drivers.vend_serial drivers.vend_relay drivers.vend_mdb
+	drivers.vend_fake cryptography.x509 paho.mqtt.client gpiozero.pins.lgpio)
 # Consoles a keyboard on a public USB port could reach, and keys that reboot: masked.
 MASKED_UNITS=(getty@.service serial-getty@.service autovt@.service console-getty.service
 	container-getty@.service getty-static.service debug-shell.service ctrl-alt-del.target)
@@ -200,6 +207,7 @@ inside() {
 	python3 -m venv --system-site-packages "${VENV}"
 	install_python_packages "${wheels}"
 	"${VENV}/bin/python" -c 'import kiosk.daemon, kiosk.alipay.client, evdev, serial, gpiozero, lgpio'
+	compile_for_the_service
 	write_python_inventory
 	install_hardening_packages
 	# Nothing probes serial ports, nothing compiles on the kiosk.
@@ -231,6 +239,14 @@ install_python_packages() {
 	# anything pip would pick; pip check below holds them to the wheel's requirements.
 	"${VENV}/bin/pip" install --quiet --no-cache-dir --no-index --no-deps "${wheels}"/kiosk-*.whl
 	"${VENV}/bin/pip" check
+}
+
+# The service's byte code (see DAEMON_MODULES): importing each module with the service's
+# PYTHONOPTIMIZE writes its *.opt-2.pyc, and those of the standard library modules it loads.
+compile_for_the_service() {
+	local imports
+	imports="$(printf 'import %s\n' "${DAEMON_MODULES[@]}")"
+	env -u PYTHONDONTWRITEBYTECODE PYTHONOPTIMIZE=2 "${VENV}/bin/python" -c "${imports}"
 }
 
 # What Python runs the kiosk: pip's inventory of the venv and the system packages it sees, each

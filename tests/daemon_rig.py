@@ -43,6 +43,17 @@ FAKETIME_LIBS = (
 FAKETIME_PACKAGE = "faketime (Debian/Ubuntu: apt-get install faketime)"
 
 
+def service_python_env() -> dict[str, str]:
+    """The Python settings systemd/kiosk.service runs the daemon with (its `Environment=PYTHON*`
+    lines: no bytecode written, `python -OO`): to run the daemon as a kiosk runs it."""
+    found: dict[str, str] = {}
+    for line in (ROOT / "systemd" / "kiosk.service").read_text().splitlines():
+        if line.startswith("Environment=PYTHON"):
+            name, _, value = line.removeprefix("Environment=").partition("=")
+            found[name] = value
+    return found
+
+
 def faketime_library() -> Path | None:
     return next((lib for lib in FAKETIME_LIBS if lib.exists()), None)
 

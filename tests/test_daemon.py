@@ -13,7 +13,7 @@ import pytest
 
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import PARTNER, payment_code
-from tests.daemon_rig import DaemonRig
+from tests.daemon_rig import DaemonRig, service_python_env
 
 pytestmark = pytest.mark.slow
 
@@ -328,3 +328,37 @@ def test_sighup_during_a_vend_keeps_the_sale_and_the_new_price_applies_after_it(
     rig.vmc.expect("ACK ")
     assert rig.stop() == 0
     assert_money_rules(rig)
+
+
+def test_the_daemon_as_the_service_runs_it_keeps_the_money_rules(
+    tmp_path: Path, simulator: GatewaySimulator
+) -> None:
+    """With kiosk.service's Python settings (`python -OO`: no asserts, no docstrings) a paid
+    sale is vended, a declined one denied, a failed vend reversed and a garbage scan refused."""
+    rig = DaemonRig(tmp_path, simulator, declined_hold_s=0.5)
+    rig.start(extra_env=service_python_env())
+    try:
+        assert rig.proc is not None
+        environ = Path(f"/proc/{rig.proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"PYTHONOPTIMIZE=2" in environ
+        paid = sell_and_vend(rig, 1)
+        rig.wait_log(lambda e: e.get("event") == "payment.result" and e.get("ref") == paid, 10)
+        rig.wait_log(lambda e: e.get("event") == "indicator" and e.get("state") == "ready", 5)
+        mark = len(rig.logs)
+        rig.scanner.write_line("not a payment code")
+        rig.wait_log_after(mark, lambda e: e.get("event") == "scan.rejected", 5, "scan.rejected")
+        rig.scanner.write_line(payment_code("2022", 2))
+        assert rig.vmc.expect("DENIED ") == "DENIED BUYER_BALANCE_NOT_ENOUGH"
+        red = rig.wait_log_after(mark, lambda e: e.get("state") == "declined", 5, "declined")
+        rig.wait_log_after(red, lambda e: e.get("state") == "ready", 10, "ready again")
+        rig.scanner.write_line(payment_code("0001", 3))
+        _, failed, _ = rig.vmc.expect("APPROVED ").split(" ")
+        rig.vmc.write_line(f"FAILURE {failed}")
+        assert rig.vmc.expect("ACK ") == f"ACK {failed}"
+        rig.wait_log(lambda e: e.get("event") == "payment.result" and e.get("ref") == failed, 10)
+        assert rig.stop() == 0
+    finally:
+        rig.close()
+    assert_money_rules(rig)
+    assert held(rig.sim, paid)
+    assert not held(rig.sim, failed)

@@ -3,6 +3,7 @@ enough for a vend in flight to finish."""
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 import shutil
@@ -109,6 +110,22 @@ def test_lgpio_gets_a_writable_working_directory() -> None:
     (runtime,) = _directives(unit, "RuntimeDirectory")
     assert _directives(unit, "WorkingDirectory") == [f"/run/{runtime}"]
     assert "GPIOZERO_PIN_FACTORY=lgpio" in _directives(unit, "Environment")
+
+
+def test_the_daemon_runs_without_docstrings_from_byte_code_the_image_compiled() -> None:
+    """python -OO (PYTHONOPTIMIZE=2) on a read-only root: the image layer compiles the
+    *.opt-2.pyc of every module it names, so each name must be a module of the kiosk's."""
+    unit = SYSTEMD_DIR / "kiosk.service"
+    environment = _directives(unit, "Environment")
+    assert "PYTHONOPTIMIZE=2" in environment
+    assert "PYTHONDONTWRITEBYTECODE=1" in environment
+    layer = (SYSTEMD_DIR.parent / "image-build" / "kiosk-layer.sh").read_text()
+    found = re.search(r"^DAEMON_MODULES=\((.*?)\)$", layer, re.M | re.S)
+    assert found is not None, "kiosk-layer.sh names no DAEMON_MODULES"
+    modules = found.group(1).split()
+    assert {"kiosk.daemon", "kiosk.telemetry", "drivers.vend_mdb"} <= set(modules)
+    for module in modules:
+        assert importlib.util.find_spec(module) is not None, f"{module}: no such module"
 
 
 def test_device_access_is_limited_to_scanner_gpio_and_serial() -> None:
