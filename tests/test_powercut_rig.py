@@ -161,6 +161,10 @@ def test_refresh_replaces_the_kiosk_packages_with_valid_byte_code(tmp_path: Path
     # The byte code is hash-checked against its source: valid whatever the files' mtimes.
     pyc = copy / "__pycache__" / "journal.cpython-311.pyc"
     assert int.from_bytes(pyc.read_bytes()[4:8], "little") == 0b11  # hash-based, checked
+    # And the service's (`python -OO`), without the docstrings.
+    optimized = copy / "__pycache__" / "journal.cpython-311.opt-2.pyc"
+    assert int.from_bytes(optimized.read_bytes()[4:8], "little") == 0b11
+    assert len(optimized.read_bytes()) < len(pyc.read_bytes())
     spec = importlib.util.spec_from_file_location("kiosk_copy_journal", copy / "journal.py")
     assert spec is not None and spec.loader is not None
     assert spec.loader.get_code("kiosk_copy_journal") is not None  # type: ignore[attr-defined]

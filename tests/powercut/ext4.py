@@ -226,9 +226,10 @@ def _package_files(package: Path) -> Iterable[Path]:
         yield path
 
 
-def _byte_code(source: Path, guest_path: str) -> bytes:
+def _byte_code(source: Path, guest_path: str, optimize: int = -1) -> bytes:
     """Byte code for the guest's CPython 3.11 (the host's must be 3.11 too: one magic number),
-    hash-checked, so it stays valid whatever mtime debugfs gives the source."""
+    hash-checked, so it stays valid whatever mtime debugfs gives the source; `optimize` 2 for
+    the service's `python -OO`."""
     if sys.version_info[:2] != (3, 11):
         raise Ext4Error(f"byte code for the image needs Python 3.11 here, not {sys.version}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,6 +240,7 @@ def _byte_code(source: Path, guest_path: str) -> bytes:
             dfile=guest_path,
             doraise=True,
             invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
+            optimize=optimize,
         )
         return out.read_bytes()
 
@@ -264,8 +266,10 @@ def refresh_kiosk(image: Path, project: Path = PROJECT, offset: int | None = Non
                 if source.suffix == ".py":
                     folder, name = guest.rsplit("/", 1)
                     fs.mkdirs(f"{folder}/__pycache__")
-                    pyc = f"{folder}/__pycache__/{name[:-3]}.{tag}.pyc"
-                    fs.write(pyc, _byte_code(source, guest), 0o644)
+                    # Both, as the image has them: pip's, and the service's (kiosk-layer.sh).
+                    pyc = f"{folder}/__pycache__/{name[:-3]}.{tag}"
+                    fs.write(f"{pyc}.pyc", _byte_code(source, guest), 0o644)
+                    fs.write(f"{pyc}.opt-2.pyc", _byte_code(source, guest, optimize=2), 0o644)
             fs.commit()
             done.append(target)
         for source, target in LAYER_FILES:
