@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kiosk.boot_clock import BOOT_ID_ENV
 from kiosk.config import VendSection
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
@@ -109,6 +110,14 @@ def test_lgpio_gets_a_writable_working_directory() -> None:
     (runtime,) = _directives(unit, "RuntimeDirectory")
     assert _directives(unit, "WorkingDirectory") == [f"/run/{runtime}"]
     assert "GPIOZERO_PIN_FACTORY=lgpio" in _directives(unit, "Environment")
+
+
+def test_the_kiosk_is_given_the_boot_id_its_proc_subset_hides() -> None:
+    # Rule 7 across a restart stamps each code's hash with the boot id and CLOCK_BOOTTIME;
+    # ProcSubset=pid hides /proc/sys/kernel/random/boot_id, so systemd passes it (%b).
+    unit = SYSTEMD_DIR / "kiosk.service"
+    assert _directives(unit, "ProcSubset") == ["pid"]
+    assert f"{BOOT_ID_ENV}=%b" in _directives(unit, "Environment")
 
 
 def test_device_access_is_limited_to_scanner_gpio_and_serial() -> None:
