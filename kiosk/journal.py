@@ -297,6 +297,16 @@ CREATE INDEX transactions_created ON transactions (created_at);
 """,
         also=_mask_request_details,
     ),
+    Migration(
+        4,
+        "each recent code's hash stamped with the boot clock too (boot id, CLOCK_BOOTTIME "
+        "seconds), so its age survives a restart whatever the wall clock did; NULL in the rows "
+        "of schema 3, which age by the wall clock",
+        """
+ALTER TABLE recent_codes ADD COLUMN boot_id TEXT;
+ALTER TABLE recent_codes ADD COLUMN boot_s REAL;
+""",
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].to
 assert [m.to for m in MIGRATIONS] == list(range(2, SCHEMA_VERSION + 1)), "steps out of order"

@@ -26,6 +26,13 @@ ROW = (
 )
 
 
+def rows_of(path: Path, table: str) -> list[tuple[Any, ...]]:
+    """Every row of `table`, none if the schema has no such table."""
+    if not raw(path, f"SELECT name FROM sqlite_master WHERE type='table' AND name='{table}'"):
+        return []
+    return raw(path, f"SELECT * FROM {table} ORDER BY rowid")
+
+
 def raw(path: Path, sql: str) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(path)
     try:
@@ -69,10 +76,12 @@ def test_an_older_journal_is_read_as_it_is_never_called_corrupt(
     with Journal(tmp_path, read_only=True) as old:  # `kiosk journal` beside an older daemon
         assert old.schema == schema
         listed = {t.ref: t for t in old.listing(include_all=True)}
-        assert old.operator_actions() == {}
+        actions = old.operator_actions()
         rows, totals = old.sales()
     assert len(listed) == len(raw(path, "SELECT ref FROM transactions")) > 0
-    assert {t.ref for t in rows} == set(listed) and totals == []
+    assert {t.ref for t in rows} == set(listed)
+    assert sum(len(a) for a in actions.values()) == len(rows_of(path, "operator_actions"))
+    assert len(totals) == len(rows_of(path, "daily_totals"))
     assert path.read_bytes() == before
 
 
@@ -84,6 +93,7 @@ def test_an_older_journal_is_migrated_to_the_newest_with_every_row_intact(
     rows_before = raw(path, f"SELECT {ROW} FROM transactions ORDER BY seq")
     requests_before = raw(path, "SELECT ref, kind, params, outcome FROM requests ORDER BY id")
     open_before = [r[0] for r in rows_before if not r[5] and r[4] != "attention"]
+    kept_before = {t: rows_of(path, t) for t in ("operator_actions", "daily_totals")}
 
     with Journal(tmp_path) as journal:
         assert journal.schema == SCHEMA_VERSION
@@ -97,6 +107,9 @@ def test_an_older_journal_is_migrated_to_the_newest_with_every_row_intact(
     assert raw(path, "SELECT ref, kind, params, outcome FROM requests ORDER BY id") == (
         requests_before
     )
+    for table, rows in kept_before.items():
+        if rows:
+            assert rows_of(path, table) == rows
     assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     # An older firmware reads only `meta`: it must see the newer schema, and refuse it.
     assert raw(path, "SELECT value FROM meta WHERE key='schema'") == [(str(SCHEMA_VERSION),)]
@@ -141,6 +154,7 @@ def test_a_step_that_fails_leaves_the_journal_at_the_schema_before_it(
 ) -> None:
     path = load_journal(FIXTURES[SCHEMA_VERSION - 1], tmp_path)
     rows_before = raw(path, f"SELECT {ROW} FROM transactions ORDER BY seq")
+    layout_before = layout(path)
 
     def power_cut(conn: sqlite3.Connection) -> None:
         raise OSError("power cut")
@@ -151,8 +165,7 @@ def test_a_step_that_fails_leaves_the_journal_at_the_schema_before_it(
         Journal(tmp_path)
     assert raw(path, "PRAGMA user_version") == [(0,)]
     assert raw(path, "SELECT value FROM meta WHERE key='schema'") == [(str(SCHEMA_VERSION - 1),)]
-    names = {name for (name,) in raw(path, "SELECT name FROM sqlite_master")}
-    assert "operator_actions" not in names and "daily_totals" not in names
+    assert layout(path) == layout_before  # none of the step's SQL either
 
     monkeypatch.undo()  # the next start takes the step whole
     with Journal(tmp_path) as journal:
