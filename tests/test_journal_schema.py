@@ -16,6 +16,8 @@ import pytest
 from kiosk import journal as journal_module
 from kiosk.errors import JournalCorrupt, JournalError, JournalTooNew
 from kiosk.journal import JOURNAL_FILE, MIGRATIONS, SCHEMA_VERSION, Journal, TxnState
+from kiosk.payment_code import CODE_REUSE_WINDOW_S, PaymentCode, RecentCodes
+from tests.conftest import FakeBootClock
 from tests.fixtures import load_journal, schema_fixtures
 from tests.fixtures.make_schema_fixtures import OPEN_CODES
 
@@ -136,7 +138,29 @@ def test_schema_2_keeps_its_code_key_and_recent_codes(tmp_path: Path) -> None:
     seen = raw(path, "SELECT digest, seen_at FROM recent_codes")
     with Journal(tmp_path) as journal:
         assert journal.code_key == bytes.fromhex(key)
-        assert journal.recent_codes(since=0) == [(bytes(d), t) for d, t in seen]
+        assert journal.recent_codes(since=0) == [(bytes(d), t, None, None) for d, t in seen]
+
+
+def test_schema_3_code_hashes_keep_no_boot_stamp_and_age_by_the_wall_clock(
+    tmp_path: Path,
+) -> None:
+    path = load_journal(FIXTURES[3], tmp_path)
+    seen = raw(path, "SELECT digest, seen_at FROM recent_codes ORDER BY seen_at")
+    assert len(seen) == 3  # three sales within a minute, the last one's at seen[-1]
+    wall = [seen[-1][1] + 60]
+    boot = FakeBootClock(seconds=5_000.0)  # this boot's clock, started long before
+    with Journal(tmp_path, wall_clock=lambda: wall[0], boot_clock=boot) as journal:
+        rows = journal.recent_codes(since=wall[0] - CODE_REUSE_WINDOW_S, boot_id=boot.boot_id)
+        assert rows == [(bytes(d), t, None, None) for d, t in seen]
+        codes = RecentCodes(key=journal.code_key)
+        assert codes.seed(rows, wall[0], boot()) == 3
+        assert codes.seen_recently(PaymentCode.parse("286301234567893009"))  # the last sold
+        assert journal.forget_codes() == 0
+        # By the wall clock, not the boot clock (which stands still): the first two go once
+        # the wall clock has them past the window.
+        wall[0] = seen[1][1] + CODE_REUSE_WINDOW_S + 1
+        assert journal.forget_codes() == 2
+        assert [r.digest for r in journal.recent_codes(since=0)] == [bytes(seen[2][0])]
 
 
 def test_a_new_journal_and_a_migrated_one_have_the_same_schema(tmp_path: Path) -> None:
