@@ -263,8 +263,9 @@ def test_a_hash_of_another_boot_ages_by_the_wall_clock(tmp_path: Path, now_boot:
     _sell(journal, 2, NEXT)
     journal.close()
     # A reboot; the wall clock says FIRST was sold WINDOW + 1 s ago and NEXT WINDOW - 99 s
-    # ago. The new boot's clock stands at 20 s (below both stamps): it tells nothing of them.
-    boot.reboot("d2" * 16)
+    # ago. The new boot's clock happens to stand 50 s past both stamps: it tells nothing of
+    # them, another boot made them.
+    boot.reboot("d2" * 16, seconds=90_050.0)
     wall.now += WINDOW - 99
 
     def none() -> None:
