@@ -357,13 +357,28 @@ class Kiosk:
     # -- callbacks from drivers and threads (any thread; they only enqueue) ----------------
 
     def _seed_recent_codes(self) -> None:
+        """The codes sold in the window before this start, aged by the journal's boot clock
+        (those of this boot) or the wall clock (the others; all of them without a boot clock,
+        which is said once)."""
         now = self._wall().timestamp()
+        boot = self.journal.boot_stamp()
+        if boot is None:
+            event(
+                log,
+                "kiosk.no_boot_clock",
+                level=logging.WARNING,
+                reason=self.journal.boot_clock_unavailable,
+                effect="a code's age across a restart follows the wall clock alone",
+            )
         try:
-            seen = self.journal.recent_codes(since=now - self.recent_codes.window_s)
+            seen = self.journal.recent_codes(
+                since=now - self.recent_codes.window_s,
+                boot_id=None if boot is None else boot.boot_id,
+            )
         except JournalError as exc:
             event(log, "journal.error", level=logging.ERROR, error=str(exc))
             return
-        self.recent_codes.seed(seen, now)
+        self.recent_codes.seed(seen, now, boot)
 
     def on_scan(self, text: str) -> None:
         self.events.put(("scan", text))

@@ -33,9 +33,10 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from kiosk.boot_clock import BootClock, BootStamp, system_boot_clock
 from kiosk.errors import ActionRefused, JournalCorrupt, JournalError, JournalTooNew
 from kiosk.log import mask_codes
-from kiosk.payment_code import CODE_REUSE_WINDOW_S, code_digest
+from kiosk.payment_code import CODE_REUSE_WINDOW_S, SeenCode, code_digest
 
 JOURNAL_FILE = "journal.sqlite3"
 
@@ -180,11 +181,29 @@ class UnreadableRow:
 # buyer_code (whole codes: never stored now), cancel_timestamp_ms (fresh on every send),
 # retry_count and next_retry_at (the worker schedules retries in memory, on the monotonic clock).
 
-# Schema 1, as the first firmware made it: every journal starts here and takes the steps below.
-# Hashes of codes older than rule 7's window (one parameter: the cutoff, epoch seconds): dropped
-# with each new sale's commit, and by the journal worker when no sale follows.
-FORGET_OLD_CODES = "DELETE FROM recent_codes WHERE seen_at < ?"
+# Hashes of codes older than rule 7's window: dropped with each new sale's commit, and by the
+# journal worker when no sale follows. A hash stamped in this boot ages by the boot clock, which
+# no step of the wall clock moves; one of another boot, from an older firmware or with a boot
+# stamp ahead of this boot's clock (so not of this boot), by the wall clock, as
+# `SeenCode.age` has it (schema 4). Parameters: `_forget_args`.
+_OLD_CODE = (
+    "CASE WHEN boot_id = :boot AND boot_s <= :boot_now "
+    "THEN boot_s < :boot_cutoff ELSE seen_at < :wall_cutoff END"
+)
+FORGET_OLD_CODES = f"DELETE FROM recent_codes WHERE {_OLD_CODE}"
 
+
+def _forget_args(now_wall: float, boot: BootStamp | None) -> dict[str, Any]:
+    """The clocks of FORGET_OLD_CODES now (without a boot clock, every hash ages by the wall)."""
+    return {
+        "boot": None if boot is None else boot.boot_id,
+        "boot_now": None if boot is None else boot.seconds,
+        "boot_cutoff": None if boot is None else boot.seconds - CODE_REUSE_WINDOW_S,
+        "wall_cutoff": now_wall - CODE_REUSE_WINDOW_S,
+    }
+
+
+# Schema 1, as the first firmware made it: every journal starts here and takes the steps below.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS transactions (
@@ -297,6 +316,16 @@ CREATE INDEX transactions_created ON transactions (created_at);
 """,
         also=_mask_request_details,
     ),
+    Migration(
+        4,
+        "each recent code's hash stamped with the boot clock too (boot id, CLOCK_BOOTTIME "
+        "seconds), so its age survives a restart whatever the wall clock did; NULL in the rows "
+        "of schema 3, which age by the wall clock",
+        """
+ALTER TABLE recent_codes ADD COLUMN boot_id TEXT;
+ALTER TABLE recent_codes ADD COLUMN boot_s REAL;
+""",
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].to
 assert [m.to for m in MIGRATIONS] == list(range(2, SCHEMA_VERSION + 1)), "steps out of order"
@@ -319,7 +348,8 @@ class Journal:
     `read_only` reads this firmware's schema or an older one, as it is. Opened for writing, an
     older journal is migrated forward first; with `migrate=False` (a command beside a running
     `kiosk run`) one that is not at this firmware's schema is refused instead. `wall_clock`
-    (epoch seconds) stamps the records."""
+    (epoch seconds) stamps the records; `boot_clock` (the kernel's, by default) stamps the
+    hashes of codes sold beside it, and ages them (rule 7)."""
 
     def __init__(
         self,
@@ -328,11 +358,13 @@ class Journal:
         read_only: bool = False,
         migrate: bool = True,
         wall_clock: Callable[[], float] | None = None,
+        boot_clock: BootClock | None = None,
     ) -> None:
         self.path = Path(state_dir) / JOURNAL_FILE
         self._lock = threading.RLock()
         self._closed = False
         self._time = wall_clock or _wall_now
+        self._boot_clock = boot_clock or system_boot_clock()
         self._schema = SCHEMA_VERSION
         self._code_key = b""  # made (or read) when opened for writing
         # Told of every committed change of a transaction's state (before: None for a new one).
@@ -544,39 +576,68 @@ class Journal:
     def code_digest(self, digits: str) -> bytes:
         return code_digest(self._code_key, digits)
 
-    def recent_codes(self, since: float) -> list[tuple[bytes, float]]:
-        """(keyed hash, wall-clock time seen) of every code journaled with a sale since
-        `since` (epoch seconds)."""
+    def boot_stamp(self) -> BootStamp | None:
+        """The boot clock now, as the journal stamps and ages the codes' hashes by it; None
+        where there is none (the wall clock alone then)."""
+        return self._boot_clock()
+
+    @property
+    def boot_clock_unavailable(self) -> str | None:
+        """Why there is no boot clock to stamp the codes' hashes with, or None if there is."""
+        if self._boot_clock() is not None:
+            return None
+        return getattr(self._boot_clock, "unavailable", None) or "the boot clock gives no time"
+
+    def recent_codes(self, since: float, boot_id: str | None = None) -> list[SeenCode]:
+        """Every code journaled with a sale since `since` (wall clock, epoch seconds), and
+        every one stamped in boot `boot_id` whatever its wall stamp says: its keyed hash, when
+        it was seen by the wall clock, and by the boot clock (None in a row of schema 3)."""
         if self._schema < 2:
             return []
+        if self._schema < 4:
+            sql = "SELECT digest, seen_at, NULL, NULL FROM recent_codes WHERE seen_at >= ?"
+            args: tuple[Any, ...] = (since,)
+        else:
+            sql = (
+                "SELECT digest, seen_at, boot_id, boot_s FROM recent_codes "
+                "WHERE seen_at >= ? OR boot_id = ?"
+            )
+            args = (since, boot_id)
         with self._lock:
             try:
-                rows = self._conn.execute(
-                    "SELECT digest, seen_at FROM recent_codes WHERE seen_at >= ?", (since,)
-                ).fetchall()
+                rows = self._conn.execute(sql, args).fetchall()
             except sqlite3.Error as exc:
                 raise self._classify(exc) from None
-        return [(bytes(d), float(t)) for d, t in rows]
+        return [
+            SeenCode(
+                bytes(d),
+                float(t),
+                None if b is None else str(b),
+                None if s is None else float(s),
+            )
+            for d, t, b, s in rows
+        ]
 
     def forget_codes(self) -> int:
-        """Drop the hashes of codes seen longer ago than the reuse window; how many went. A
-        hash, its key and the code's last 4 digits are enough to find the code again by trying
-        the codes that end so (rule 6): they are kept for rule 7's window only, whether or not
-        another sale follows. A look only, without a write, when none is that old."""
-        if self._schema < 2:
+        """Drop the hashes of codes seen longer ago than the reuse window (by the boot clock
+        if seen in this boot, else by the wall clock); how many went. A hash, its key and the
+        code's last 4 digits are enough to find the code again by trying the codes that end so
+        (rule 6): they are kept for rule 7's window only, whether or not another sale follows.
+        A look only, without a write, when none is that old."""
+        if self._schema < 4:  # a journal opened for writing is at this firmware's schema
             return 0
-        cutoff = self._time() - CODE_REUSE_WINDOW_S
+        args = _forget_args(self._time(), self._boot_clock())
         with self._lock:
             try:
                 old = self._conn.execute(
-                    "SELECT 1 FROM recent_codes WHERE seen_at < ? LIMIT 1", (cutoff,)
+                    f"SELECT 1 FROM recent_codes WHERE {_OLD_CODE} LIMIT 1", args
                 ).fetchone()
             except sqlite3.Error as exc:
                 raise self._classify(exc) from None
         if old is None:
             return 0
         with self._write() as conn:
-            gone = conn.execute(FORGET_OLD_CODES, (cutoff,)).rowcount
+            gone = conn.execute(FORGET_OLD_CODES, args).rowcount
         return int(gone)
 
     def _classify(self, exc: sqlite3.Error) -> JournalError:
@@ -624,8 +685,10 @@ class Journal:
     ) -> Transaction:
         """Record a new scan's payment in state `paying`, and with it (one commit, one fsync)
         the first request about to be sent, if given, and the keyed hash of its code (for
-        rule 7 across a restart; hashes older than the reuse window are pruned then too)."""
+        rule 7 across a restart, stamped by the wall and the boot clock; hashes older than the
+        reuse window are pruned then too)."""
         seen_at = self._time()
+        boot = self._boot_clock() if code_digest is not None else None
         now = _iso(seen_at)
         txn = Transaction(
             ref=ref,
@@ -651,10 +714,16 @@ class Journal:
             if first_request is not None:
                 self._insert_request(conn, txn, *first_request)
             if code_digest is not None:
-                conn.execute(FORGET_OLD_CODES, (seen_at - CODE_REUSE_WINDOW_S,))
+                conn.execute(FORGET_OLD_CODES, _forget_args(seen_at, boot))
                 conn.execute(
-                    "INSERT OR REPLACE INTO recent_codes (digest, seen_at) VALUES (?, ?)",
-                    (code_digest, seen_at),
+                    "INSERT OR REPLACE INTO recent_codes (digest, seen_at, boot_id, boot_s) "
+                    "VALUES (?, ?, ?, ?)",
+                    (
+                        code_digest,
+                        seen_at,
+                        None if boot is None else boot.boot_id,
+                        None if boot is None else boot.seconds,
+                    ),
                 )
         self._changed(None, txn)
         return txn

@@ -10,7 +10,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from kiosk.boot_clock import BootStamp
 from kiosk.errors import PaymentCodeError
 from kiosk.log import mask_code
 
@@ -63,6 +65,31 @@ def code_digest(key: bytes, digits: str) -> bytes:
     return hmac.new(key, digits.encode("ascii"), hashlib.sha256).digest()
 
 
+class SeenCode(NamedTuple):
+    """A code's keyed hash as the journal keeps it, with when it was seen."""
+
+    digest: bytes
+    seen_at: float  # wall clock, epoch seconds
+    # The boot it was seen in and the boot clock then; None if journaled without a boot clock
+    # (an older firmware, a system without one).
+    boot_id: str | None = None
+    boot_s: float | None = None
+
+    def age(self, now_wall: float, now_boot: BootStamp | None) -> float:
+        """Seconds since it was seen: by the boot clock if seen in this boot (no step of the
+        wall clock moves that), else by the wall clock. A boot stamp ahead of this boot's clock
+        is not of this boot: the wall clock then. Never below 0: a wall stamp ahead of now (the
+        clock was set back since), by however much, is seen now."""
+        if (
+            now_boot is not None
+            and self.boot_id == now_boot.boot_id
+            and self.boot_s is not None
+            and self.boot_s <= now_boot.seconds
+        ):
+            return now_boot.seconds - self.boot_s
+        return max(now_wall - self.seen_at, 0.0)
+
+
 class RecentCodes:
     """Codes seen in the last few minutes, remembered as keyed hashes (never the code itself).
 
@@ -90,18 +117,19 @@ class RecentCodes:
     def digest(self, code: PaymentCode) -> bytes:
         return code_digest(self._key, code.digits)
 
-    def seed(self, seen: Iterable[tuple[bytes, float]], now_wall: float) -> int:
-        """Remember hashes seen `now_wall - seen_at` seconds ago (wall clock, as journaled);
-        those older than the window are left out; one stamped ahead, by however much (the
-        clock was set back since), counts as seen now. Returns how many were taken."""
+    def seed(
+        self, seen: Iterable[SeenCode], now_wall: float, now_boot: BootStamp | None = None
+    ) -> int:
+        """Remember the hashes a journal kept, each as seen `SeenCode.age` ago (by the boot
+        clock if seen in this boot, else by the wall clock); those older than the window are
+        left out. Returns how many were taken."""
         now = self._clock()
         taken = 0
         with self._lock:
-            for digest, seen_at in seen:
-                age = now_wall - seen_at
+            for code in seen:
+                age = code.age(now_wall, now_boot)
                 if age <= self._window_s:
-                    age = max(age, 0.0)
-                    self._seen[digest] = max(self._seen.get(digest, now - age), now - age)
+                    self._seen[code.digest] = max(self._seen.get(code.digest, now - age), now - age)
                     taken += 1
         return taken
 

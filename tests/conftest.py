@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from kiosk.alipay.client import AlipayClient, GatewaySettings
 from kiosk.alipay.signing import Md5Signature, RsaSignature, SignType
+from kiosk.boot_clock import BootStamp
 from kiosk.journal import Journal
 from kiosk.simulator import GatewaySimulator, MerchantAccount
 
@@ -101,3 +103,25 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
 def payment_code(suffix: str, n: int = 1) -> str:
     """A well-formed Alipay payment code whose last 4 digits pick the simulator's behaviour."""
     return f"28{n:012d}{suffix}"
+
+
+class FakeBootClock:
+    """The kernel's boot clock as a test moves it: a boot id and CLOCK_BOOTTIME seconds."""
+
+    def __init__(self, boot_id: str = "b0" * 16, seconds: float = 1000.0) -> None:
+        self.boot_id = boot_id
+        self.seconds = seconds
+        self._lock = threading.Lock()
+
+    def __call__(self) -> BootStamp:
+        with self._lock:
+            return BootStamp(self.boot_id, self.seconds)
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.seconds += seconds
+
+    def reboot(self, boot_id: str, seconds: float = 20.0) -> None:
+        """A new boot: a new id, the clock from (nearly) zero."""
+        with self._lock:
+            self.boot_id, self.seconds = boot_id, seconds

@@ -11,6 +11,7 @@ import pytest
 
 from kiosk.errors import JournalCorrupt, JournalError, JournalTooNew
 from kiosk.journal import JOURNAL_FILE, SCHEMA_VERSION, Journal, TxnState
+from tests.conftest import FakeBootClock
 
 CODE = "286512345678901234"
 
@@ -244,7 +245,8 @@ def test_recent_codes_are_kept_as_keyed_hashes_for_the_window_and_pruned(
 
     from kiosk.payment_code import CODE_REUSE_WINDOW_S
 
-    journal = Journal(tmp_path)
+    boot = FakeBootClock()
+    journal = Journal(tmp_path, boot_clock=boot)
     key = journal.code_key
     assert len(key) == 32
     now = [1_800_000_000.0]
@@ -260,8 +262,14 @@ def test_recent_codes_are_kept_as_keyed_hashes_for_the_window_and_pruned(
             code_digest=journal.code_digest(digits),
         )
         now[0] += CODE_REUSE_WINDOW_S + 1  # the second sale prunes the first one's hash
+        boot.advance(CODE_REUSE_WINDOW_S + 1)
     assert journal.recent_codes(since=0) == [
-        (journal.code_digest("281234567890120002"), 1_800_000_000.0 + CODE_REUSE_WINDOW_S + 1)
+        (
+            journal.code_digest("281234567890120002"),
+            1_800_000_000.0 + CODE_REUSE_WINDOW_S + 1,
+            boot.boot_id,
+            1000.0 + CODE_REUSE_WINDOW_S + 1,
+        )
     ]
     journal.close()
     with Journal(tmp_path) as again:

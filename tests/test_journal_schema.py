@@ -16,6 +16,8 @@ import pytest
 from kiosk import journal as journal_module
 from kiosk.errors import JournalCorrupt, JournalError, JournalTooNew
 from kiosk.journal import JOURNAL_FILE, MIGRATIONS, SCHEMA_VERSION, Journal, TxnState
+from kiosk.payment_code import CODE_REUSE_WINDOW_S, PaymentCode, RecentCodes
+from tests.conftest import FakeBootClock
 from tests.fixtures import load_journal, schema_fixtures
 from tests.fixtures.make_schema_fixtures import OPEN_CODES
 
@@ -24,6 +26,13 @@ ROW = (
     "ref, amount, currency, item, state, final, code_last4, trans_create_time, created_at, "
     "updated_at, error_code, alipay_trans_id, attempts, refund_id, note"
 )
+
+
+def rows_of(path: Path, table: str) -> list[tuple[Any, ...]]:
+    """Every row of `table`, none if the schema has no such table."""
+    if not raw(path, f"SELECT name FROM sqlite_master WHERE type='table' AND name='{table}'"):
+        return []
+    return raw(path, f"SELECT * FROM {table} ORDER BY rowid")
 
 
 def raw(path: Path, sql: str) -> list[tuple[Any, ...]]:
@@ -69,10 +78,12 @@ def test_an_older_journal_is_read_as_it_is_never_called_corrupt(
     with Journal(tmp_path, read_only=True) as old:  # `kiosk journal` beside an older daemon
         assert old.schema == schema
         listed = {t.ref: t for t in old.listing(include_all=True)}
-        assert old.operator_actions() == {}
+        actions = old.operator_actions()
         rows, totals = old.sales()
     assert len(listed) == len(raw(path, "SELECT ref FROM transactions")) > 0
-    assert {t.ref for t in rows} == set(listed) and totals == []
+    assert {t.ref for t in rows} == set(listed)
+    assert sum(len(a) for a in actions.values()) == len(rows_of(path, "operator_actions"))
+    assert len(totals) == len(rows_of(path, "daily_totals"))
     assert path.read_bytes() == before
 
 
@@ -84,6 +95,7 @@ def test_an_older_journal_is_migrated_to_the_newest_with_every_row_intact(
     rows_before = raw(path, f"SELECT {ROW} FROM transactions ORDER BY seq")
     requests_before = raw(path, "SELECT ref, kind, params, outcome FROM requests ORDER BY id")
     open_before = [r[0] for r in rows_before if not r[5] and r[4] != "attention"]
+    kept_before = {t: rows_of(path, t) for t in ("operator_actions", "daily_totals")}
 
     with Journal(tmp_path) as journal:
         assert journal.schema == SCHEMA_VERSION
@@ -97,6 +109,9 @@ def test_an_older_journal_is_migrated_to_the_newest_with_every_row_intact(
     assert raw(path, "SELECT ref, kind, params, outcome FROM requests ORDER BY id") == (
         requests_before
     )
+    for table, rows in kept_before.items():
+        if rows:
+            assert rows_of(path, table) == rows
     assert raw(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     # An older firmware reads only `meta`: it must see the newer schema, and refuse it.
     assert raw(path, "SELECT value FROM meta WHERE key='schema'") == [(str(SCHEMA_VERSION),)]
@@ -123,7 +138,29 @@ def test_schema_2_keeps_its_code_key_and_recent_codes(tmp_path: Path) -> None:
     seen = raw(path, "SELECT digest, seen_at FROM recent_codes")
     with Journal(tmp_path) as journal:
         assert journal.code_key == bytes.fromhex(key)
-        assert journal.recent_codes(since=0) == [(bytes(d), t) for d, t in seen]
+        assert journal.recent_codes(since=0) == [(bytes(d), t, None, None) for d, t in seen]
+
+
+def test_schema_3_code_hashes_keep_no_boot_stamp_and_age_by_the_wall_clock(
+    tmp_path: Path,
+) -> None:
+    path = load_journal(FIXTURES[3], tmp_path)
+    seen = raw(path, "SELECT digest, seen_at FROM recent_codes ORDER BY seen_at")
+    assert len(seen) == 3  # three sales within a minute, the last one's at seen[-1]
+    wall = [seen[-1][1] + 60]
+    boot = FakeBootClock(seconds=5_000.0)  # this boot's clock, started long before
+    with Journal(tmp_path, wall_clock=lambda: wall[0], boot_clock=boot) as journal:
+        rows = journal.recent_codes(since=wall[0] - CODE_REUSE_WINDOW_S, boot_id=boot.boot_id)
+        assert rows == [(bytes(d), t, None, None) for d, t in seen]
+        codes = RecentCodes(key=journal.code_key)
+        assert codes.seed(rows, wall[0], boot()) == 3
+        assert codes.seen_recently(PaymentCode.parse("286301234567893009"))  # the last sold
+        assert journal.forget_codes() == 0
+        # By the wall clock, not the boot clock (which stands still): the first two go once
+        # the wall clock has them past the window.
+        wall[0] = seen[1][1] + CODE_REUSE_WINDOW_S + 1
+        assert journal.forget_codes() == 2
+        assert [r.digest for r in journal.recent_codes(since=0)] == [bytes(seen[2][0])]
 
 
 def test_a_new_journal_and_a_migrated_one_have_the_same_schema(tmp_path: Path) -> None:
@@ -141,6 +178,7 @@ def test_a_step_that_fails_leaves_the_journal_at_the_schema_before_it(
 ) -> None:
     path = load_journal(FIXTURES[SCHEMA_VERSION - 1], tmp_path)
     rows_before = raw(path, f"SELECT {ROW} FROM transactions ORDER BY seq")
+    layout_before = layout(path)
 
     def power_cut(conn: sqlite3.Connection) -> None:
         raise OSError("power cut")
@@ -151,8 +189,7 @@ def test_a_step_that_fails_leaves_the_journal_at_the_schema_before_it(
         Journal(tmp_path)
     assert raw(path, "PRAGMA user_version") == [(0,)]
     assert raw(path, "SELECT value FROM meta WHERE key='schema'") == [(str(SCHEMA_VERSION - 1),)]
-    names = {name for (name,) in raw(path, "SELECT name FROM sqlite_master")}
-    assert "operator_actions" not in names and "daily_totals" not in names
+    assert layout(path) == layout_before  # none of the step's SQL either
 
     monkeypatch.undo()  # the next start takes the step whole
     with Journal(tmp_path) as journal:

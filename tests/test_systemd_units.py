@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kiosk.boot_clock import BOOT_ID_ENV
 from kiosk.config import VendSection
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
@@ -126,6 +127,14 @@ def test_the_daemon_runs_without_docstrings_from_byte_code_the_image_compiled() 
     assert {"kiosk.daemon", "kiosk.telemetry", "drivers.vend_mdb"} <= set(modules)
     for module in modules:
         assert importlib.util.find_spec(module) is not None, f"{module}: no such module"
+
+
+def test_the_kiosk_is_given_the_boot_id_its_proc_subset_hides() -> None:
+    # Rule 7 across a restart stamps each code's hash with the boot id and CLOCK_BOOTTIME;
+    # ProcSubset=pid hides /proc/sys/kernel/random/boot_id, so systemd passes it (%b).
+    unit = SYSTEMD_DIR / "kiosk.service"
+    assert _directives(unit, "ProcSubset") == ["pid"]
+    assert f"{BOOT_ID_ENV}=%b" in _directives(unit, "Environment")
 
 
 def test_device_access_is_limited_to_scanner_gpio_and_serial() -> None:
