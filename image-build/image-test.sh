@@ -291,6 +291,7 @@ make_overlay() {
 # timesyncd synchronises, systemd-time-wait-sync finishes and the kiosk starts in service.
 HARDENING_REQUIRED=(no-getty consoles-masked ctrl-alt-del-off no-autovt sysrq-off firewall-loaded
 	nothing-exposed no-multicast-dns clock-synchronised wait-sync-before-kiosk kiosk-in-service
+	kiosk-boot-clock
 	mounted-by-partuuid no-swap root-locked private-users-in-force sandbox-input sandbox-serial
 	sandbox-gpio sandbox-lgpio sandbox-refuses-devices sandbox-ip-filter boot-partition-raw-free-of-key
 	sbom-valid)
@@ -508,6 +509,10 @@ make_hardening_overlay() {
 		    -a -n "$(grep -o time-sync.target <<<"${after}")"
 		ready="$(journalctl -b -u kiosk.service -o cat | grep 'event=kiosk.ready' | tail -1)"
 		check kiosk-in-service "${ready}" grep -q 'out_of_service=None' <<<"${ready}"
+		# Rule 7 across a restart needs the boot id, which ProcSubset=pid hides: the unit's %b.
+		no_boot_clock="$(journalctl -b -u kiosk.service -o cat | grep -c 'event=kiosk.no_boot_clock')"
+		check kiosk-boot-clock "${no_boot_clock} kiosk.no_boot_clock lines" \
+		    test "${no_boot_clock}" = 0
 		root_uuid="$(blkid -s PARTUUID -o value "$(findmnt -n -o SOURCE /)")"
 		boot_uuid="$(blkid -s PARTUUID -o value "$(findmnt -n -o SOURCE /boot/firmware)")"
 		mounts="cmdline $(grep -o 'root=[^ ]*' /proc/cmdline); fstab $(findmnt -n --fstab -o SOURCE /) \
