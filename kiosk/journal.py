@@ -182,13 +182,15 @@ class UnreadableRow:
 # retry_count and next_retry_at (the worker schedules retries in memory, on the monotonic clock).
 
 # Hashes of codes older than rule 7's window: dropped with each new sale's commit, and by the
-# journal worker when no sale follows. A hash stamped in this boot ages by the boot clock, which
-# no step of the wall clock moves; one of another boot, from an older firmware or with a boot
-# stamp ahead of this boot's clock (so not of this boot), by the wall clock, as
-# `SeenCode.age` has it (schema 4). Parameters: `_forget_args`.
+# journal worker when no sale follows, as `SeenCode.age` has it (schema 4). A hash stamped in
+# this boot ages by the boot clock, which no step of the wall clock moves. One of another boot
+# was stamped before this boot began: it is old once this boot's clock is past the window, or
+# by the wall clock before that. One from an older firmware (no boot stamp) or with a boot
+# stamp ahead of this boot's clock ages by the wall clock. Parameters: `_forget_args`.
 _OLD_CODE = (
-    "CASE WHEN boot_id = :boot AND boot_s <= :boot_now "
-    "THEN boot_s < :boot_cutoff ELSE seen_at < :wall_cutoff END"
+    "CASE WHEN boot_id = :boot AND boot_s <= :boot_now THEN boot_s < :boot_cutoff "
+    "WHEN boot_id <> :boot THEN :boot_past_window OR seen_at < :wall_cutoff "
+    "ELSE seen_at < :wall_cutoff END"
 )
 FORGET_OLD_CODES = f"DELETE FROM recent_codes WHERE {_OLD_CODE}"
 
@@ -199,6 +201,7 @@ def _forget_args(now_wall: float, boot: BootStamp | None) -> dict[str, Any]:
         "boot": None if boot is None else boot.boot_id,
         "boot_now": None if boot is None else boot.seconds,
         "boot_cutoff": None if boot is None else boot.seconds - CODE_REUSE_WINDOW_S,
+        "boot_past_window": boot is not None and boot.seconds > CODE_REUSE_WINDOW_S,
         "wall_cutoff": now_wall - CODE_REUSE_WINDOW_S,
     }
 

@@ -77,17 +77,19 @@ class SeenCode(NamedTuple):
 
     def age(self, now_wall: float, now_boot: BootStamp | None) -> float:
         """Seconds since it was seen: by the boot clock if seen in this boot (no step of the
-        wall clock moves that), else by the wall clock. A boot stamp ahead of this boot's clock
-        is not of this boot: the wall clock then. Never below 0: a wall stamp ahead of now (the
-        clock was set back since), by however much, is seen now."""
-        if (
-            now_boot is not None
-            and self.boot_id == now_boot.boot_id
-            and self.boot_s is not None
-            and self.boot_s <= now_boot.seconds
-        ):
+        wall clock moves that), else by the wall clock. Seen in another boot, it was before
+        this boot began: at least as long ago as this boot's clock says, whatever the wall
+        clock came back as after the reboot. A boot stamp ahead of this boot's clock is not of
+        this boot: the wall clock then. Never below 0: a wall stamp ahead of now (the clock was
+        set back since), by however much, is seen now."""
+        wall_age = max(now_wall - self.seen_at, 0.0)
+        if now_boot is None or self.boot_id is None:
+            return wall_age
+        if self.boot_id != now_boot.boot_id:
+            return max(wall_age, now_boot.seconds)
+        if self.boot_s is not None and self.boot_s <= now_boot.seconds:
             return now_boot.seconds - self.boot_s
-        return max(now_wall - self.seen_at, 0.0)
+        return wall_age
 
 
 class RecentCodes:

@@ -262,10 +262,10 @@ def test_a_hash_of_another_boot_ages_by_the_wall_clock(tmp_path: Path, now_boot:
     wall.now += 100
     _sell(journal, 2, NEXT)
     journal.close()
-    # A reboot; the wall clock says FIRST was sold WINDOW + 1 s ago and NEXT WINDOW - 99 s
-    # ago. The new boot's clock happens to stand 50 s past both stamps: it tells nothing of
-    # them, another boot made them.
-    boot.reboot("d2" * 16, seconds=90_050.0)
+    # A reboot 30 s ago; the wall clock says FIRST was sold WINDOW + 1 s ago and NEXT
+    # WINDOW - 99 s ago. Another boot made both stamps, and this one is younger than the
+    # window: its clock only says they are at least 30 s old, the wall clock tells the rest.
+    boot.reboot("d2" * 16, seconds=30.0)
     wall.now += WINDOW - 99
 
     def none() -> None:
