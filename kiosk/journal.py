@@ -370,6 +370,7 @@ class Journal:
         self._boot_clock = boot_clock or system_boot_clock()
         self._schema = SCHEMA_VERSION
         self._code_key = b""  # made (or read) when opened for writing
+        self._forgotten_in_wal = 0  # hashes dropped whose old page images the WAL still holds
         # Told of every committed change of a transaction's state (before: None for a new one).
         self._watchers: list[Callable[[Transaction | None, Transaction], None]] = []
         self._conn = self._open(read_only, migrate)
@@ -626,7 +627,9 @@ class Journal:
         if seen in this boot, else by the wall clock); how many went. A hash, its key and the
         code's last 4 digits are enough to find the code again by trying the codes that end so
         (rule 6): they are kept for rule 7's window only, whether or not another sale follows.
-        A look only, without a write, when none is that old."""
+        The old page images that hold them leave too: the WAL is truncated after this call or
+        a sale's commit dropped any (one that readers hold back is tried at the next call). A
+        look only, without a write, when none is that old and none is left in the WAL."""
         if self._schema < 4:  # a journal opened for writing is at this firmware's schema
             return 0
         args = _forget_args(self._time(), self._boot_clock())
@@ -637,10 +640,20 @@ class Journal:
                 ).fetchone()
             except sqlite3.Error as exc:
                 raise self._classify(exc) from None
-        if old is None:
-            return 0
-        with self._write() as conn:
-            gone = conn.execute(FORGET_OLD_CODES, args).rowcount
+            if old is None and not self._forgotten_in_wal:
+                return 0
+        gone = 0
+        if old is not None:
+            with self._write() as conn:
+                gone = conn.execute(FORGET_OLD_CODES, args).rowcount
+        with self._lock:
+            self._forgotten_in_wal += gone
+            try:
+                busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            except sqlite3.Error as exc:
+                raise self._classify(exc) from None
+            if not busy:
+                self._forgotten_in_wal = 0
         return int(gone)
 
     def _classify(self, exc: sqlite3.Error) -> JournalError:
@@ -717,7 +730,10 @@ class Journal:
             if first_request is not None:
                 self._insert_request(conn, txn, *first_request)
             if code_digest is not None:
-                conn.execute(FORGET_OLD_CODES, _forget_args(seen_at, boot))
+                # What this drops stays in the WAL's old page images until forget_codes.
+                self._forgotten_in_wal += conn.execute(
+                    FORGET_OLD_CODES, _forget_args(seen_at, boot)
+                ).rowcount
                 conn.execute(
                     "INSERT OR REPLACE INTO recent_codes (digest, seen_at, boot_id, boot_s) "
                     "VALUES (?, ?, ?, ?)",

@@ -245,9 +245,7 @@ class JournalWorker:
         """The hashes of codes past rule 7's window leave the journal (rule 6). A failure is
         logged and tried at the next pass; the sales' own writes tell a journal fault."""
         try:
-            gone = self.journal.forget_codes()
-            if gone:  # the WAL still holds the pages as they were: folded and truncated now
-                self.journal.checkpoint()
+            gone = self.journal.forget_codes()  # from the WAL's old pages too
         except Exception as exc:
             event(
                 log,

@@ -1,0 +1,74 @@
+"""SPEC rule 6: a code's keyed hash, with its key and the code's last 4 digits, finds the whole
+code again, so it is kept for rule 7's window only, on every file of the state directory. The
+next sale's commit drops the hashes past the window, but the old page images that hold them
+stay in the WAL: the journal worker checkpoints only when it forgot a hash itself, and after
+such a sale it finds none to forget. A kiosk selling a coffee every few minutes keeps each
+sold code's hash in its WAL for as long as it keeps selling so (until SQLite's own checkpoint
+after a thousand pages and the overwriting of those frames)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from kiosk.journal import Journal
+from kiosk.payment_code import CODE_REUSE_WINDOW_S, code_digest
+from tests.conftest import FakeBootClock, payment_code
+from tests.loop_rig import Rig
+
+
+class Clock:
+    """The journal's wall clock (epoch seconds) and boot clock, moved together by the test."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+        self.boot = FakeBootClock()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+            self.boot.advance(seconds)
+
+
+def _held(state: Path, digest: bytes) -> list[str]:
+    return sorted(f.name for f in state.iterdir() if f.is_file() and digest in f.read_bytes())
+
+
+def test_a_hash_the_next_sale_forgot_leaves_the_wal_too(
+    make_rig: Callable[..., Rig], tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    clock = Clock()
+    journal = Journal(state, wall_clock=clock, boot_clock=clock.boot)
+    rig = make_rig(journal=journal)
+    first = payment_code("0001", 91)
+    rig.scanner.scan(first)
+    rig.log.wait_for("payment.result", 15)
+    digest = code_digest(journal.code_key, first)
+    # The next customer comes four minutes later: the sale's commit drops the first hash.
+    clock.advance(CODE_REUSE_WINDOW_S + 60)
+    mark = rig.log.size
+    rig.scanner.scan(payment_code("0001", 92))
+    rig.log.wait_for("payment.result", 15, after=mark - 1)
+    assert digest not in {seen.digest for seen in journal.recent_codes(since=0)}
+
+    def gone() -> bool:
+        rig.kiosk.worker.wake()  # its passes: nothing is left in the table to forget
+        return _held(state, digest) == []
+
+    rig.log.wait_until(gone, 10)
+    held = _held(state, digest)
+    rig.stop()
+    journal.close()
+    assert held == [], (
+        f"{held} still hold the keyed hash of a code sold {CODE_REUSE_WINDOW_S + 60:.0f} s "
+        "before, after the next sale dropped it from the table and the journal worker made its "
+        "passes: with its key and last 4 digits it finds the whole code again (rule 6)"
+    )
