@@ -249,6 +249,10 @@ CREATE INDEX IF NOT EXISTS requests_ref ON requests (ref);
 # fill the whole default with pages that start-up's check and the reports read once.
 PAGE_CACHE_KIB = 256
 
+# How long a statement waits for another connection's lock (a reader, `kiosk journal` in
+# another process) before it fails busy.
+BUSY_TIMEOUT_MS = 5000
+
 FIGURES_LOOK_PAST = 50  # Journal.figures: rows from before today read before it stops
 
 
@@ -392,7 +396,7 @@ class Journal:
                 uri=True,
                 check_same_thread=False,
                 isolation_level=None,
-                timeout=5.0,
+                timeout=BUSY_TIMEOUT_MS / 1000,
             )
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from None
@@ -648,10 +652,16 @@ class Journal:
                 gone = conn.execute(FORGET_OLD_CODES, args).rowcount
         with self._lock:
             self._forgotten_in_wal += gone
+            # Under the lock every sale's commit waits for: never wait for a reader here (a
+            # `kiosk journal` listing, a backup); one that holds the WAL back is outwaited
+            # pass by pass instead.
+            self._conn.execute("PRAGMA busy_timeout = 0")
             try:
                 busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             except sqlite3.Error as exc:
                 raise self._classify(exc) from None
+            finally:
+                self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if not busy:
                 self._forgotten_in_wal = 0
         return int(gone)
