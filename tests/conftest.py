@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,48 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
 def payment_code(suffix: str, n: int = 1) -> str:
     """A well-formed Alipay payment code whose last 4 digits pick the simulator's behaviour."""
     return f"28{n:012d}{suffix}"
+
+
+class WallClock:
+    """A journal's wall clock (epoch seconds), as a test sets it (`now`)."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class KioskClocks(WallClock):
+    """The journal's wall clock and its boot clock (`boot`): time passing moves both."""
+
+    def __init__(self, now: float | None = None) -> None:
+        super().__init__(now)
+        self.boot = FakeBootClock()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.now += seconds
+            self.boot.advance(seconds)
+
+
+def open_sale(journal: Journal, ref: str, digits: str) -> None:
+    """A scan's sale journaled as the payment flow opens it: its code's last 4 and keyed hash
+    (rule 7), and with that commit the hashes past the window dropped."""
+    journal.open_transaction(
+        ref=ref,
+        amount=Decimal("1.50"),
+        currency="USD",
+        item="tea",
+        code_last4=digits[-4:],
+        trans_create_time="20270115080000",
+        code_digest=journal.code_digest(digits),
+    )
 
 
 class FakeBootClock:

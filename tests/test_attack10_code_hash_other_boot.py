@@ -10,39 +10,20 @@ least CLOCK_BOOTTIME seconds old, whatever the wall clock says."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
 from kiosk.journal import Journal
 from kiosk.payment_code import CODE_REUSE_WINDOW_S
-from tests.conftest import FakeBootClock
+from tests.conftest import FakeBootClock, WallClock, open_sale
 
 WINDOW = CODE_REUSE_WINDOW_S
 FIRST, NEXT = "286301234567895001", "286301234567895002"
 
 
-class Wall:
-    """The journal's wall clock (epoch seconds), stepped by the test."""
-
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _sell(journal: Journal, n: int, digits: str) -> None:
-    journal.open_transaction(
-        ref=f"VM-10-{n}",
-        amount=Decimal("1.50"),
-        currency="USD",
-        item="tea",
-        code_last4=digits[-4:],
-        trans_create_time="20270115080000",
-        code_digest=journal.code_digest(digits),
-    )
+    open_sale(journal, f"VM-10-{n}", digits)
 
 
 def _forget_by_worker(journal: Journal) -> None:
@@ -62,7 +43,7 @@ FORGETTERS = [
 def _after_a_power_cut(tmp_path: Path) -> tuple[Journal, FakeBootClock]:
     """FIRST sold just before a power cut; the Pi boots again with its wall clock an hour
     behind, and runs ten minutes by its boot clock (and its wall clock) without NTP."""
-    wall, boot = Wall(), FakeBootClock(seconds=50_000.0)
+    wall, boot = WallClock(1_800_000_000.0), FakeBootClock(seconds=50_000.0)
     journal = Journal(tmp_path, wall_clock=wall, boot_clock=boot)
     _sell(journal, 1, FIRST)
     journal.close()

@@ -8,33 +8,13 @@ after a thousand pages and the overwriting of those frames)."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from kiosk.journal import Journal
 from kiosk.payment_code import CODE_REUSE_WINDOW_S, code_digest
-from tests.conftest import FakeBootClock, payment_code
+from tests.conftest import KioskClocks, payment_code
 from tests.loop_rig import Rig
-
-
-class Clock:
-    """The journal's wall clock (epoch seconds) and boot clock, moved together by the test."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-        self.boot = FakeBootClock()
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
-            self.boot.advance(seconds)
 
 
 def _held(state: Path, digest: bytes) -> list[str]:
@@ -45,7 +25,7 @@ def test_a_hash_the_next_sale_forgot_leaves_the_wal_too(
     make_rig: Callable[..., Rig], tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
-    clock = Clock()
+    clock = KioskClocks()
     journal = Journal(state, wall_clock=clock, boot_clock=clock.boot)
     rig = make_rig(journal=journal)
     first = payment_code("0001", 91)

@@ -8,40 +8,17 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
-from decimal import Decimal
 from pathlib import Path
 
 from kiosk.journal import Journal
 from kiosk.payment_code import CODE_REUSE_WINDOW_S
-from tests.conftest import FakeBootClock, payment_code
+from tests.conftest import KioskClocks, open_sale, payment_code
 
 WAIT_S = 30.0  # a bound for the threads, below the minute the connection may wait below
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-        self.boot = FakeBootClock()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        self.boot.advance(seconds)
-
-
 def _sell(journal: Journal, n: int) -> None:
-    journal.open_transaction(
-        ref=f"r{n}",
-        amount=Decimal("1.50"),
-        currency="USD",
-        item="A1",
-        code_last4="0001",
-        trans_create_time="2026-01-01 00:00:00",
-        code_digest=journal.code_digest(payment_code("0001", n)),
-    )
+    open_sale(journal, f"r{n}", payment_code("0001", n))
 
 
 def _held(state: Path, digest: bytes) -> list[str]:
@@ -51,7 +28,7 @@ def _held(state: Path, digest: bytes) -> list[str]:
 def test_a_sale_does_not_wait_for_the_workers_checkpoint_held_back_by_a_reader(
     tmp_path: Path,
 ) -> None:
-    clock = Clock()
+    clock = KioskClocks()
     journal = Journal(tmp_path, wall_clock=clock, boot_clock=clock.boot)
     # Whatever a statement may wait for another connection, the checkpoint must not.
     journal._conn.execute("PRAGMA busy_timeout = 60000")

@@ -8,38 +8,20 @@ state directory (journal and WAL), whether or not another sale follows."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from kiosk.journal import Journal
 from kiosk.payment_code import CODE_REUSE_WINDOW_S, code_digest
-from tests.conftest import FakeBootClock, payment_code
+from tests.conftest import KioskClocks, payment_code
 from tests.loop_rig import Rig
 
 
-class Clock:
-    """The journal's wall clock (epoch seconds) and boot clock, moved together by the test."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-        self.boot = FakeBootClock()
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
-
-    def advance(self, seconds: float) -> None:
-        with self._lock:
-            self.now += seconds
-            self.boot.advance(seconds)
-
-
-def sold(make_rig: Callable[..., Rig], state: Path, last: int) -> tuple[Rig, Journal, Clock, str]:
+def sold(
+    make_rig: Callable[..., Rig], state: Path, last: int
+) -> tuple[Rig, Journal, KioskClocks, str]:
     """A kiosk on a journal with a test-moved wall clock, after one sale of a code."""
-    clock = Clock()
+    clock = KioskClocks()
     journal = Journal(state, wall_clock=clock, boot_clock=clock.boot)
     rig = make_rig(journal=journal)
     code = payment_code("0001", last)

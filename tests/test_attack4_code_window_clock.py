@@ -12,7 +12,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from kiosk.boot_clock import BootClock
 from kiosk.journal import Journal
 from kiosk.payment_code import CODE_REUSE_WINDOW_S, PaymentCode, RecentCodes
 from kiosk.simulator import GatewaySimulator
-from tests.conftest import FakeBootClock, payment_code
+from tests.conftest import FakeBootClock, WallClock, open_sale, payment_code
 from tests.loop_rig import Rig, rig_factory
 
 WINDOW = CODE_REUSE_WINDOW_S
@@ -153,26 +152,12 @@ def _boot_stamps(state: Path) -> list[tuple[object, object]]:
 # -- the journal: what it keeps, and for how long ---------------------------------------------
 
 
-class Wall:
-    """The journal's wall clock (epoch seconds), stepped by the test."""
-
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+# Where the journal's wall clock (epoch seconds, stepped by the tests below) starts.
+START = 1_800_000_000.0
 
 
 def _sell(journal: Journal, n: int, digits: str) -> None:
-    journal.open_transaction(
-        ref=f"VM-7-{n}",
-        amount=Decimal("1.50"),
-        currency="USD",
-        item="tea",
-        code_last4=digits,
-        trans_create_time="20270115080000",
-        code_digest=journal.code_digest(digits),
-    )
+    open_sale(journal, f"VM-7-{n}", digits)
 
 
 def _kept(journal: Journal) -> set[bytes]:
@@ -197,7 +182,7 @@ FORGETTERS = [
 def test_a_hash_of_this_boot_is_kept_while_the_boot_clock_is_in_the_window(
     tmp_path: Path, forget: Callable[[Journal], None]
 ) -> None:
-    wall, boot = Wall(), FakeBootClock()
+    wall, boot = WallClock(START), FakeBootClock()
     journal = Journal(tmp_path, wall_clock=wall, boot_clock=boot)
     _sell(journal, 1, FIRST)
     boot.advance(WINDOW - 30)
@@ -215,7 +200,7 @@ def test_a_hash_of_this_boot_is_kept_while_the_boot_clock_is_in_the_window(
 def test_a_hash_of_this_boot_is_forgotten_once_the_boot_clock_passes_the_window(
     tmp_path: Path, forget: Callable[[Journal], None]
 ) -> None:
-    wall, boot = Wall(), FakeBootClock()
+    wall, boot = WallClock(START), FakeBootClock()
     journal = Journal(tmp_path, wall_clock=wall, boot_clock=boot)
     _sell(journal, 1, FIRST)
     boot.advance(WINDOW + 1)
@@ -232,7 +217,7 @@ def test_a_hash_of_this_boot_is_forgotten_once_the_boot_clock_passes_the_window(
 def test_the_journal_worker_only_looks_while_no_hash_of_this_boot_is_past_the_window(
     tmp_path: Path,
 ) -> None:
-    wall, boot = Wall(), FakeBootClock()
+    wall, boot = WallClock(START), FakeBootClock()
     journal = Journal(tmp_path, wall_clock=wall, boot_clock=boot)
     _sell(journal, 1, FIRST)
     wall.now += WINDOW + 600
@@ -244,7 +229,7 @@ def test_the_journal_worker_only_looks_while_no_hash_of_this_boot_is_past_the_wi
     journal.close()
 
 
-def _refused_after_a_start(journal: Journal, wall: Wall, boot: BootClock) -> list[str]:
+def _refused_after_a_start(journal: Journal, wall: WallClock, boot: BootClock) -> list[str]:
     """Which of FIRST and NEXT a kiosk started now would refuse (as `Kiosk` seeds them)."""
     now = boot()
     codes = RecentCodes(key=journal.code_key)
@@ -256,7 +241,7 @@ def _refused_after_a_start(journal: Journal, wall: Wall, boot: BootClock) -> lis
 
 @pytest.mark.parametrize("now_boot", ["another_boot", "no_boot_clock"])
 def test_a_hash_of_another_boot_ages_by_the_wall_clock(tmp_path: Path, now_boot: str) -> None:
-    wall, boot = Wall(), FakeBootClock(seconds=90_000.0)
+    wall, boot = WallClock(START), FakeBootClock(seconds=90_000.0)
     journal = Journal(tmp_path, wall_clock=wall, boot_clock=boot)
     _sell(journal, 1, FIRST)
     wall.now += 100
@@ -283,7 +268,7 @@ def test_a_boot_stamp_ahead_of_this_boots_clock_is_not_of_this_boot(tmp_path: Pa
     # The same boot id with a boot clock behind the stamp cannot be the boot that made it (a
     # boot id passed by hand and left set): the wall clock decides, so nothing is held for
     # as long as the old boot had run.
-    wall, boot = Wall(), FakeBootClock(seconds=90_000.0)
+    wall, boot = WallClock(START), FakeBootClock(seconds=90_000.0)
     journal = Journal(tmp_path, wall_clock=wall, boot_clock=boot)
     _sell(journal, 1, FIRST)
     boot.seconds = 20.0
