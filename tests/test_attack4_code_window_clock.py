@@ -276,3 +276,38 @@ def test_a_boot_stamp_ahead_of_this_boots_clock_is_not_of_this_boot(tmp_path: Pa
     assert _refused_after_a_start(journal, wall, boot) == []
     assert journal.forget_codes() == 1
     journal.close()
+
+
+# A hash journaled in an earlier boot after a reboot whose wall clock came back behind its
+# stamp (a Pi has no RTC: fake-hwclock restores its last hourly save after a power cut, and
+# with the network down no NTP corrects it): it was journaled before this boot began, so it is
+# at least CLOCK_BOOTTIME seconds old whatever the wall clock says, and leaves (rule 6).
+
+
+def _after_a_power_cut(tmp_path: Path) -> tuple[Journal, FakeBootClock]:
+    """FIRST sold just before a power cut; the Pi boots again with its wall clock an hour
+    behind, and runs ten minutes by its boot clock (and its wall clock) without NTP."""
+    wall, boot = WallClock(START), FakeBootClock(seconds=50_000.0)
+    journal = Journal(tmp_path, wall_clock=wall, boot_clock=boot)
+    _sell(journal, 1, FIRST)
+    journal.close()
+    boot.reboot("e3" * 16, seconds=20.0)
+    wall.now -= 3600.0
+    boot.advance(600.0)
+    wall.now += 600.0
+    return Journal(tmp_path, wall_clock=wall, boot_clock=boot), boot
+
+
+@pytest.mark.parametrize("forget", FORGETTERS)
+def test_a_hash_of_another_boot_is_forgotten_once_this_boot_is_older_than_the_window(
+    tmp_path: Path, forget: Callable[[Journal], None]
+) -> None:
+    journal, boot = _after_a_power_cut(tmp_path)
+    forget(journal)
+    assert journal.code_digest(FIRST) not in _kept(journal), (
+        f"the hash of a code sold before this boot began, {boot.seconds:.0f} s ago at least by "
+        f"the boot clock (rule 7's window: {WINDOW:.0f} s), is still in the journal because the "
+        "wall clock came back an hour behind its stamp: with its key and last 4 digits it finds "
+        "the whole code again, for as long as the wall clock stays behind (rule 6)"
+    )
+    journal.close()
