@@ -375,6 +375,8 @@ class Journal:
         self._schema = SCHEMA_VERSION
         self._code_key = b""  # made (or read) when opened for writing
         self._forgotten_in_wal = 0  # hashes dropped whose old page images the WAL still holds
+        # Set when forget_codes could not truncate the WAL: a reader holds it back.
+        self.wal_held_back = False
         # Told of every committed change of a transaction's state (before: None for a new one).
         self._watchers: list[Callable[[Transaction | None, Transaction], None]] = []
         self._conn = self._open(read_only, migrate)
@@ -662,6 +664,7 @@ class Journal:
                 raise self._classify(exc) from None
             finally:
                 self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            self.wal_held_back = bool(busy)
             if not busy:
                 self._forgotten_in_wal = 0
         return int(gone)

@@ -98,6 +98,7 @@ class JournalWorker:
         self._thread: threading.Thread | None = None
         self._resume_all = True  # on start every unfinished transaction is due at once
         self._next_fold: float | None = None  # monotonic; None: at the first pass
+        self._told_wal_held = False
 
     # -- control, from any thread -------------------------------------------------------------
 
@@ -256,6 +257,20 @@ class JournalWorker:
             return
         if gone:
             event(log, "journal.codes_forgotten", level=logging.DEBUG, count=gone)
+        if self.journal.wal_held_back != self._told_wal_held:
+            # Said once each way: a reader (a `kiosk journal` command, a backup) that keeps
+            # the WAL's old pages, hashes of codes past the window in them, is not silent.
+            self._told_wal_held = self.journal.wal_held_back
+            if self._told_wal_held:
+                event(
+                    log,
+                    "journal.wal_held",
+                    level=logging.WARNING,
+                    effect="hashes of codes past rule 7's window stay in the WAL until the "
+                    "reader lets go; tried at each pass",
+                )
+            else:
+                event(log, "journal.wal_released")
 
     def _fold_if_due(self, keep_days: int) -> None:
         """Retention, at the first pass and then once a day. A fold that fails is logged and

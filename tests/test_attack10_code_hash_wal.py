@@ -8,6 +8,7 @@ after a thousand pages and the overwriting of those frames)."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,3 +53,44 @@ def test_a_hash_the_next_sale_forgot_leaves_the_wal_too(
         "before, after the next sale dropped it from the table and the journal worker made its "
         "passes: with its key and last 4 digits it finds the whole code again (rule 6)"
     )
+
+
+def test_a_reader_holding_the_wal_back_is_said_once_and_so_is_its_release(
+    make_rig: Callable[..., Rig], tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    clock = KioskClocks()
+    journal = Journal(state, wall_clock=clock, boot_clock=clock.boot)
+    rig = make_rig(journal=journal)
+    first = payment_code("0001", 93)
+    rig.scanner.scan(first)
+    rig.log.wait_for("payment.result", 15)
+    digest = code_digest(journal.code_key, first)
+    # An operator's `sqlite3` on the journal keeps a snapshot open across the next sale.
+    reader = sqlite3.connect(f"file:{journal.path}?mode=ro", uri=True, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM transactions").fetchone()
+    clock.advance(CODE_REUSE_WINDOW_S + 60)
+    mark = rig.log.size
+    rig.scanner.scan(payment_code("0001", 94))
+    rig.log.wait_for("payment.result", 15, after=mark - 1)
+
+    def said(name: str, after: int) -> Callable[[], bool]:
+        def check() -> bool:
+            rig.kiosk.worker.wake()  # pass after pass
+            return rig.log.index(name, after=after - 1) is not None
+
+        return check
+
+    assert rig.log.wait_until(said("journal.wal_held", mark), 10)
+    assert "journal.sqlite3-wal" in _held(state, digest)  # held back with the reader
+    reader.execute("COMMIT")
+    reader.close()
+    released = rig.log.size
+    assert rig.log.wait_until(said("journal.wal_released", released), 10)
+    held = _held(state, digest)
+    told = [e for e in rig.log.events[mark:] if e.get("event") == "journal.wal_held"]
+    rig.stop()
+    journal.close()
+    assert held == []
+    assert len(told) == 1, told
