@@ -657,15 +657,8 @@ class Journal:
             # Under the lock every sale's commit waits for: never wait for a reader here (a
             # `kiosk journal` listing, a backup); one that holds the WAL back is outwaited
             # pass by pass instead.
-            self._conn.execute("PRAGMA busy_timeout = 0")
-            try:
-                busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            except sqlite3.Error as exc:
-                raise self._classify(exc) from None
-            finally:
-                self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self.wal_held_back = bool(busy)
-            if not busy:
+            self.wal_held_back = not self._truncate_wal(wait_for_readers=False)
+            if not self.wal_held_back:
                 self._forgotten_in_wal = 0
         return int(gone)
 
@@ -1152,10 +1145,21 @@ class Journal:
         """Fold the WAL into the main file and truncate it (old page images gone)."""
         with self._lock:
             if not self._closed:
-                try:
-                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                except sqlite3.Error as exc:
-                    raise self._classify(exc) from None
+                self._truncate_wal(wait_for_readers=True)
+
+    def _truncate_wal(self, wait_for_readers: bool) -> bool:
+        """Fold the WAL into the main file and truncate it; False if a reader held it back
+        (without `wait_for_readers`, at once; with it, after the busy timeout). Under the lock."""
+        if not wait_for_readers:
+            self._conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            raise self._classify(exc) from None
+        finally:
+            if not wait_for_readers:
+                self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return not busy
 
     def close(self) -> None:
         with self._lock:
