@@ -22,22 +22,34 @@ def _held(state: Path, digest: bytes) -> list[str]:
     return sorted(f.name for f in state.iterdir() if f.is_file() and digest in f.read_bytes())
 
 
+def _sold_once(
+    make_rig: Callable[..., Rig], state: Path, n: int
+) -> tuple[Rig, Journal, KioskClocks, bytes]:
+    """A kiosk on a journal with test-moved clocks, after one paid sale: its code's hash."""
+    clock = KioskClocks()
+    journal = Journal(state, wall_clock=clock, boot_clock=clock.boot)
+    rig = make_rig(journal=journal)
+    code = payment_code("0001", n)
+    rig.scanner.scan(code)
+    rig.log.wait_for("payment.result", 15)
+    return rig, journal, clock, code_digest(journal.code_key, code)
+
+
+def _next_customer_later(rig: Rig, clock: KioskClocks, n: int) -> int:
+    """Four minutes on, another sale: its commit drops the first hash. Where its log began."""
+    clock.advance(CODE_REUSE_WINDOW_S + 60)
+    mark = rig.log.size
+    rig.scanner.scan(payment_code("0001", n))
+    rig.log.wait_for("payment.result", 15, after=mark - 1)
+    return mark
+
+
 def test_a_hash_the_next_sale_forgot_leaves_the_wal_too(
     make_rig: Callable[..., Rig], tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
-    clock = KioskClocks()
-    journal = Journal(state, wall_clock=clock, boot_clock=clock.boot)
-    rig = make_rig(journal=journal)
-    first = payment_code("0001", 91)
-    rig.scanner.scan(first)
-    rig.log.wait_for("payment.result", 15)
-    digest = code_digest(journal.code_key, first)
-    # The next customer comes four minutes later: the sale's commit drops the first hash.
-    clock.advance(CODE_REUSE_WINDOW_S + 60)
-    mark = rig.log.size
-    rig.scanner.scan(payment_code("0001", 92))
-    rig.log.wait_for("payment.result", 15, after=mark - 1)
+    rig, journal, clock, digest = _sold_once(make_rig, state, 91)
+    _next_customer_later(rig, clock, 92)
     assert digest not in {seen.digest for seen in journal.recent_codes(since=0)}
 
     def gone() -> bool:
@@ -59,21 +71,12 @@ def test_a_reader_holding_the_wal_back_is_said_once_and_so_is_its_release(
     make_rig: Callable[..., Rig], tmp_path: Path
 ) -> None:
     state = tmp_path / "state"
-    clock = KioskClocks()
-    journal = Journal(state, wall_clock=clock, boot_clock=clock.boot)
-    rig = make_rig(journal=journal)
-    first = payment_code("0001", 93)
-    rig.scanner.scan(first)
-    rig.log.wait_for("payment.result", 15)
-    digest = code_digest(journal.code_key, first)
+    rig, journal, clock, digest = _sold_once(make_rig, state, 93)
     # An operator's `sqlite3` on the journal keeps a snapshot open across the next sale.
     reader = sqlite3.connect(f"file:{journal.path}?mode=ro", uri=True, isolation_level=None)
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM transactions").fetchone()
-    clock.advance(CODE_REUSE_WINDOW_S + 60)
-    mark = rig.log.size
-    rig.scanner.scan(payment_code("0001", 94))
-    rig.log.wait_for("payment.result", 15, after=mark - 1)
+    mark = _next_customer_later(rig, clock, 94)
 
     def said(name: str, after: int) -> Callable[[], bool]:
         def check() -> bool:
