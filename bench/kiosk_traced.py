@@ -6,9 +6,10 @@ clock in every process here, so the bench can set its own moments beside them), 
 `kiosk run ARGS` unchanged. At exit it writes one JSON object per sale to $KIOSK_BENCH_TRACE.
 
 Marks, in the order a paid sale passes them: `scanned` (the scanner handed the line to the
-core), `sale` (the sale thread took it), `journaled` (the transaction committed), `signed`,
-`answered` (the answer's bytes are in), `parsed`, `verified`, `committed` (VENDING committed),
-`approved` (the APPROVED line written to the port).
+core), `sale` (the sale thread took it), `journaled` (the transaction committed) and `signed`
+(the pay signed, on the client's signing thread, beside that commit), `sending` (the request
+about to leave), `answered` (the answer's bytes are in), `parsed`, `verified`, `committed`
+(VENDING committed), `approved` (the APPROVED line written to the port).
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ class _Trace:
         self.current: dict[str, Any] | None = None  # the sale in hand, on the sale's thread
         self.sale_thread: threading.Thread | None = None
 
-    def mark(self, name: str, when: float | None = None) -> None:
+    def mark(self, name: str, any_thread: bool = False) -> None:
+        """Note `name` for the sale in hand; from its own thread only unless `any_thread` (a
+        step only the sale takes, wherever it runs)."""
         current = self.current
-        if current is None or threading.current_thread() is not self.sale_thread:
+        if current is None:
+            return
+        if not any_thread and threading.current_thread() is not self.sale_thread:
             return  # the journal worker, a probe: not the sale being timed
-        current.setdefault(name, time.monotonic() if when is None else when)
+        current.setdefault(name, time.monotonic())
 
 
 TRACE = _Trace()
@@ -66,7 +71,7 @@ def _around(before: str, after: str, fn: Callable[..., Any]) -> Callable[..., An
 
 def install(path: str) -> None:
     from drivers.vend_serial import SerialVendOutput
-    from kiosk.alipay import client, signing
+    from kiosk.alipay import client
     from kiosk.daemon import Kiosk
     from kiosk.journal import Journal
     from kiosk.payment import PaymentFlow
@@ -114,12 +119,26 @@ def install(path: str) -> None:
             TRACE.mark("approved")
         return sent
 
+    pay_params = client.AlipayClient.pay_params
+
+    def traced_pay_params(self: client.AlipayClient, order: Any) -> Any:
+        params = pay_params(self, order)
+        TRACE.mark("signed", any_thread=True)  # only a sale pays, on the signing thread
+        return params
+
+    call = client.AlipayClient._call
+
+    def traced_call(self: client.AlipayClient, *args: Any, **kwargs: Any) -> Any:
+        TRACE.mark("sending")
+        return call(self, *args, **kwargs)
+
     Kiosk.on_scan = traced_on_scan  # type: ignore[method-assign]
     PaymentFlow.sell = traced_sell  # type: ignore[method-assign]
     Journal.open_transaction = traced_open  # type: ignore[method-assign]
     Journal.update = traced_update  # type: ignore[method-assign]
     SerialVendOutput._send = traced_send  # type: ignore[method-assign]
-    signing.RsaSignature.sign = _after("signed", signing.RsaSignature.sign)  # type: ignore[method-assign]
+    client.AlipayClient.pay_params = traced_pay_params  # type: ignore[method-assign]
+    client.AlipayClient._call = traced_call  # type: ignore[method-assign]
     client.parse_answer = _around("answered", "parsed", client.parse_answer)
     client.verify_answer = _after("verified", client.verify_answer)
 

@@ -687,7 +687,15 @@ class Journal:
                 except BaseException:
                     self._conn.execute("ROLLBACK")
                     raise
-                self._conn.execute("COMMIT")
+                try:
+                    self._conn.execute("COMMIT")
+                except sqlite3.Error:
+                    # A commit that failed (busy, I/O) may leave its transaction open; the
+                    # next write must not find itself inside it.
+                    if self._conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._conn.execute("ROLLBACK")
+                    raise
             except sqlite3.Error as exc:
                 raise self._classify(exc) from None
 
@@ -704,11 +712,13 @@ class Journal:
         partner: str | None = None,
         gateway: str | None = None,
         code_digest: bytes | None = None,
+        meanwhile: Callable[[], None] | None = None,
     ) -> Transaction:
         """Record a new scan's payment in state `paying`, and with it (one commit, one fsync)
         the first request about to be sent, if given, and the keyed hash of its code (for
         rule 7 across a restart, stamped by the wall and the boot clock; hashes older than the
-        reuse window are pruned then too)."""
+        reuse window are pruned then too). `meanwhile` is called as the commit is about to be
+        made durable, to start work on another thread that may run beside the fsync."""
         seen_at = self._time()
         boot = self._boot_clock() if code_digest is not None else None
         now = _iso(seen_at)
@@ -750,6 +760,8 @@ class Journal:
                         None if boot is None else boot.seconds,
                     ),
                 )
+            if meanwhile is not None:
+                meanwhile()  # in the block: should it fail, nothing is committed
         self._changed(None, txn)
         return txn
 

@@ -58,7 +58,7 @@ from kiosk.alipay.client import (
 from kiosk.error_codes import Reaction, cancel_before_final, reaction_for
 from kiosk.errors import GatewayUnreachable
 from kiosk.journal import FINAL_STATES, Journal, Transaction, TxnState
-from kiosk.log import event
+from kiosk.log import HeldLines, event, lines_held
 from kiosk.payment_code import PaymentCode
 from kiosk.ports import VendOutput, VendResult, acknowledge, reports_name_the_vend
 
@@ -68,6 +68,9 @@ ABSENT = "TRADE_NOT_EXIST"  # a query's answer that no such trade exists (yet)
 BEIJING = timezone(timedelta(hours=8), "Beijing")
 CANCEL_GRACE = timedelta(minutes=15)
 ABANDON_POLL_S = 0.1  # while waiting on an abandon, how often a stop is looked for
+# A sale holds the log's lines from the scan until its pay's answer is journaled, but never
+# longer than this: a slow gateway's sale leaves the log at most this far behind.
+LINES_HELD_S = 1.0
 
 
 class SaleResult(enum.StrEnum):
@@ -223,10 +226,21 @@ class PaymentFlow:
         ref = new_ref(self.settings.terminal_id, now)
         # Held before the row exists, so the worker never picks up a sale still in hand.
         partner, gateway = self._merchant()
-        with self._holding(ref):
+        with self._holding(ref), lines_held(LINES_HELD_S) as lines:
             stamp = trans_create_time(now)
+            order = PayOrder(
+                partner_trans_id=ref,
+                amount=amount,
+                currency=self.settings.currency,
+                buyer_identity_code=code.digits,
+                trans_name=self.settings.trans_name,
+                trans_create_time=stamp,
+                extend_info=self.settings.extend_info,
+            )
             # The row and its pay request in one commit: journaled before it is sent. The
-            # code itself stays in memory (rule 6); the journal keeps its last 4 digits.
+            # code itself stays in memory (rule 6); the journal keeps its last 4 digits. The
+            # pay is signed on the client's own thread while the commit's fsync waits for the
+            # disk: neither waits for the other, and only sending waits for both.
             txn = self.journal.open_transaction(
                 ref=ref,
                 amount=amount,
@@ -238,9 +252,10 @@ class PaymentFlow:
                 partner=partner,
                 gateway=gateway,
                 code_digest=self.journal.code_digest(code.digits),
+                meanwhile=lambda: self.client.sign_ahead(order),
             )
             event(log, "payment.start", ref=ref, amount=str(amount), item=item, code=code.masked)
-            sale = self._sell(txn, code, abandoned or threading.Event())
+            sale = self._sell(txn, order, abandoned or threading.Event(), lines)
         event(
             log,
             "payment.result",
@@ -251,9 +266,12 @@ class PaymentFlow:
         )
         return sale
 
-    def _sell(self, txn: Transaction, code: PaymentCode, abandoned: threading.Event) -> Sale:
+    def _sell(
+        self, txn: Transaction, order: PayOrder, abandoned: threading.Event, lines: HeldLines
+    ) -> Sale:
         pay_started = self._clock()
-        txn, refusal = self._pay(txn, code, abandoned)
+        txn, refusal = self._pay(txn, order, abandoned)
+        lines.release()  # the answer is judged and journaled: the log catches up from here
         if refusal is not None:
             # The customer hears the refusal now. A trade that may still be open behind it
             # (unproven refusal, or one naming a trade) is settled by the worker: query, cancel.
@@ -334,20 +352,11 @@ class PaymentFlow:
         return txn, result
 
     def _pay(
-        self, txn: Transaction, code: PaymentCode, abandoned: threading.Event
+        self, txn: Transaction, order: PayOrder, abandoned: threading.Event
     ) -> tuple[Transaction, str | None]:
         """PAYING (pay journaled with the transaction) → VENDING | DECLINED | CANCELLING |
         QUERYING. Also returns the code of a refusal the customer is shown now while the
         transaction stays open (an unproven refusal, or a refused trade still to be closed)."""
-        order = PayOrder(
-            partner_trans_id=txn.ref,
-            amount=txn.amount,
-            currency=txn.currency,
-            buyer_identity_code=code.digits,
-            trans_name=self.settings.trans_name,
-            trans_create_time=txn.trans_create_time,
-            extend_info=self.settings.extend_info,
-        )
         txn, result = self._send(
             txn, "pay", {}, lambda: self.client.pay(order), journaled=True, record=False
         )

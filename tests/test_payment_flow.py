@@ -4,16 +4,20 @@ resolved by query then cancel, every failed vend is reversed, and the ledger agr
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
+import kiosk.log
 from drivers.vend_fake import FakeVendOutput
 from kiosk.alipay.client import AlipayClient, Outcome, PayOrder, PayResult
 from kiosk.alipay.signing import SignType
+from kiosk.errors import JournalError, KeyFileError
 from kiosk.journal import Journal, Transaction, TxnState
 from kiosk.payment import (
     BEIJING,
@@ -139,6 +143,130 @@ def test_pay_is_journaled_before_it_is_sent(
     flow.client.pay = pay  # type: ignore[method-assign]
     sell(flow, "0001")
     assert seen == [["pay"]]
+
+
+class _RecordingSignature:
+    """The client's signature, noting the thread of each sign."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.sign_type = inner.sign_type
+        self.signed_on: list[str] = []
+
+    def sign(self, text: str, encoding: str = "utf-8") -> str:
+        self.signed_on.append(threading.current_thread().name)
+        return self._inner.sign(text, encoding)
+
+    def verify(self, text: str, signature: str, encoding: str = "utf-8") -> bool:
+        return self._inner.verify(text, signature, encoding)
+
+
+def test_the_pay_is_signed_beside_its_commit_and_sent_only_after_it(
+    make_flow: Callable[..., PaymentFlow],
+    journal: Journal,
+    simulator: GatewaySimulator,
+) -> None:
+    """The RSA sign runs on the client's own thread while the sale's thread makes the first
+    commit durable; the request still leaves only once that commit is done."""
+    flow = make_flow()
+    signature = _RecordingSignature(flow.client.settings.signature)
+    flow.client.settings = dataclasses.replace(flow.client.settings, signature=signature)
+    sent_after: list[list[str]] = []
+    send = flow.client._send
+
+    def journaled_then_send(gateway: str, body: bytes, read_timeout_s: float) -> Any:
+        with Journal(journal.path.parent, read_only=True) as reader:  # committed rows only
+            sent_after.append([t.state.value for t in reader.listing()])
+        return send(gateway, body, read_timeout_s)
+
+    flow.client._send = journaled_then_send  # type: ignore[method-assign]
+    sale = sell(flow, "0001")
+    assert sale.result is SaleResult.VENDED  # type: ignore[attr-defined]
+    assert signature.signed_on == ["alipay-signer"]
+    assert sent_after == [["paying"]]
+    assert [r.service for r in simulator.requests_seen] == ["pay"]
+
+
+def test_a_pay_signed_for_a_commit_that_failed_is_never_sent(
+    make_flow: Callable[..., PaymentFlow],
+    journal: Journal,
+    simulator: GatewaySimulator,
+) -> None:
+    """Signed beside a commit that then fails (the disk refused it): nothing leaves, and the
+    next scan is paid with its own signature, never the one left over."""
+    flow = make_flow()
+    real = journal._conn
+    refused = []
+
+    class CommitRefused:
+        def execute(self, sql: str, *args: Any) -> Any:
+            if sql == "COMMIT" and not refused:
+                refused.append(sql)
+                raise sqlite3.OperationalError("disk I/O error")
+            return real.execute(sql, *args)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    journal._conn = CommitRefused()  # type: ignore[assignment]
+    with pytest.raises(JournalError):
+        sell(flow, "0001", 1)
+    journal._conn = real
+    assert simulator.requests_seen == []
+    sale = sell(flow, "0001", 2)
+    assert sale.result is SaleResult.VENDED  # type: ignore[attr-defined]
+    paid = [r for r in simulator.requests_seen if r.service == "pay"]
+    assert [r.params["partner_trans_id"] for r in paid] == [sale.ref]  # type: ignore[attr-defined]
+    assert paid[0].verified  # signed for this very order
+
+
+def test_a_sign_that_fails_on_the_signing_thread_fails_the_sale_as_before(
+    make_flow: Callable[..., PaymentFlow],
+    journal: Journal,
+    simulator: GatewaySimulator,
+) -> None:
+    """The error comes back to the sale (nothing hangs, nothing is swallowed) and the pay
+    is not sent; the journaled transaction is left for the worker to settle."""
+    flow = make_flow()
+
+    class Broken:
+        sign_type = flow.client.settings.signature.sign_type
+
+        def sign(self, text: str, encoding: str = "utf-8") -> str:
+            raise KeyFileError("the key went away")
+
+        def verify(self, text: str, signature: str, encoding: str = "utf-8") -> bool:
+            return False
+
+    flow.client.settings = dataclasses.replace(flow.client.settings, signature=Broken())
+    with pytest.raises(KeyFileError, match="the key went away"):
+        sell(flow, "0001")
+    assert simulator.requests_seen == []
+    assert [t.state for t in journal.unfinished()] == [TxnState.PAYING]
+
+
+def test_a_sale_holds_the_log_until_its_pay_is_journaled_not_through_the_vend(
+    make_flow: Callable[..., PaymentFlow], vend: FakeVendOutput
+) -> None:
+    """Lines written while a sale is on its way to APPROVED are time the customer waits; they
+    are written while the vend runs instead."""
+    flow = make_flow()
+    held_at: dict[str, bool] = {}
+    pay, dispense = flow.client.pay, vend.dispense
+
+    def paying(order: PayOrder) -> PayResult:
+        held_at["pay"] = kiosk.log._HELD.held
+        return pay(order)
+
+    def dispensing(*args: Any, **kwargs: Any) -> Any:
+        held_at["vend"] = kiosk.log._HELD.held
+        return dispense(*args, **kwargs)
+
+    flow.client.pay = paying  # type: ignore[method-assign]
+    vend.dispense = dispensing  # type: ignore[method-assign]
+    assert sell(flow, "0001").result is SaleResult.VENDED  # type: ignore[attr-defined]
+    assert held_at == {"pay": True, "vend": False}
+    assert not kiosk.log._HELD.held
 
 
 def test_a_pay_whose_answer_was_lost_is_never_sent_again(
