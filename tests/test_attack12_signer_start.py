@@ -1,0 +1,87 @@
+"""A signer thread that could not be started (no thread to be had for a moment: the
+service's task limit, memory) must not wedge the client: the next sale is paid, not left
+waiting for ever on a signature no thread will make."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+
+import pytest
+
+from drivers.vend_fake import FakeVendOutput
+from kiosk.alipay.client import AlipayClient
+from kiosk.journal import Journal
+from kiosk.payment import FlowSettings, PaymentFlow, SaleResult
+from kiosk.payment_code import PaymentCode
+from kiosk.simulator import GatewaySimulator
+from tests.conftest import payment_code
+
+WAIT_S = 10.0  # for what must happen: a sale against the simulator on loopback
+
+SETTINGS = FlowSettings(
+    terminal_id="VM-TEST",
+    currency="USD",
+    trans_name="Vending purchase",
+    extend_info={},
+    query_interval_s=0.05,
+    query_deadline_s=1.0,
+    vend_timeout_s=0.5,
+    cancel_tries_in_foreground=2,
+    retry_base_s=0.01,
+    retry_max_s=0.05,
+)
+
+
+@pytest.fixture
+def flow(make_client: Callable[..., AlipayClient], journal: Journal) -> Iterator[PaymentFlow]:
+    yield PaymentFlow(make_client(), journal, FakeVendOutput(), SETTINGS)
+
+
+def _sell_on_a_thread(flow: PaymentFlow, n: int) -> tuple[threading.Event, list[object]]:
+    done = threading.Event()
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(flow.sell(PaymentCode.parse(payment_code("0001", n)), Decimal("1.50"), "x"))
+        except BaseException as exc:  # the test looks at it
+            out.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="test-sale", daemon=True).start()
+    return done, out
+
+
+def test_a_signer_thread_that_failed_to_start_does_not_wedge_the_next_sale(
+    flow: PaymentFlow,
+    journal: Journal,
+    simulator: GatewaySimulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    start = threading.Thread.start
+    refused: list[str] = []
+
+    def start_once_refused(self: threading.Thread) -> None:
+        if self.name == "alipay-signer" and not refused:
+            refused.append(self.name)
+            raise RuntimeError("can't start new thread")
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once_refused)
+    # The first scan finds no thread to sign on: it fails, and nothing is journaled or sent.
+    done, out = _sell_on_a_thread(flow, 1)
+    assert done.wait(WAIT_S)
+    assert refused == ["alipay-signer"]
+    assert isinstance(out[0], RuntimeError)
+    assert journal.unfinished() == []
+    assert simulator.requests_seen == []
+    # Threads are to be had again: the next scan must be paid and vended, not hang.
+    done, out = _sell_on_a_thread(flow, 2)
+    finished = done.wait(WAIT_S)
+    left = [t.state for t in journal.unfinished()]
+    assert finished, f"the next sale never ended; journal holds {left}"
+    assert out[0].result is SaleResult.VENDED  # type: ignore[attr-defined]
+    assert left == []
