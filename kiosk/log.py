@@ -223,57 +223,6 @@ def _thread_exception(args: threading.ExceptHookArgs) -> None:
     )
 
 
-class HeldLines:
-    """The log thread's lines held back: while held, nothing is written; the lines wait in
-    order, with the times they were logged, until `release()` or the hold's limit."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._until: float | None = None  # monotonic; None: not held
-
-    @property
-    def held(self) -> bool:
-        with self._cond:
-            return self._until is not None and self._until > time.monotonic()
-
-    def hold(self, at_most_s: float) -> None:
-        with self._cond:
-            self._until = time.monotonic() + at_most_s
-
-    def release(self) -> None:
-        with self._cond:
-            if self._until is not None:
-                self._until = None
-                self._cond.notify_all()
-
-    def wait(self) -> None:
-        """Return once the lines may be written."""
-        with self._cond:
-            while self._until is not None:
-                left = self._until - time.monotonic()
-                if left <= 0:
-                    self._until = None
-                    break
-                self._cond.wait(left)
-
-
-# One hold for every log thread of the process (a sale holds them all).
-_HELD = HeldLines()
-
-
-@contextlib.contextmanager
-def lines_held(at_most_s: float) -> Iterator[HeldLines]:
-    """While inside (or until `release()`, or at most `at_most_s`), the log threads write
-    nothing: for a sale on its way to APPROVED. The interpreter runs one thread at a time, so
-    a line formatted and written then is time the customer waits; held, it is written while
-    the vend runs. Records are taken as they come: their order and time are kept."""
-    _HELD.hold(at_most_s)
-    try:
-        yield _HELD
-    finally:
-        _HELD.release()
-
-
 class _LogThread(logging.Handler):
     """Formats and writes records on a thread of its own: whoever logs (a sale on its way to
     APPROVED) only hands the record over. Records keep their order and their time of logging
@@ -308,7 +257,6 @@ class _LogThread(logging.Handler):
 
     def _write(self) -> None:
         while (record := self._queue.get()) is not None:
-            _HELD.wait()
             self._target.handle(record)
 
 

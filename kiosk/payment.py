@@ -58,7 +58,7 @@ from kiosk.alipay.client import (
 from kiosk.error_codes import Reaction, cancel_before_final, reaction_for
 from kiosk.errors import GatewayUnreachable
 from kiosk.journal import FINAL_STATES, Journal, Transaction, TxnState
-from kiosk.log import HeldLines, event, lines_held
+from kiosk.log import event
 from kiosk.payment_code import PaymentCode
 from kiosk.ports import VendOutput, VendResult, acknowledge, reports_name_the_vend
 
@@ -68,9 +68,6 @@ ABSENT = "TRADE_NOT_EXIST"  # a query's answer that no such trade exists (yet)
 BEIJING = timezone(timedelta(hours=8), "Beijing")
 CANCEL_GRACE = timedelta(minutes=15)
 ABANDON_POLL_S = 0.1  # while waiting on an abandon, how often a stop is looked for
-# A sale holds the log's lines from the scan until its pay's answer is journaled, but never
-# longer than this: a slow gateway's sale leaves the log at most this far behind.
-LINES_HELD_S = 1.0
 
 
 class SaleResult(enum.StrEnum):
@@ -226,7 +223,7 @@ class PaymentFlow:
         ref = new_ref(self.settings.terminal_id, now)
         # Held before the row exists, so the worker never picks up a sale still in hand.
         partner, gateway = self._merchant()
-        with self._holding(ref), lines_held(LINES_HELD_S) as lines:
+        with self._holding(ref):
             stamp = trans_create_time(now)
             order = PayOrder(
                 partner_trans_id=ref,
@@ -255,7 +252,7 @@ class PaymentFlow:
                 meanwhile=lambda: self.client.sign_ahead(order),
             )
             event(log, "payment.start", ref=ref, amount=str(amount), item=item, code=code.masked)
-            sale = self._sell(txn, order, abandoned or threading.Event(), lines)
+            sale = self._sell(txn, order, abandoned or threading.Event())
         event(
             log,
             "payment.result",
@@ -266,12 +263,9 @@ class PaymentFlow:
         )
         return sale
 
-    def _sell(
-        self, txn: Transaction, order: PayOrder, abandoned: threading.Event, lines: HeldLines
-    ) -> Sale:
+    def _sell(self, txn: Transaction, order: PayOrder, abandoned: threading.Event) -> Sale:
         pay_started = self._clock()
         txn, refusal = self._pay(txn, order, abandoned)
-        lines.release()  # the answer is judged and journaled: the log catches up from here
         if refusal is not None:
             # The customer hears the refusal now. A trade that may still be open behind it
             # (unproven refusal, or one naming a trade) is settled by the worker: query, cancel.

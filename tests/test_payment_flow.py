@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-import kiosk.log
 from drivers.vend_fake import FakeVendOutput
 from kiosk.alipay.client import AlipayClient, Outcome, PayOrder, PayResult
 from kiosk.alipay.signing import SignType
@@ -243,30 +242,6 @@ def test_a_sign_that_fails_on_the_signing_thread_fails_the_sale_as_before(
         sell(flow, "0001")
     assert simulator.requests_seen == []
     assert [t.state for t in journal.unfinished()] == [TxnState.PAYING]
-
-
-def test_a_sale_holds_the_log_until_its_pay_is_journaled_not_through_the_vend(
-    make_flow: Callable[..., PaymentFlow], vend: FakeVendOutput
-) -> None:
-    """Lines written while a sale is on its way to APPROVED are time the customer waits; they
-    are written while the vend runs instead."""
-    flow = make_flow()
-    held_at: dict[str, bool] = {}
-    pay, dispense = flow.client.pay, vend.dispense
-
-    def paying(order: PayOrder) -> PayResult:
-        held_at["pay"] = kiosk.log._HELD.held
-        return pay(order)
-
-    def dispensing(*args: Any, **kwargs: Any) -> Any:
-        held_at["vend"] = kiosk.log._HELD.held
-        return dispense(*args, **kwargs)
-
-    flow.client.pay = paying  # type: ignore[method-assign]
-    vend.dispense = dispensing  # type: ignore[method-assign]
-    assert sell(flow, "0001").result is SaleResult.VENDED  # type: ignore[attr-defined]
-    assert held_at == {"pay": True, "vend": False}
-    assert not kiosk.log._HELD.held
 
 
 def test_a_pay_whose_answer_was_lost_is_never_sent_again(
