@@ -1,6 +1,7 @@
 """A signer thread that could not be started (no thread to be had for a moment: the
-service's task limit, memory) must not wedge the client: the next sale is paid, not left
-waiting for ever on a signature no thread will make."""
+service's task limit, memory) must not wedge the client: that sale is signed in place and
+paid, and so is the next, never left waiting for ever on a signature no thread will make.
+A signer that is stuck holds a sale up only so long, then the sale signs in place."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from decimal import Decimal
 import pytest
 
 from drivers.vend_fake import FakeVendOutput
+from kiosk.alipay import client as client_module
 from kiosk.alipay.client import AlipayClient
 from kiosk.journal import Journal
 from kiosk.payment import FlowSettings, PaymentFlow, SaleResult
@@ -24,7 +26,7 @@ SETTINGS = FlowSettings(
     terminal_id="VM-TEST",
     currency="USD",
     trans_name="Vending purchase",
-    extend_info={},
+    extend_info={"secondary_merchant_id": "M-1", "store_id": "S-1", "terminal_id": "VM-TEST"},
     query_interval_s=0.05,
     query_deadline_s=1.0,
     vend_timeout_s=0.5,
@@ -71,13 +73,11 @@ def test_a_signer_thread_that_failed_to_start_does_not_wedge_the_next_sale(
         start(self)
 
     monkeypatch.setattr(threading.Thread, "start", start_once_refused)
-    # The first scan finds no thread to sign on: it fails, and nothing is journaled or sent.
+    # The first scan finds no thread to sign on: it signs in place, and is paid.
     done, out = _sell_on_a_thread(flow, 1)
     assert done.wait(WAIT_S)
     assert refused == ["alipay-signer"]
-    assert isinstance(out[0], RuntimeError)
-    assert journal.unfinished() == []
-    assert simulator.requests_seen == []
+    assert out[0].result is SaleResult.VENDED  # type: ignore[attr-defined]
     # Threads are to be had again: the next scan must be paid and vended, not hang.
     done, out = _sell_on_a_thread(flow, 2)
     finished = done.wait(WAIT_S)
@@ -85,3 +85,37 @@ def test_a_signer_thread_that_failed_to_start_does_not_wedge_the_next_sale(
     assert finished, f"the next sale never ended; journal holds {left}"
     assert out[0].result is SaleResult.VENDED  # type: ignore[attr-defined]
     assert left == []
+    pays = [r for r in simulator.requests_seen if r.service == "pay"]
+    assert len(pays) == 2 and all(r.verified for r in pays)
+
+
+def test_a_stuck_signer_holds_a_sale_up_only_so_long(
+    flow: PaymentFlow,
+    journal: Journal,
+    simulator: GatewaySimulator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The signing thread never answers (a sign that blocks there): the sale waits the
+    bounded time, signs in place, and is paid; the next sale starts a new thread."""
+    monkeypatch.setattr(client_module, "SIGN_AHEAD_WAIT_S", 0.2)
+    unblock = threading.Event()
+    signature = flow.client.settings.signature
+    sign = signature.sign
+
+    def stuck_on_the_signer(text: str, encoding: str = "utf-8") -> str:
+        if threading.current_thread().name == "alipay-signer" and not unblock.is_set():
+            unblock.wait(WAIT_S)
+        return sign(text, encoding)
+
+    monkeypatch.setattr(signature, "sign", stuck_on_the_signer)
+    try:
+        done, out = _sell_on_a_thread(flow, 1)
+        assert done.wait(WAIT_S), "a stuck signer held the sale for good"
+        assert out[0].result is SaleResult.VENDED  # type: ignore[attr-defined]
+    finally:
+        unblock.set()
+    done, out = _sell_on_a_thread(flow, 2)
+    assert done.wait(WAIT_S)
+    assert out[0].result is SaleResult.VENDED  # type: ignore[attr-defined]
+    assert journal.unfinished() == []
+    assert [r.service for r in simulator.requests_seen].count("pay") == 2

@@ -794,10 +794,15 @@ class _TooSlow(Exception):
 
 @dataclass
 class _Signing:
-    order: PayOrder
+    order: PayOrder  # its repr hides the buyer's code
     done: threading.Event = field(default_factory=threading.Event)
-    params: dict[str, str] | None = None
+    params: dict[str, str] | None = field(default=None, repr=False)  # the code, signed
     error: BaseException | None = None
+
+
+# How long a sale waits for the signing thread before it signs in place. A sign takes
+# milliseconds; a thread that has not answered by then is stuck, and the sale must not be.
+SIGN_AHEAD_WAIT_S = 5.0
 
 
 class _SigningAhead:
@@ -813,18 +818,30 @@ class _SigningAhead:
         self._pending: _Signing | None = None
 
     def start(self, order: PayOrder) -> None:
-        self._pending = signing = _Signing(order)
+        """Hand `order` to the thread. Never raises: without a thread (none could be started:
+        a task limit, no memory) the order is signed in place, as `take` finds nothing."""
+        self._pending = None
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="alipay-signer", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=self._run, name="alipay-signer", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError as exc:
+                event(log, "alipay.signer_not_started", logging.WARNING, error=str(exc))
+                return
+            self._thread = thread
+        self._pending = signing = _Signing(order)
         self._orders.put(signing)
 
     def take(self, order: PayOrder) -> dict[str, str] | None:
-        """The signed parameters of `order`, once signed; None if it was not started here."""
+        """The signed parameters of `order`, once signed; None if it was not handed over here
+        (or the thread took too long: the caller signs in place, as if it never was)."""
         signing, self._pending = self._pending, None
         if signing is None or signing.order != order:
             return None
-        signing.done.wait()  # milliseconds: the thread is signing it or about to
+        if not signing.done.wait(SIGN_AHEAD_WAIT_S):  # milliseconds, unless the thread is stuck
+            event(log, "alipay.signer_stuck", logging.ERROR, waited_s=SIGN_AHEAD_WAIT_S)
+            self._thread = None  # the next order starts a new one
+            return None
         if signing.error is not None:
             raise signing.error
         return signing.params
@@ -837,12 +854,16 @@ class _SigningAhead:
             self._thread = None
 
     def _run(self) -> None:
-        while (signing := self._orders.get()) is not None:
+        while True:
+            signing = self._orders.get()
+            if signing is None:
+                return
             try:
                 signing.params = self._sign(signing.order)
             except BaseException as exc:  # the caller's to raise, as if it had signed itself
                 signing.error = exc
             signing.done.set()
+            del signing  # the code it holds is not kept here until the next sale
 
 
 class _AnswerGuard:
