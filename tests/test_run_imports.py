@@ -34,6 +34,7 @@ NOT_FOR_THE_DAEMON = (
     "kiosk.provision",
     "kiosk.config_docs",
     "kiosk.bundle",
+    "kiosk.keygen",
     "drivers.mdb_board",
     "http.server",
     "socketserver",
