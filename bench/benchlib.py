@@ -241,8 +241,8 @@ def kiosk_rig() -> Iterator[DaemonRig]:
 # (kiosk-layer.sh), not compiling its modules at every start (which costs start-up time and
 # shows in its peak RSS). The checkout gets no __pycache__.
 _DAEMON_IMPORTS = (
-    "import kiosk.cli, kiosk.config, kiosk.daemon, kiosk.journal, kiosk.systemd, drivers, "
-    "drivers.scanner_serial, drivers.vend_serial, drivers.indicator_fake"
+    "import kiosk.cli, kiosk.config, kiosk.daemon, kiosk.journal, kiosk.scanner_hold, "
+    "kiosk.systemd, drivers, drivers.scanner_serial, drivers.vend_serial, drivers.indicator_fake"
 )
 
 

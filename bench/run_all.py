@@ -95,6 +95,7 @@ ROWS: dict[str, list[tuple[str, Callable[[dict[str, Any]], str]]]] = {
             "start-up to READY=1, median",
             lambda r: f"{_ms(r['median_ms'])}{_goal(r['median_ms'] / 1000, 0.3, ' s')}",
         ),
+        ("  its CPU time, median", lambda r: _ms(r["cpu_median_ms"])),
     ],
     "recovery": [
         ("journal open (10k + 100 rows)", lambda r: _ms(r["open_ms"])),

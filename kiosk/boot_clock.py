@@ -67,7 +67,7 @@ class SystemBootClock:
 def _read_boot_id(boot_id_file: Path, environ: Mapping[str, str]) -> tuple[str, str | None]:
     """(boot id, None) from the file, else from the environment; ("", why) if neither has one."""
     try:
-        text = boot_id_file.read_text(encoding="ascii")
+        text = boot_id_file.read_bytes().decode("ascii")  # no codec module to load
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         problem = f"{boot_id_file}: {why}"

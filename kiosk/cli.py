@@ -55,7 +55,9 @@ def _config_path(args: argparse.Namespace) -> Path:
     return (Path(args.config) if args.config else default_config_path()).absolute()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(run_only: bool = False) -> argparse.ArgumentParser:
+    """The command line's parser; `run_only`: with the `run` command alone, for `kiosk run`
+    (every start of the service), which then builds and loads no other command's options."""
     parser = KioskArgumentParser(
         prog="kiosk", description="Alipay barcode payment firmware for vending kiosks."
     )
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="text (with timestamps in a terminal) or one JSON object per line",
     )
+    if run_only:
+        return parser
 
     # The demo builds its own config: no --config, so none is silently ignored.
     demo = sub.add_parser(
@@ -383,7 +387,7 @@ def _dispatch(argv: list[str] | None) -> int:
         from drivers import mdb_board
 
         return mdb_board.main(given[1:], "kiosk mdb-emulator", KioskArgumentParser)
-    args = build_parser().parse_args(given)
+    args = build_parser(run_only=given[:1] == ["run"]).parse_args(given)
     match args.command:
         case "run":
             return cmd_run(args)

@@ -149,7 +149,7 @@ def _key_text_kind(data: bytes) -> str:
     if b"-----BEGIN" in data:
         return ""
     try:
-        load_private_key(data)
+        load_private_key(data, full_check=False)  # only to tell it apart; `rsa_key` checks it
         return "private"
     except KeyFileError:
         pass
@@ -365,8 +365,10 @@ class _Checker:
         check_key_modes: bool,
         check_devices: bool,
         boot_cmdlines: Sequence[Path] = BOOT_CMDLINES,
+        full_key_check: bool = True,
     ) -> None:
         self.boot_cmdlines = boot_cmdlines
+        self.full_key_check = full_key_check
         self.file = file
         self.index = index
         self.base = base
@@ -969,7 +971,11 @@ class _Checker:
         if wrong is not None:
             self.problem(s, key, f"{what}: {wrong[0]}", wrong[1])
             return None
-        loaded = load_private_key(data, what) if private else load_public_key(data, what)
+        loaded = (
+            load_private_key(data, what, full_check=self.full_key_check)
+            if private
+            else load_public_key(data, what)
+        )
         size = loaded.key_size
         if size < 2048:
             self.problem(
@@ -1408,9 +1414,10 @@ def load_config(path: Path) -> Config:
     """Read and validate the config; raise `ConfigInvalid` if it has any error.
 
     Warnings are logged, not raised. Device paths are not checked here: a scanner may be
-    plugged in after the daemon starts.
+    plugged in after the daemon starts. The merchant's private key gets the daemon's check, a
+    signature made and verified, not the full one of `kiosk check` (see `load_private_key`).
     """
-    config, problems = check_config(path, check_devices=False)
+    config, problems = check_config(path, check_devices=False, full_key_check=False)
     errors = [p for p in problems if not p.warning]
     if errors or config is None:
         raise ConfigInvalid(errors or problems)
@@ -1509,11 +1516,13 @@ def check_config(
     check_key_modes: bool = True,
     check_devices: bool = True,
     boot_cmdlines: Sequence[Path] = BOOT_CMDLINES,
+    full_key_check: bool = True,
 ) -> tuple[Config | None, list[ConfigProblem]]:
     """Validate the config and everything it points at; report every problem, sorted by line.
 
     The config is returned only when there is no error (warnings allowed).
     `check_key_modes=False` is for a config on the FAT boot partition, which has no modes.
+    `full_key_check=False` checks the merchant's private key by a signature alone.
     """
     parsed = _read_config(path)
     if isinstance(parsed, list):
@@ -1521,7 +1530,13 @@ def check_config(
     text, data = parsed
     name = str(path)
     checker = _Checker(
-        name, LineIndex(text), path.parent, check_key_modes, check_devices, boot_cmdlines
+        name,
+        LineIndex(text),
+        path.parent,
+        check_key_modes,
+        check_devices,
+        boot_cmdlines,
+        full_key_check,
     )
     config = checker.check(data, path)
     problems = sorted(checker.problems, key=lambda p: (p.line, p.warning))

@@ -231,9 +231,9 @@ def test_a_private_key_file_loaded_again_is_checked_once_and_a_changed_one_is_th
     checked: list[bytes] = []
     load = signing.serialization.load_pem_private_key
 
-    def counting(data: bytes, password: bytes | None) -> object:
+    def counting(data: bytes, password: bytes | None, **options: bool) -> object:
         checked.append(data)
-        return load(data, password)
+        return load(data, password, **options)
 
     monkeypatch.setattr(signing.serialization, "load_pem_private_key", counting)
     monkeypatch.setattr(signing, "_last_private_key", None)
@@ -245,3 +245,75 @@ def test_a_private_key_file_loaded_again_is_checked_once_and_a_changed_one_is_th
         first.private_numbers()
     ]
     assert checked == [first_pem, second_pem, first_pem]
+
+
+def numbers_changed(key: rsa.RSAPrivateKey, *, private_exponent_too: bool) -> bytes:
+    """The key's PEM with its first CRT exponent changed (and its private exponent with it):
+    the structure of a good key, numbers that do not belong together."""
+    n = key.private_numbers()
+    d = n.d ^ 2 if private_exponent_too else n.d
+    changed = rsa.RSAPrivateNumbers(n.p, n.q, d, n.dmp1 ^ 2, n.dmq1, n.iqmp, n.public_numbers)
+    return private_pem(
+        changed.private_key(unsafe_skip_rsa_key_validation=True),
+        serialization.PrivateFormat.PKCS8,
+    )
+
+
+def test_the_daemons_load_refuses_a_key_whose_signatures_its_public_half_does_not_verify(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kiosk.alipay import signing
+
+    monkeypatch.setattr(signing, "_last_private_key", None)
+    pem = numbers_changed(rsa_key("merchant"), private_exponent_too=True)
+    with pytest.raises(KeyFileError) as raised:
+        load_private_key(pem, "private_key_file", full_check=False)
+    said = str(raised.value)
+    assert said.startswith("private_key_file makes signatures its own public key does not verify")
+    assert raised.value.__cause__ is None
+    for line in pem_lines(pem):
+        assert line[:16] not in said
+
+
+def test_the_full_check_names_a_key_whose_numbers_do_not_belong_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kiosk.alipay import signing
+
+    monkeypatch.setattr(signing, "_last_private_key", None)
+    pem = numbers_changed(rsa_key("merchant"), private_exponent_too=False)
+    with pytest.raises(KeyFileError) as raised:
+        load_private_key(pem, "private_key_file")
+    assert str(raised.value).startswith(
+        "private_key_file is an RSA key whose numbers do not belong together"
+    )
+    # Its signatures are right all the same (OpenSSL checks each CRT result): the daemon,
+    # which checks a key by its signature, takes it; `kiosk check` is where it is named.
+    signer = load_private_key(pem, "private_key_file", full_check=False)
+    raw = signer.sign(b"text", padding.PKCS1v15(), hashes.SHA256())
+    rsa_key("merchant").public_key().verify(raw, b"text", padding.PKCS1v15(), hashes.SHA256())
+
+
+def test_a_key_loaded_by_the_daemon_gets_the_full_check_when_one_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The daemon loads its key without cryptography's check; `kiosk check` in the same process
+    (or any caller asking for the full check) never gets that key from the cache unchecked."""
+    from kiosk.alipay import signing
+
+    pem = private_pem(rsa_key("merchant"), serialization.PrivateFormat.PKCS8)
+    skipped: list[bool] = []
+    load = signing.serialization.load_pem_private_key
+
+    def recording(data: bytes, password: bytes | None, **options: bool) -> object:
+        skipped.append(options.get("unsafe_skip_rsa_key_validation", False))
+        return load(data, password, **options)
+
+    monkeypatch.setattr(signing.serialization, "load_pem_private_key", recording)
+    monkeypatch.setattr(signing, "_last_private_key", None)
+    load_private_key(pem, full_check=False)
+    load_private_key(pem, full_check=False)
+    load_private_key(pem)
+    load_private_key(pem)
+    load_private_key(pem, full_check=False)
+    assert skipped == [True, False]

@@ -21,7 +21,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kiosk.cli import build_parser
+from kiosk.cli import UsageError, build_parser
 from kiosk.config import IndicatorsSection, ScannerSection, VendSection
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import PARTNER
@@ -263,6 +263,35 @@ def test_every_flag_of_every_command_has_help_text() -> None:
         if action.option_strings and not action.help
     ]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run"],
+        ["run", "--config", "/etc/kiosk/kiosk.toml", "--log-format", "json"],
+        ["run", "--log-format=text", "--config=k.toml"],
+    ],
+)
+def test_kiosk_run_parses_alike_with_the_run_command_alone(argv: list[str]) -> None:
+    """`kiosk run` builds only its own command's parser (every start of the service)."""
+    whole = build_parser().parse_args(argv)
+    alone = build_parser(run_only=True).parse_args(argv)
+    assert vars(alone) == vars(whole)
+
+
+@pytest.mark.parametrize(
+    "argv", [["run", "--log-format", "xml"], ["run", "--bogus"], ["run", "extra"], ["run", "-h"]]
+)
+def test_kiosk_run_refuses_alike_with_the_run_command_alone(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    said = []
+    for parser in (build_parser(), build_parser(run_only=True)):
+        with pytest.raises((UsageError, SystemExit)) as raised:
+            parser.parse_args(argv)
+        said.append((type(raised.value), str(raised.value), capsys.readouterr()))
+    assert said[0] == said[1]
 
 
 # -- pipes ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from kiosk.config import check_config
+from kiosk.config import ConfigInvalid, check_config, load_config
 
 CONFIG = """\
 [kiosk]
@@ -216,3 +216,49 @@ def test_garbage_is_not_quoted(site: Path) -> None:
     said = only_error(site, PRIVATE_LINE, f"alipay.private_key_file {site}/merchant.pem")
     assert "is not an unencrypted PKCS#1 or PKCS#8 PEM RSA key" in said
     assert secretish.decode()[:40] not in said
+
+
+def numbers_changed(key: rsa.RSAPrivateKey, *, private_exponent_too: bool) -> bytes:
+    """A PEM with the structure of a good key and numbers that do not belong together."""
+    n = key.private_numbers()
+    d = n.d ^ 2 if private_exponent_too else n.d
+    changed = rsa.RSAPrivateNumbers(n.p, n.q, d, n.dmp1 ^ 2, n.dmq1, n.iqmp, n.public_numbers)
+    return private_pem(changed.private_key(unsafe_skip_rsa_key_validation=True))
+
+
+def test_check_names_a_key_whose_numbers_do_not_belong_together(
+    site: Path, merchant: rsa.RSAPrivateKey
+) -> None:
+    (site / "merchant.pem").write_bytes(numbers_changed(merchant, private_exponent_too=False))
+
+    said = only_error(site, PRIVATE_LINE, f"alipay.private_key_file {site}/merchant.pem")
+    assert said.startswith("is an RSA key whose numbers do not belong together")
+
+
+def test_the_daemon_takes_a_key_that_signs_right_and_leaves_the_full_check_to_kiosk_check(
+    site: Path, merchant: rsa.RSAPrivateKey
+) -> None:
+    """`kiosk run` checks the merchant's key by one signature, not by cryptography's full check
+    (tens of milliseconds at every start): a key whose CRT numbers alone are wrong signs right,
+    and is taken; `kiosk check` refuses it (above)."""
+    (site / "merchant.pem").write_bytes(numbers_changed(merchant, private_exponent_too=False))
+
+    config = load_config(site / "kiosk.toml")
+    assert config.alipay.private_key_file == site / "merchant.pem"
+
+
+def test_the_daemon_refuses_a_key_that_signs_wrong_before_it_sells(
+    site: Path, merchant: rsa.RSAPrivateKey
+) -> None:
+    (site / "merchant.pem").write_bytes(numbers_changed(merchant, private_exponent_too=True))
+
+    with pytest.raises(ConfigInvalid) as raised:
+        load_config(site / "kiosk.toml")
+    said = str(raised.value)
+    prefix = f"{site}/kiosk.toml:{PRIVATE_LINE}:1: error: alipay.private_key_file "
+    assert f"{prefix}{site}/merchant.pem makes signatures its own public key does not verify" in (
+        said
+    )
+    for line in (site / "merchant.pem").read_bytes().splitlines():
+        if len(line) > 20 and not line.startswith(b"-----"):
+            assert line.decode() not in said

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MD5_KEY, PARTNER
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Loaded by other commands only (or by a config with a mistake in it), or by nothing the
 # daemon does: requests' character set guessing (the kiosk reads answers as bytes), x509
@@ -34,6 +37,7 @@ NOT_FOR_THE_DAEMON = (
     "kiosk.provision",
     "kiosk.config_docs",
     "kiosk.bundle",
+    "kiosk.keygen",
     "drivers.mdb_board",
     "http.server",
     "socketserver",
@@ -101,9 +105,8 @@ def fake_device_config(tmp_path: Path) -> Path:
     return config
 
 
-def test_kiosk_run_loads_nothing_of_the_other_commands(
-    tmp_path: Path, fake_device_config: Path
-) -> None:
+def modules_of_kiosk_run(tmp_path: Path, config: Path) -> set[str]:
+    """Every module a `kiosk run` with `config` loaded, from its start to SIGTERM."""
     loaded_file = tmp_path / "modules.json"
     env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}
     proc = subprocess.Popen(
@@ -114,7 +117,7 @@ def test_kiosk_run_loads_nothing_of_the_other_commands(
             str(loaded_file),
             "run",
             "--config",
-            str(fake_device_config),
+            str(config),
             "--log-format",
             "json",
         ],
@@ -142,7 +145,13 @@ def test_kiosk_run_loads_nothing_of_the_other_commands(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    loaded = set(json.loads(loaded_file.read_text()))
+    return set(json.loads(loaded_file.read_text()))
+
+
+def test_kiosk_run_loads_nothing_of_the_other_commands(
+    tmp_path: Path, fake_device_config: Path
+) -> None:
+    loaded = modules_of_kiosk_run(tmp_path, fake_device_config)
     assert {"kiosk.daemon", "kiosk.payment", "kiosk.alipay.client"} <= loaded
     unwanted = sorted(
         name
@@ -150,3 +159,26 @@ def test_kiosk_run_loads_nothing_of_the_other_commands(
         if any(name == prefix or name.startswith(prefix + ".") for prefix in NOT_FOR_THE_DAEMON)
     )
     assert unwanted == [], f"`kiosk run` loaded {unwanted}"
+
+
+def test_the_image_compiles_every_module_of_the_kiosk_that_kiosk_run_loads(
+    tmp_path: Path, fake_device_config: Path
+) -> None:
+    """The service runs from the *.opt-2.pyc the image compiled by importing DAEMON_MODULES
+    (image-build/kiosk-layer.sh) on a read-only root: a module of the kiosk's that `kiosk run`
+    loads beyond them is compiled from source at every start of the service."""
+    layer = (ROOT / "image-build" / "kiosk-layer.sh").read_text()
+    found = re.search(r"^DAEMON_MODULES=\((.*?)\)$", layer, re.M | re.S)
+    assert found is not None, "kiosk-layer.sh names no DAEMON_MODULES"
+    ours = [name for name in found.group(1).split() if name.split(".")[0] in ("kiosk", "drivers")]
+    listing = "import json, sys\n" + "".join(f"import {name}\n" for name in ours)
+    listing += "print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", listing], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    compiled = set(json.loads(done.stdout))
+    loaded = modules_of_kiosk_run(tmp_path, fake_device_config)
+    missed = sorted(
+        name for name in loaded - compiled if name.split(".")[0] in ("kiosk", "drivers")
+    )
+    assert missed == [], f"`kiosk run` loads {missed}, which the image does not compile"

@@ -113,42 +113,79 @@ class RsaSignature:
         return f"RsaSignature({self.sign_type.value}, key=<hidden>)"
 
 
-# The last private key loaded, by the SHA-256 of its file's bytes. Loading one checks it
-# (cryptography tests both primes: about 45 ms for 2048 bits here, several times that on a Pi),
-# and `kiosk run` loads the same file three times as it starts: the config check, then the
+# The last private key loaded, by the SHA-256 of its file's bytes, and whether it had the full
+# check. `kiosk run` loads the same file three times as it starts: the config check, then the
 # clients of the sale and of the journal worker. A changed file is a new key, checked again.
-_last_private_key: tuple[bytes, rsa.RSAPrivateKey] | None = None
+_last_private_key: tuple[bytes, rsa.RSAPrivateKey, bool] | None = None
+
+# Signed and verified by a key loaded without the full check (see `load_private_key`).
+_SELF_TEST_TEXT = b"kiosk private key self-test"
 
 
-def load_private_key(pem: bytes, source: str = "private key") -> rsa.RSAPrivateKey:
+def load_private_key(
+    pem: bytes, source: str = "private key", *, full_check: bool = True
+) -> rsa.RSAPrivateKey:
     """A merchant private key, PKCS#1 (`BEGIN RSA PRIVATE KEY`) or PKCS#8 PEM.
 
     Alipay's key tool writes the bare base64 body (no BEGIN/END lines); that is accepted too.
+
+    The full check (`full_check=True`: `kiosk check`, `kiosk keygen`, provisioning) is
+    cryptography's: both primes tested, every number checked against the others (about 50 ms
+    for 2048 bits here, several times that on a Pi). cryptography says to skip it only for a key
+    known to be valid: an invalid one may make OpenSSL misbehave when used. The merchant's key
+    is no stranger's: keygen and provisioning, which put it in place, check it fully. So `kiosk
+    run` (`full_check=False`) checks it by using it: one signature, made and verified with its
+    public half before the kiosk is ready, so a key whose numbers do not fit fails there, not in
+    a sale. One whose CRT numbers alone are wrong still signs right (OpenSSL verifies each CRT
+    result and falls back to the private exponent); `kiosk check` names it.
     """
     global _last_private_key
     digest = hashlib.sha256(pem).digest()
     last = _last_private_key
-    if last is not None and hmac.compare_digest(last[0], digest):
+    if last is not None and hmac.compare_digest(last[0], digest) and (last[2] or not full_check):
         return last[1]
-    key = _load_private_key(pem, source)
-    _last_private_key = (digest, key)
+    key = _load_private_key(pem, source, full_check)
+    if not full_check:
+        _self_test(key, source)
+    _last_private_key = (digest, key, full_check)
     return key
 
 
-def _load_private_key(pem: bytes, source: str) -> rsa.RSAPrivateKey:
+def _self_test(key: rsa.RSAPrivateKey, source: str) -> None:
+    raw = key.sign(_SELF_TEST_TEXT, padding.PKCS1v15(), hashes.SHA256())
+    try:
+        key.public_key().verify(raw, _SELF_TEST_TEXT, padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature:
+        raise KeyFileError(
+            f"{source} makes signatures its own public key does not verify: the numbers in it "
+            "do not belong together (a damaged or hand-edited key; `kiosk check` says more)"
+        ) from None
+
+
+def _load_private_key(pem: bytes, source: str, full_check: bool) -> rsa.RSAPrivateKey:
+    skip = not full_check
     if b"-----BEGIN" not in pem:
         body = pem.strip()
         for label in (b"PRIVATE KEY", b"RSA PRIVATE KEY"):
             try:
                 wrapped = b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, body, label)
-                bare = serialization.load_pem_private_key(wrapped, password=None)
+                bare = serialization.load_pem_private_key(
+                    wrapped, password=None, unsafe_skip_rsa_key_validation=skip
+                )
             except (ValueError, TypeError):
                 continue
             if isinstance(bare, rsa.RSAPrivateKey):
                 return bare
     try:
-        key = serialization.load_pem_private_key(pem, password=None)
+        key = serialization.load_pem_private_key(
+            pem, password=None, unsafe_skip_rsa_key_validation=skip
+        )
     except (ValueError, TypeError) as exc:
+        if full_check and _loads_unchecked(pem):
+            raise KeyFileError(
+                f"{source} is an RSA key whose numbers do not belong together (its primes, or "
+                "the numbers made from them, are wrong: a damaged or hand-edited key)"
+            ) from None
         # The library's message can quote key material; say only what is wrong.
         raise KeyFileError(f"{source} is not an unencrypted PKCS#1 or PKCS#8 PEM RSA key") from (
             None if "BEGIN" in str(exc) else exc
@@ -156,6 +193,17 @@ def _load_private_key(pem: bytes, source: str) -> rsa.RSAPrivateKey:
     if not isinstance(key, rsa.RSAPrivateKey):
         raise KeyFileError(f"{source} is not an RSA key")
     return key
+
+
+def _loads_unchecked(pem: bytes) -> bool:
+    """Whether the PEM holds an RSA private key when its numbers are not checked."""
+    try:
+        key = serialization.load_pem_private_key(
+            pem, password=None, unsafe_skip_rsa_key_validation=True
+        )
+    except (ValueError, TypeError):
+        return False
+    return isinstance(key, rsa.RSAPrivateKey)
 
 
 def load_public_key(pem: bytes, source: str = "public key") -> rsa.RSAPublicKey:
