@@ -41,11 +41,12 @@ INVENTORY=/var/cache/kiosk-python-inventory.json
 HARDENING_PACKAGES=(nftables)
 # kiosk.service runs Python with PYTHONOPTIMIZE=2 (python -OO), whose byte code is a file of its
 # own (*.opt-2.pyc). The root is read-only when the kiosk runs, so --inside compiles it for every
-# module `kiosk run` loads in any configuration (each scanner, lights, vend link, telemetry).
+# module `kiosk run` loads in any configuration (each scanner, lights, vend link, telemetry, the
+# clock asked of the kernel).
 DAEMON_MODULES=(kiosk.cli kiosk.daemon kiosk.telemetry kiosk.mqtt_link kiosk.alipay.pinning
 	drivers.scanner_evdev drivers.scanner_serial drivers.scanner_fake drivers.indicator_gpio
 	drivers.indicator_fake drivers.vend_serial drivers.vend_relay drivers.vend_mdb
-	drivers.vend_fake cryptography.x509 paho.mqtt.client gpiozero.pins.lgpio)
+	drivers.vend_fake cryptography.x509 paho.mqtt.client gpiozero.pins.lgpio ctypes)
 # Consoles a keyboard on a public USB port could reach, and keys that reboot: masked.
 MASKED_UNITS=(getty@.service serial-getty@.service autovt@.service console-getty.service
 	container-getty@.service getty-static.service debug-shell.service ctrl-alt-del.target)

@@ -20,11 +20,13 @@ from tests.conftest import MD5_KEY, PARTNER
 # Loaded by other commands only (or by a config with a mistake in it), or by nothing the
 # daemon does: requests' character set guessing (the kiosk reads answers as bytes), x509
 # (only a pinned TLS connection needs it), ctypes.util and subprocess (libc is already loaded),
-# and telemetry without a [telemetry] section.
+# ctypes itself (only while timesyncd has not said the clock is synchronised, and never with
+# require_synced_clock = false), and telemetry without a [telemetry] section.
 NOT_FOR_THE_DAEMON = (
     "charset_normalizer",
     "chardet",
     "cryptography.x509",
+    "ctypes",
     "ctypes.util",
     "subprocess",
     "difflib",
