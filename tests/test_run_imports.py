@@ -21,7 +21,8 @@ from tests.conftest import MD5_KEY, PARTNER
 # daemon does: requests' character set guessing (the kiosk reads answers as bytes), x509
 # (only a pinned TLS connection needs it), ctypes.util and subprocess (libc is already loaded),
 # ctypes itself (only while timesyncd has not said the clock is synchronised, and never with
-# require_synced_clock = false), and telemetry without a [telemetry] section.
+# require_synced_clock = false), xml.sax (only writing an answer, the simulator's part, needs
+# it), and telemetry without a [telemetry] section.
 NOT_FOR_THE_DAEMON = (
     "charset_normalizer",
     "chardet",
@@ -38,6 +39,7 @@ NOT_FOR_THE_DAEMON = (
     "kiosk.bundle",
     "drivers.mdb_board",
     "http.server",
+    "xml.sax",
     "socketserver",
     "kiosk.telemetry",
     "kiosk.ha_discovery",
