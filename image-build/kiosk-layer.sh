@@ -242,12 +242,15 @@ install_python_packages() {
 	"${VENV}/bin/pip" check
 }
 
-# The service's byte code (see DAEMON_MODULES): importing each module with the service's
-# PYTHONOPTIMIZE writes its *.opt-2.pyc, and those of the standard library modules it loads.
+# The service's byte code (see DAEMON_MODULES): importing each module with the Python settings
+# of the unit (its Environment=PYTHON* lines, PYTHONOPTIMIZE=2 among them; writing byte code
+# allowed) writes its *.opt-2.pyc, and those of the standard library modules it loads.
 compile_for_the_service() {
-	local imports
+	local imports settings
 	imports="$(printf 'import %s\n' "${DAEMON_MODULES[@]}")"
-	env -u PYTHONDONTWRITEBYTECODE PYTHONOPTIMIZE=2 "${VENV}/bin/python" -c "${imports}"
+	mapfile -t settings < <(sed -n 's/^Environment=\(PYTHON[A-Z_]*=.*\)$/\1/p' \
+		"${UNIT_DIR}/kiosk.service" | grep -v '^PYTHONDONTWRITEBYTECODE=')
+	env -u PYTHONDONTWRITEBYTECODE "${settings[@]}" "${VENV}/bin/python" -c "${imports}"
 }
 
 # What Python runs the kiosk: pip's inventory of the venv and the system packages it sees, each
