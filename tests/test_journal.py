@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from kiosk.errors import JournalCorrupt, JournalError, JournalTooNew
-from kiosk.journal import JOURNAL_FILE, SCHEMA_VERSION, Journal, TxnState
+from kiosk.journal import (
+    CHECK_CACHE_KIB,
+    JOURNAL_FILE,
+    PAGE_CACHE_KIB,
+    SCHEMA_VERSION,
+    Journal,
+    TxnState,
+)
 from tests.conftest import FakeBootClock
 
 CODE = "286512345678901234"
@@ -148,6 +155,28 @@ def test_listing_shows_unfinished_plus_the_last_finished(tmp_path: Path) -> None
         assert len(listed) == 21
         assert sum(1 for t in listed if not t.final) == 1
         assert len(journal.listing(include_all=True)) == 25
+
+
+def test_the_check_reads_through_a_small_cache_and_the_reader_keeps_the_usual_one(
+    tmp_path: Path,
+) -> None:
+    with Journal(tmp_path) as journal:
+        _open(journal)
+    checked: list[int] = []
+    reader = Journal.__new__(Journal)
+    reader.path = tmp_path / JOURNAL_FILE
+    conn = sqlite3.connect(reader.path)
+    conn.set_trace_callback(
+        lambda sql: (
+            checked.append(conn.execute("PRAGMA cache_size").fetchone()[0])
+            if sql == "PRAGMA quick_check"
+            else None
+        )
+    )
+    reader._check_sound(conn)
+    assert checked == [-CHECK_CACHE_KIB]
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -PAGE_CACHE_KIB
+    conn.close()
 
 
 def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(tmp_path: Path) -> None:
