@@ -248,7 +248,7 @@ install_python_packages() {
 compile_for_the_service() {
 	local imports settings
 	imports="$(printf 'import %s\n' "${DAEMON_MODULES[@]}")"
-	mapfile -t settings < <(sed -n 's/^Environment=\(PYTHON[A-Z_]*=.*\)$/\1/p' \
+	mapfile -t settings < <(sed -n 's/^Environment=\(PYTHON[A-Z0-9_]*=.*\)$/\1/p' \
 		"${UNIT_DIR}/kiosk.service" | grep -v '^PYTHONDONTWRITEBYTECODE=')
 	env -u PYTHONDONTWRITEBYTECODE "${settings[@]}" "${VENV}/bin/python" -c "${imports}"
 }
