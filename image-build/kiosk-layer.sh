@@ -41,11 +41,13 @@ INVENTORY=/var/cache/kiosk-python-inventory.json
 HARDENING_PACKAGES=(nftables)
 # kiosk.service runs Python with PYTHONOPTIMIZE=2 (python -OO), whose byte code is a file of its
 # own (*.opt-2.pyc). The root is read-only when the kiosk runs, so --inside compiles it for every
-# module `kiosk run` loads in any configuration (each scanner, lights, vend link, telemetry).
+# module `kiosk run` loads in any configuration (each scanner, lights, vend link, telemetry, the
+# clock asked of the kernel).
 DAEMON_MODULES=(kiosk.cli kiosk.daemon kiosk.scanner_hold kiosk.telemetry kiosk.mqtt_link
 	kiosk.alipay.pinning drivers.scanner_evdev drivers.scanner_serial drivers.scanner_fake
 	drivers.indicator_gpio drivers.indicator_fake drivers.vend_serial drivers.vend_relay
-	drivers.vend_mdb drivers.vend_fake cryptography.x509 paho.mqtt.client gpiozero.pins.lgpio)
+	drivers.vend_mdb drivers.vend_fake cryptography.x509 paho.mqtt.client gpiozero.pins.lgpio
+	ctypes)
 # Consoles a keyboard on a public USB port could reach, and keys that reboot: masked.
 MASKED_UNITS=(getty@.service serial-getty@.service autovt@.service console-getty.service
 	container-getty@.service getty-static.service debug-shell.service ctrl-alt-del.target)
@@ -241,12 +243,15 @@ install_python_packages() {
 	"${VENV}/bin/pip" check
 }
 
-# The service's byte code (see DAEMON_MODULES): importing each module with the service's
-# PYTHONOPTIMIZE writes its *.opt-2.pyc, and those of the standard library modules it loads.
+# The service's byte code (see DAEMON_MODULES): importing each module with the Python settings
+# of the unit (its Environment=PYTHON* lines, PYTHONOPTIMIZE=2 among them; writing byte code
+# allowed) writes its *.opt-2.pyc, and those of the standard library modules it loads.
 compile_for_the_service() {
-	local imports
+	local imports settings
 	imports="$(printf 'import %s\n' "${DAEMON_MODULES[@]}")"
-	env -u PYTHONDONTWRITEBYTECODE PYTHONOPTIMIZE=2 "${VENV}/bin/python" -c "${imports}"
+	mapfile -t settings < <(sed -n 's/^Environment=\(PYTHON[A-Z0-9_]*=.*\)$/\1/p' \
+		"${UNIT_DIR}/kiosk.service" | grep -v '^PYTHONDONTWRITEBYTECODE=')
+	env -u PYTHONDONTWRITEBYTECODE "${settings[@]}" "${VENV}/bin/python" -c "${imports}"
 }
 
 # What Python runs the kiosk: pip's inventory of the venv and the system packages it sees, each

@@ -1401,9 +1401,9 @@ class Kiosk:
                 what = "scanner" if kind == "scanner_down" else "vend link"
                 self.alarms.raise_(kind, f"{what} down for {now - down:.0f} s")
         self._check_disk()
-        figures = self.figures.read(self._wall())
-        if figures is not None:
-            refs = set(figures.attention_refs)
+        attention = self.figures.attention_refs()
+        if attention is not None:
+            refs = set(attention)
             for ref in refs:
                 self.alarms.raise_("attention", "a transaction needs a person", key=ref, ref=ref)
             self.alarms.keep_only("attention", refs)

@@ -248,6 +248,9 @@ CREATE INDEX IF NOT EXISTS requests_ref ON requests (ref);
 # 2000 KiB). A sale touches a few pages at the journal's end; a year of sales would otherwise
 # fill the whole default with pages that start-up's check and the reports read once.
 PAGE_CACHE_KIB = 256
+# While `quick_check` reads every page once: a small cache checks as fast, and a connection
+# that goes on reading (the figures' own) keeps no cache full of pages read only once.
+CHECK_CACHE_KIB = 64
 
 # How long a statement waits for another connection's lock (a reader, `kiosk journal` in
 # another process) before it fails busy.
@@ -485,8 +488,9 @@ class Journal:
                 "it was left untouched — move it aside to start a new journal"
             )
         try:
-            conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")  # also while it checks
+            conn.execute(f"PRAGMA cache_size = -{CHECK_CACHE_KIB}")
             rows = conn.execute("PRAGMA quick_check").fetchall()
+            conn.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
         except sqlite3.DatabaseError as exc:
             raise self._classify(exc) from None
         problems = [r[0] for r in rows if r[0] != "ok"]
@@ -1206,6 +1210,18 @@ class Journal:
                 (self._now_iso(),),
             )
 
+    def attention_refs(self) -> tuple[str, ...]:
+        """The refs of the transactions that need a person, sorted (through the
+        open-transactions index: no day's sales are read)."""
+        with self._lock:
+            try:
+                rows = self._conn.execute(
+                    "SELECT ref FROM transactions WHERE final=0 AND state='attention'"
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise self._classify(exc) from None
+        return tuple(sorted(str(ref) for (ref,) in rows))
+
     def figures(self, day_start: str) -> JournalFigures:
         """What telemetry reports (SPEC section 8): the refs that need a person, how many
         transactions are unfinished, sales vended since `day_start` (ISO UTC, as created_at
@@ -1216,7 +1232,8 @@ class Journal:
                 open_rows = self._conn.execute(
                     "SELECT ref, state FROM transactions WHERE final=0"
                 ).fetchall()
-                today: list[str] = []
+                sales_today = 0
+                amount = Decimal(0)
                 older_in_a_row = 0
                 # Newest first; rows are written in time order, so stop a little past the
                 # first ones from before today (a few more allow for a clock set back).
@@ -1229,8 +1246,11 @@ class Journal:
                             break
                         continue
                     older_in_a_row = 0
-                    if state == "vended":
-                        today.append(amount_text)
+                    if state == "vended":  # summed as read: a busy day is not held in a list
+                        sales_today += 1
+                        # An unreadable amount is the reader's problem, not telemetry's.
+                        with contextlib.suppress(ArithmeticError):
+                            amount += Decimal(amount_text)
                 last = self._conn.execute(
                     "SELECT updated_at FROM transactions WHERE state='vended' "
                     "ORDER BY seq DESC LIMIT 1"
@@ -1238,16 +1258,10 @@ class Journal:
             except sqlite3.Error as exc:
                 raise self._classify(exc) from None
         attention = sorted(str(ref) for ref, state in open_rows if state == "attention")
-        amount = Decimal(0)
-        for text in today:
-            try:
-                amount += Decimal(text)
-            except ArithmeticError:
-                continue  # an unreadable amount is the reader's problem, not telemetry's
         return JournalFigures(
             unfinished=len(open_rows) - len(attention),
             attention_refs=tuple(attention),
-            sales_today=len(today),
+            sales_today=sales_today,
             amount_today=amount,
             last_sale_at=last[0] if last else None,
         )

@@ -44,11 +44,12 @@ FAKETIME_PACKAGE = "faketime (Debian/Ubuntu: apt-get install faketime)"
 
 
 def service_python_env() -> dict[str, str]:
-    """The Python settings systemd/kiosk.service runs the daemon with (its `Environment=PYTHON*`
-    lines: no bytecode written, `python -OO`): to run the daemon as a kiosk runs it."""
+    """The Python and locale settings systemd/kiosk.service runs the daemon with (its
+    `Environment=PYTHON*` and `Environment=LC_*` lines: no bytecode written, `python -OO`, the
+    C locale in UTF-8 mode): to run the daemon as a kiosk runs it."""
     found: dict[str, str] = {}
     for line in (ROOT / "systemd" / "kiosk.service").read_text().splitlines():
-        if line.startswith("Environment=PYTHON"):
+        if line.startswith(("Environment=PYTHON", "Environment=LC_")):
             name, _, value = line.removeprefix("Environment=").partition("=")
             found[name] = value
     return found

@@ -34,6 +34,14 @@ def test_timesyncds_flag_says_synchronised_when_the_kernel_cannot(tmp_path: Path
     assert clock_synchronised(lambda: (TIME_ERROR, STA_UNSYNC), flag) is True
 
 
+def test_the_kernel_is_not_asked_once_timesyncd_says_synchronised(tmp_path: Path) -> None:
+    flag = tmp_path / "synchronized"
+    flag.touch()
+    asked: list[bool] = []
+    assert clock_synchronised(lambda: asked.append(True) or None, flag) is True
+    assert asked == []  # so a kiosk on a synchronised clock never loads ctypes
+
+
 def test_the_real_kernel_answers_or_is_refused_without_an_exception() -> None:
     state = kernel_clock_state()
     assert state is None or (isinstance(state[0], int) and isinstance(state[1], int))

@@ -333,14 +333,15 @@ def test_sighup_during_a_vend_keeps_the_sale_and_the_new_price_applies_after_it(
 def test_the_daemon_as_the_service_runs_it_keeps_the_money_rules(
     tmp_path: Path, simulator: GatewaySimulator
 ) -> None:
-    """With kiosk.service's Python settings (`python -OO`: no asserts, no docstrings) a paid
-    sale is vended, a declined one denied, a failed vend reversed and a garbage scan refused."""
+    """With kiosk.service's Python settings (`python -OO`: no asserts, no docstrings; the C
+    locale in UTF-8 mode) a paid sale is vended, a declined one denied, a failed vend reversed
+    and a garbage scan refused."""
     rig = DaemonRig(tmp_path, simulator, declined_hold_s=0.5)
     rig.start(extra_env=service_python_env())
     try:
         assert rig.proc is not None
         environ = Path(f"/proc/{rig.proc.pid}/environ").read_bytes().split(b"\0")
-        assert b"PYTHONOPTIMIZE=2" in environ
+        assert {b"PYTHONOPTIMIZE=2", b"LC_ALL=C", b"PYTHONUTF8=1"} <= set(environ)
         paid = sell_and_vend(rig, 1)
         rig.wait_log(lambda e: e.get("event") == "payment.result" and e.get("ref") == paid, 10)
         rig.wait_log(lambda e: e.get("event") == "indicator" and e.get("state") == "ready", 5)

@@ -126,6 +126,36 @@ def test_layer_is_rerunnable_over_its_own_output(root: Path) -> None:
     assert (root / WANTS / "kiosk.service").is_symlink()
 
 
+def test_the_service_byte_code_is_compiled_with_the_units_python_settings(
+    tmp_path: Path,
+) -> None:
+    """--inside compiles the daemon's modules with the unit's Environment=PYTHON* settings
+    (writing byte code allowed), so the service finds its byte code on a read-only root."""
+    venv = tmp_path / "venv"
+    python = venv / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\nenv | grep "^PYTHON" | sort > "$(dirname "$0")/env"\n')
+    python.chmod(0o755)
+    function = re.search(r"^compile_for_the_service\(\) \{$.*?^\}$", LAYER.read_text(), re.M | re.S)
+    assert function is not None
+    script = "\n".join(
+        [
+            "set -euo pipefail",
+            f"UNIT_DIR={REPO / 'systemd'}",
+            f"VENV={venv}",
+            "DAEMON_MODULES=(kiosk.daemon)",
+            function.group(0),
+            "PYTHONDONTWRITEBYTECODE=1 compile_for_the_service",
+        ]
+    )
+    subprocess.run(["bash", "-c", script], env={"PATH": "/usr/bin:/bin"}, check=True, timeout=30)
+    unit = (REPO / "systemd" / "kiosk.service").read_text().splitlines()
+    settings = [line.removeprefix("Environment=") for line in unit]
+    wanted = [s for s in settings if s.startswith("PYTHON") and "DONTWRITEBYTECODE" not in s]
+    assert {"PYTHONOPTIMIZE=2", "PYTHONNODEBUGRANGES=1"} <= set(wanted)
+    assert (venv / "bin" / "env").read_text().split() == sorted(wanted)
+
+
 def test_image_build_has_every_script() -> None:
     names = {str(script.relative_to(IMAGE_BUILD)) for script in SCRIPTS}
     assert {

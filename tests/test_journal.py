@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from kiosk.errors import JournalCorrupt, JournalError, JournalTooNew
-from kiosk.journal import JOURNAL_FILE, SCHEMA_VERSION, Journal, TxnState
+from kiosk.journal import (
+    CHECK_CACHE_KIB,
+    JOURNAL_FILE,
+    PAGE_CACHE_KIB,
+    SCHEMA_VERSION,
+    Journal,
+    TxnState,
+)
 from tests.conftest import FakeBootClock
 
 CODE = "286512345678901234"
@@ -109,6 +116,35 @@ def test_attention_leaves_the_active_set_but_is_listed(tmp_path: Path) -> None:
         assert [t.state for t in journal.listing()] == [TxnState.ATTENTION]
 
 
+def test_attention_refs_are_the_open_transactions_in_attention_only(tmp_path: Path) -> None:
+    with Journal(tmp_path) as journal:
+        for ref in ("VM-1-20261126000002-bb", "VM-1-20261126000001-aa"):
+            journal.update(_open(journal, ref), state=TxnState.ATTENTION, note="refund refused")
+        _open(journal, "VM-1-20261126000003-cc")  # open, not in attention
+        settled = journal.update(_open(journal, "VM-1-20261126000004-dd"), state=TxnState.ATTENTION)
+        journal.resolve_attention(settled.ref, by="tech", note="refunded by hand")
+        assert journal.attention_refs() == ("VM-1-20261126000001-aa", "VM-1-20261126000002-bb")
+
+
+def test_figures_count_the_days_vended_sales_and_sum_the_readable_amounts(
+    tmp_path: Path,
+) -> None:
+    with Journal(tmp_path) as journal:
+        for i in range(4):
+            txn = _open(journal, f"VM-1-2026112600000{i}-aa")
+            if i < 3:
+                journal.update(txn, state=TxnState.VENDED)
+        with journal._lock:  # one amount this firmware cannot read
+            journal._conn.execute(
+                "UPDATE transactions SET amount='n/a' WHERE ref='VM-1-20261126000002-aa'"
+            )
+        figures = journal.figures("2000-01-01T00:00:00.000Z")
+        assert figures.sales_today == 3
+        assert figures.amount_today == Decimal("3.00")
+        assert figures.unfinished == 1
+        assert journal.figures("2999-01-01T00:00:00.000Z").sales_today == 0
+
+
 def test_listing_shows_unfinished_plus_the_last_finished(tmp_path: Path) -> None:
     with Journal(tmp_path) as journal:
         for i in range(25):
@@ -119,6 +155,28 @@ def test_listing_shows_unfinished_plus_the_last_finished(tmp_path: Path) -> None
         assert len(listed) == 21
         assert sum(1 for t in listed if not t.final) == 1
         assert len(journal.listing(include_all=True)) == 25
+
+
+def test_the_check_reads_through_a_small_cache_and_the_reader_keeps_the_usual_one(
+    tmp_path: Path,
+) -> None:
+    with Journal(tmp_path) as journal:
+        _open(journal)
+    checked: list[int] = []
+    reader = Journal.__new__(Journal)
+    reader.path = tmp_path / JOURNAL_FILE
+    conn = sqlite3.connect(reader.path)
+    conn.set_trace_callback(
+        lambda sql: (
+            checked.append(conn.execute("PRAGMA cache_size").fetchone()[0])
+            if sql == "PRAGMA quick_check"
+            else None
+        )
+    )
+    reader._check_sound(conn)
+    assert checked == [-CHECK_CACHE_KIB]
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -PAGE_CACHE_KIB
+    conn.close()
 
 
 def test_a_file_that_is_not_a_database_is_refused_and_left_untouched(tmp_path: Path) -> None:

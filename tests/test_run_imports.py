@@ -23,11 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 # Loaded by other commands only (or by a config with a mistake in it), or by nothing the
 # daemon does: requests' character set guessing (the kiosk reads answers as bytes), x509
 # (only a pinned TLS connection needs it), ctypes.util and subprocess (libc is already loaded),
-# and telemetry without a [telemetry] section.
+# ctypes itself (only while timesyncd has not said the clock is synchronised, and never with
+# require_synced_clock = false), xml.sax (only writing an answer, the simulator's part, needs
+# it), and telemetry without a [telemetry] section.
 NOT_FOR_THE_DAEMON = (
     "charset_normalizer",
     "chardet",
     "cryptography.x509",
+    "ctypes",
     "ctypes.util",
     "subprocess",
     "difflib",
@@ -40,6 +43,7 @@ NOT_FOR_THE_DAEMON = (
     "kiosk.keygen",
     "drivers.mdb_board",
     "http.server",
+    "xml.sax",
     "socketserver",
     "kiosk.telemetry",
     "kiosk.ha_discovery",
