@@ -28,7 +28,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kiosk.alipay.signing import SignType, load_private_key, load_public_key
+from kiosk.alipay.signing import MIN_KEY_BITS, SignType, load_private_key, load_public_key
 from kiosk.config_keys import (
     KNOWN_LAYOUTS as KNOWN_LAYOUTS,
 )
@@ -977,11 +977,12 @@ class _Checker:
             else load_public_key(data, what)
         )
         size = loaded.key_size
-        if size < 2048:
+        if size < MIN_KEY_BITS:
             self.problem(
                 s,
                 key,
-                f"{what}: an RSA key of {size} bits is too weak; the kiosk needs 2048 or more",
+                f"{what}: an RSA key of {size} bits is too weak; the kiosk needs {MIN_KEY_BITS} "
+                "or more",
                 "make a new pair on the kiosk with `kiosk keygen` (or openssl genrsa 2048) and "
                 "upload its public key to the merchant portal"
                 if private

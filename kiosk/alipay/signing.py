@@ -118,6 +118,9 @@ class RsaSignature:
 # clients of the sale and of the journal worker. A changed file is a new key, checked again.
 _last_private_key: tuple[bytes, rsa.RSAPrivateKey, bool] | None = None
 
+# The smallest merchant key the kiosk signs with.
+MIN_KEY_BITS = 2048
+
 # Signed and verified by a key loaded without the full check (see `load_private_key`).
 _SELF_TEST_TEXT = b"kiosk private key self-test"
 
@@ -152,25 +155,34 @@ def load_private_key(
 
 
 def _self_test(key: rsa.RSAPrivateKey, source: str) -> None:
-    raw = key.sign(_SELF_TEST_TEXT, padding.PKCS1v15(), hashes.SHA256())
-    try:
-        key.public_key().verify(raw, _SELF_TEST_TEXT, padding.PKCS1v15(), hashes.SHA256())
-    except InvalidSignature:
+    """What the full check would refuse and a signature alone would not show: a key too small,
+    a public exponent anybody's signature meets (1, or even); then one signature, verified."""
+    if key.key_size < MIN_KEY_BITS:
         raise KeyFileError(
-            f"{source} makes signatures its own public key does not verify: the numbers in it "
-            "do not belong together (a damaged or hand-edited key; `kiosk check` says more)"
-        ) from None
+            f"{source}: an RSA key of {key.key_size} bits is too weak; the kiosk needs "
+            f"{MIN_KEY_BITS} or more"
+        )
+    e = key.public_key().public_numbers().e
+    if e < 3 or e % 2 == 0:
+        raise KeyFileError(f"{source}: its public exponent is not one RSA can use")
+    damaged = KeyFileError(
+        f"{source} makes signatures its own public key does not verify: the numbers in it "
+        "do not belong together (a damaged or hand-edited key; `kiosk check` says more)"
+    )
+    try:
+        raw = key.sign(_SELF_TEST_TEXT, padding.PKCS1v15(), hashes.SHA256())
+        key.public_key().verify(raw, _SELF_TEST_TEXT, padding.PKCS1v15(), hashes.SHA256())
+    except (InvalidSignature, ValueError):  # the library's text may quote numbers: not given
+        raise damaged from None
 
 
 def _load_private_key(pem: bytes, source: str, full_check: bool) -> rsa.RSAPrivateKey:
     skip = not full_check
     if b"-----BEGIN" not in pem:
-        body = pem.strip()
         for label in (b"PRIVATE KEY", b"RSA PRIVATE KEY"):
             try:
-                wrapped = b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, body, label)
                 bare = serialization.load_pem_private_key(
-                    wrapped, password=None, unsafe_skip_rsa_key_validation=skip
+                    _wrapped(pem, label), password=None, unsafe_skip_rsa_key_validation=skip
                 )
             except (ValueError, TypeError):
                 continue
@@ -195,15 +207,28 @@ def _load_private_key(pem: bytes, source: str, full_check: bool) -> rsa.RSAPriva
     return key
 
 
+def _wrapped(body: bytes, label: bytes) -> bytes:
+    """A bare base64 body (Alipay's key tool) as the PEM it is the inside of."""
+    return b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, body.strip(), label)
+
+
 def _loads_unchecked(pem: bytes) -> bool:
-    """Whether the PEM holds an RSA private key when its numbers are not checked."""
-    try:
-        key = serialization.load_pem_private_key(
-            pem, password=None, unsafe_skip_rsa_key_validation=True
-        )
-    except (ValueError, TypeError):
-        return False
-    return isinstance(key, rsa.RSAPrivateKey)
+    """Whether the PEM (or bare base64 body) holds an RSA private key when its numbers are not
+    checked."""
+    if b"-----BEGIN" in pem:
+        texts = [pem]
+    else:
+        texts = [_wrapped(pem, label) for label in (b"PRIVATE KEY", b"RSA PRIVATE KEY")]
+    for text in texts:
+        try:
+            key = serialization.load_pem_private_key(
+                text, password=None, unsafe_skip_rsa_key_validation=True
+            )
+        except (ValueError, TypeError):
+            continue
+        if isinstance(key, rsa.RSAPrivateKey):
+            return True
+    return False
 
 
 def load_public_key(pem: bytes, source: str = "public key") -> rsa.RSAPublicKey:
