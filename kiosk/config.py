@@ -28,7 +28,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from kiosk.alipay.signing import MIN_KEY_BITS, SignType, load_private_key, load_public_key
+from kiosk.alipay.signing import (
+    MIN_KEY_BITS,
+    SignType,
+    holds_private_key,
+    load_private_key,
+    load_public_key,
+)
 from kiosk.config_keys import (
     KNOWN_LAYOUTS as KNOWN_LAYOUTS,
 )
@@ -148,11 +154,8 @@ def _key_text_kind(data: bytes) -> str:
         return "public"
     if b"-----BEGIN" in data:
         return ""
-    try:
-        load_private_key(data, full_check=False)  # only to tell it apart; `rsa_key` checks it
+    if holds_private_key(data):  # only to tell it apart; `rsa_key` checks it
         return "private"
-    except KeyFileError:
-        pass
     try:
         load_public_key(data)
         return "public"
@@ -365,10 +368,8 @@ class _Checker:
         check_key_modes: bool,
         check_devices: bool,
         boot_cmdlines: Sequence[Path] = BOOT_CMDLINES,
-        full_key_check: bool = True,
     ) -> None:
         self.boot_cmdlines = boot_cmdlines
-        self.full_key_check = full_key_check
         self.file = file
         self.index = index
         self.base = base
@@ -971,11 +972,7 @@ class _Checker:
         if wrong is not None:
             self.problem(s, key, f"{what}: {wrong[0]}", wrong[1])
             return None
-        loaded = (
-            load_private_key(data, what, full_check=self.full_key_check)
-            if private
-            else load_public_key(data, what)
-        )
+        loaded = load_private_key(data, what) if private else load_public_key(data, what)
         size = loaded.key_size
         if size < MIN_KEY_BITS:
             self.problem(
@@ -1415,10 +1412,9 @@ def load_config(path: Path) -> Config:
     """Read and validate the config; raise `ConfigInvalid` if it has any error.
 
     Warnings are logged, not raised. Device paths are not checked here: a scanner may be
-    plugged in after the daemon starts. The merchant's private key gets the daemon's check, a
-    signature made and verified, not the full one of `kiosk check` (see `load_private_key`).
+    plugged in after the daemon starts.
     """
-    config, problems = check_config(path, check_devices=False, full_key_check=False)
+    config, problems = check_config(path, check_devices=False)
     errors = [p for p in problems if not p.warning]
     if errors or config is None:
         raise ConfigInvalid(errors or problems)
@@ -1517,13 +1513,11 @@ def check_config(
     check_key_modes: bool = True,
     check_devices: bool = True,
     boot_cmdlines: Sequence[Path] = BOOT_CMDLINES,
-    full_key_check: bool = True,
 ) -> tuple[Config | None, list[ConfigProblem]]:
     """Validate the config and everything it points at; report every problem, sorted by line.
 
     The config is returned only when there is no error (warnings allowed).
     `check_key_modes=False` is for a config on the FAT boot partition, which has no modes.
-    `full_key_check=False` checks the merchant's private key by a signature alone.
     """
     parsed = _read_config(path)
     if isinstance(parsed, list):
@@ -1531,13 +1525,7 @@ def check_config(
     text, data = parsed
     name = str(path)
     checker = _Checker(
-        name,
-        LineIndex(text),
-        path.parent,
-        check_key_modes,
-        check_devices,
-        boot_cmdlines,
-        full_key_check,
+        name, LineIndex(text), path.parent, check_key_modes, check_devices, boot_cmdlines
     )
     config = checker.check(data, path)
     problems = sorted(checker.problems, key=lambda p: (p.line, p.warning))

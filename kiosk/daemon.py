@@ -119,11 +119,8 @@ def gateway_settings(config: Config) -> GatewaySettings:
             raise KeyFileError(
                 f"sign_type {a.sign_type} needs private_key_file and alipay_public_key_file"
             )
-        # The config check loaded it just before, the same way: this is its cached key.
         private = load_private_key(
-            read_secret_file(a.private_key_file, "private key file"),
-            str(a.private_key_file),
-            full_check=False,
+            read_secret_file(a.private_key_file, "private key file"), str(a.private_key_file)
         )
         try:
             public_pem = a.alipay_public_key_file.read_bytes()

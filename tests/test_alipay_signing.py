@@ -259,7 +259,7 @@ def numbers_changed(key: rsa.RSAPrivateKey, *, private_exponent_too: bool) -> by
     )
 
 
-def test_the_daemons_load_refuses_a_key_whose_signatures_its_public_half_does_not_verify(
+def test_a_key_that_signs_wrong_is_refused_when_loaded_without_a_word_of_its_numbers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from kiosk.alipay import signing
@@ -267,9 +267,9 @@ def test_the_daemons_load_refuses_a_key_whose_signatures_its_public_half_does_no
     monkeypatch.setattr(signing, "_last_private_key", None)
     pem = numbers_changed(rsa_key("merchant"), private_exponent_too=True)
     with pytest.raises(KeyFileError) as raised:
-        load_private_key(pem, "private_key_file", full_check=False)
+        load_private_key(pem, "private_key_file")
     said = str(raised.value)
-    assert said.startswith("private_key_file makes signatures its own public key does not verify")
+    assert said.startswith("private_key_file is an RSA key whose numbers do not belong together")
     assert raised.value.__cause__ is None
     for line in pem_lines(pem):
         assert line[:16] not in said
@@ -287,33 +287,3 @@ def test_the_full_check_names_a_key_whose_numbers_do_not_belong_together(
     assert str(raised.value).startswith(
         "private_key_file is an RSA key whose numbers do not belong together"
     )
-    # Its signatures are right all the same (OpenSSL checks each CRT result): the daemon,
-    # which checks a key by its signature, takes it; `kiosk check` is where it is named.
-    signer = load_private_key(pem, "private_key_file", full_check=False)
-    raw = signer.sign(b"text", padding.PKCS1v15(), hashes.SHA256())
-    rsa_key("merchant").public_key().verify(raw, b"text", padding.PKCS1v15(), hashes.SHA256())
-
-
-def test_a_key_loaded_by_the_daemon_gets_the_full_check_when_one_is_asked_for(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The daemon loads its key without cryptography's check; `kiosk check` in the same process
-    (or any caller asking for the full check) never gets that key from the cache unchecked."""
-    from kiosk.alipay import signing
-
-    pem = private_pem(rsa_key("merchant"), serialization.PrivateFormat.PKCS8)
-    skipped: list[bool] = []
-    load = signing.serialization.load_pem_private_key
-
-    def recording(data: bytes, password: bytes | None, **options: bool) -> object:
-        skipped.append(options.get("unsafe_skip_rsa_key_validation", False))
-        return load(data, password, **options)
-
-    monkeypatch.setattr(signing.serialization, "load_pem_private_key", recording)
-    monkeypatch.setattr(signing, "_last_private_key", None)
-    load_private_key(pem, full_check=False)
-    load_private_key(pem, full_check=False)
-    load_private_key(pem)
-    load_private_key(pem)
-    load_private_key(pem, full_check=False)
-    assert skipped == [True, False]

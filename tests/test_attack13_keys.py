@@ -86,16 +86,11 @@ def _no_cached_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(signing, "_last_private_key", None)
 
 
-def test_the_daemons_load_of_a_key_too_small_to_sign_is_a_key_error() -> None:
-    with pytest.raises(KeyFileError):
-        signing.load_private_key(tiny_key_pem(), "private_key_file", full_check=False)
-
-
 def test_the_daemons_load_of_a_key_with_a_zeroed_prime_is_a_key_error(
     good: rsa.RSAPrivateNumbers,
 ) -> None:
     with pytest.raises(KeyFileError) as raised:
-        signing.load_private_key(zero_prime_pem(good), "private_key_file", full_check=False)
+        signing.load_private_key(zero_prime_pem(good), "private_key_file")
     assert str(raised.value).startswith("private_key_file ")
 
 
@@ -104,7 +99,7 @@ def test_the_daemons_load_refuses_a_key_with_public_exponent_one(
 ) -> None:
     """`kiosk check` refuses it; `kiosk run` must not sell with it either."""
     with pytest.raises(KeyFileError):
-        signing.load_private_key(exponent_one_pem(good), "private_key_file", full_check=False)
+        signing.load_private_key(exponent_one_pem(good), "private_key_file")
 
 
 def _site(tmp_path: Path, key: bytes) -> Path:

@@ -62,9 +62,10 @@ def composite_prime_public() -> rsa.RSAPublicKey:
     return rsa.RSAPublicNumbers(e, n).public_key()
 
 
-# Tries of a load whose self-test passes half the time: all refused by chance 1 in 2**n.
+# Tries of a load that a check by one signature passed half the time (all refused by chance
+# 1 in 2**n): the load must refuse it every time.
 ATTEMPTS = 16
-DAEMON_ATTEMPTS = 10
+DAEMON_ATTEMPTS = 2
 
 
 @pytest.fixture(autouse=True)
@@ -96,9 +97,7 @@ def test_the_daemon_never_takes_a_key_whose_signatures_are_wrong_half_the_time()
     for _ in range(ATTEMPTS):
         signing._last_private_key = None
         try:
-            key = signing.load_private_key(
-                composite_prime_pem(), "private_key_file", full_check=False
-            )
+            key = signing.load_private_key(composite_prime_pem(), "private_key_file")
         except KeyFileError:
             continue
         wrong = [i for i in range(64) if not _signs_right(key, b"out_trade_no=VM-RIG-%d" % i)]
@@ -127,7 +126,7 @@ def test_kiosk_run_with_a_key_whose_signatures_are_wrong_half_the_time_is_out_of
         key = tmp_path / "keys" / "merchant_private_key.pem"
         key.write_bytes(composite_prime_pem())
         key.chmod(0o600)
-        for _ in range(DAEMON_ATTEMPTS):  # the self-test's coin toss: see above
+        for _ in range(DAEMON_ATTEMPTS):  # see ATTEMPTS
             rig.start(wait_ready=False, extra_env=service_python_env())
             first = rig.wait_log(
                 lambda e: e.get("event") in ("kiosk.ready", "config.invalid"),
@@ -137,6 +136,7 @@ def test_kiosk_run_with_a_key_whose_signatures_are_wrong_half_the_time_is_out_of
             assert first.get("event") == "config.invalid", rig.raw_log[-10:]
             assert str(key) in str(first.get("problem", "")), first
             assert not any("Traceback" in line for line in rig.raw_log)
+            rig.wait_log(lambda e: e.get("event") == "kiosk.out_of_service", 30, "out of service")
             rig.signal(signal.SIGTERM)
             assert rig.wait_exit() == 0
     finally:
@@ -159,7 +159,7 @@ def test_the_daemon_refuses_a_key_whose_modulus_is_a_square() -> None:
     n = P * P
     assert math.isqrt(n) == P  # what anybody holding the public key can do
     with pytest.raises(KeyFileError):
-        signing.load_private_key(square_modulus_pem(), "private_key_file", full_check=False)
+        signing.load_private_key(square_modulus_pem(), "private_key_file")
 
 
 def huge_private_exponent_pem(n: rsa.RSAPrivateNumbers, extra_bits: int) -> bytes:
@@ -178,7 +178,7 @@ def test_the_daemon_refuses_a_private_exponent_far_longer_than_its_modulus(
 ) -> None:
     pem = huge_private_exponent_pem(good, 200_000)
     with pytest.raises(KeyFileError):
-        signing.load_private_key(pem, "private_key_file", full_check=False)
+        signing.load_private_key(pem, "private_key_file")
 
 
 def exponent_beyond_modulus_pem(n: rsa.RSAPrivateNumbers) -> bytes:
@@ -189,20 +189,6 @@ def exponent_beyond_modulus_pem(n: rsa.RSAPrivateNumbers) -> bytes:
     e = pub.e + lam * ((1 << 3000) // lam + 1)
     d = pow(e, -1, lam)
     return pkcs1_pem(pub.n, e, d, n.p, n.q, d % (n.p - 1), d % (n.q - 1), n.iqmp)
-
-
-def test_check_names_a_key_the_daemon_refuses_for_its_public_exponent(
-    tmp_path: Path, good: rsa.RSAPrivateNumbers
-) -> None:
-    """`kiosk run` refuses this key and says "`kiosk check` says more": kiosk check must then
-    name the problem, not pass the config."""
-    pem = exponent_beyond_modulus_pem(good)
-    with pytest.raises(KeyFileError):
-        signing.load_private_key(pem, "private_key_file", full_check=False)
-    signing._last_private_key = None
-    site = _site(tmp_path, pem)
-    _, problems = check_config(site / "kiosk.toml")
-    assert [p.line for p in problems if not p.warning] == [PRIVATE_LINE]
 
 
 def test_a_reload_to_a_key_whose_signatures_are_wrong_half_the_time_keeps_the_old_config(
@@ -216,7 +202,7 @@ def test_a_reload_to_a_key_whose_signatures_are_wrong_half_the_time_keeps_the_ol
         key = tmp_path / "keys" / "merchant_private_key.pem"
         key.write_bytes(composite_prime_pem())
         key.chmod(0o600)
-        for _ in range(ATTEMPTS):  # the self-test's coin toss: see above
+        for _ in range(ATTEMPTS):  # see ATTEMPTS
             start = len(rig.logs)
             rig.signal(signal.SIGHUP)
             index = rig.wait_log_after(

@@ -113,87 +113,48 @@ class RsaSignature:
         return f"RsaSignature({self.sign_type.value}, key=<hidden>)"
 
 
-# The last private key loaded, by the SHA-256 of its file's bytes, and whether it had the full
-# check. `kiosk run` loads the same file three times as it starts: the config check, then the
+# The last private key loaded, by the SHA-256 of its file's bytes. Loading one checks it
+# (cryptography tests both primes: about 50 ms for 2048 bits here, several times that on a Pi),
+# and `kiosk run` loads the same file three times as it starts: the config check, then the
 # clients of the sale and of the journal worker. A changed file is a new key, checked again.
-_last_private_key: tuple[bytes, rsa.RSAPrivateKey, bool] | None = None
+# The check stays whole: a key checked by its signatures alone was found to let through keys
+# that sign wrong at random (a "prime" that is not one), a modulus that is a square, and a
+# private exponent that makes every signature take seconds.
+_last_private_key: tuple[bytes, rsa.RSAPrivateKey] | None = None
 
 # The smallest merchant key the kiosk signs with.
 MIN_KEY_BITS = 2048
 
-# Signed and verified by a key loaded without the full check (see `load_private_key`).
-_SELF_TEST_TEXT = b"kiosk private key self-test"
 
-
-def load_private_key(
-    pem: bytes, source: str = "private key", *, full_check: bool = True
-) -> rsa.RSAPrivateKey:
-    """A merchant private key, PKCS#1 (`BEGIN RSA PRIVATE KEY`) or PKCS#8 PEM.
+def load_private_key(pem: bytes, source: str = "private key") -> rsa.RSAPrivateKey:
+    """A merchant private key, PKCS#1 (`BEGIN RSA PRIVATE KEY`) or PKCS#8 PEM, with
+    cryptography's full check of its numbers.
 
     Alipay's key tool writes the bare base64 body (no BEGIN/END lines); that is accepted too.
-
-    The full check (`full_check=True`: `kiosk check`, `kiosk keygen`, provisioning) is
-    cryptography's: both primes tested, every number checked against the others (about 50 ms
-    for 2048 bits here, several times that on a Pi). cryptography says to skip it only for a key
-    known to be valid: an invalid one may make OpenSSL misbehave when used. The merchant's key
-    is no stranger's: keygen and provisioning, which put it in place, check it fully. So `kiosk
-    run` (`full_check=False`) checks it by using it: one signature, made and verified with its
-    public half before the kiosk is ready, so a key whose numbers do not fit fails there, not in
-    a sale. One whose CRT numbers alone are wrong still signs right (OpenSSL verifies each CRT
-    result and falls back to the private exponent); `kiosk check` names it.
     """
     global _last_private_key
     digest = hashlib.sha256(pem).digest()
     last = _last_private_key
-    if last is not None and hmac.compare_digest(last[0], digest) and (last[2] or not full_check):
+    if last is not None and hmac.compare_digest(last[0], digest):
         return last[1]
-    key = _load_private_key(pem, source, full_check)
-    if not full_check:
-        _self_test(key, source)
-    _last_private_key = (digest, key, full_check)
+    key = _load_private_key(pem, source)
+    _last_private_key = (digest, key)
     return key
 
 
-def _self_test(key: rsa.RSAPrivateKey, source: str) -> None:
-    """What the full check would refuse and a signature alone would not show: a key too small,
-    a public exponent anybody's signature meets (1, or even); then one signature, verified."""
-    if key.key_size < MIN_KEY_BITS:
-        raise KeyFileError(
-            f"{source}: an RSA key of {key.key_size} bits is too weak; the kiosk needs "
-            f"{MIN_KEY_BITS} or more"
-        )
-    e = key.public_key().public_numbers().e
-    if e < 3 or e % 2 == 0:
-        raise KeyFileError(f"{source}: its public exponent is not one RSA can use")
-    damaged = KeyFileError(
-        f"{source} makes signatures its own public key does not verify: the numbers in it "
-        "do not belong together (a damaged or hand-edited key; `kiosk check` says more)"
-    )
-    try:
-        raw = key.sign(_SELF_TEST_TEXT, padding.PKCS1v15(), hashes.SHA256())
-        key.public_key().verify(raw, _SELF_TEST_TEXT, padding.PKCS1v15(), hashes.SHA256())
-    except (InvalidSignature, ValueError):  # the library's text may quote numbers: not given
-        raise damaged from None
-
-
-def _load_private_key(pem: bytes, source: str, full_check: bool) -> rsa.RSAPrivateKey:
-    skip = not full_check
+def _load_private_key(pem: bytes, source: str) -> rsa.RSAPrivateKey:
     if b"-----BEGIN" not in pem:
         for label in (b"PRIVATE KEY", b"RSA PRIVATE KEY"):
             try:
-                bare = serialization.load_pem_private_key(
-                    _wrapped(pem, label), password=None, unsafe_skip_rsa_key_validation=skip
-                )
+                bare = serialization.load_pem_private_key(_wrapped(pem, label), password=None)
             except (ValueError, TypeError):
                 continue
             if isinstance(bare, rsa.RSAPrivateKey):
                 return bare
     try:
-        key = serialization.load_pem_private_key(
-            pem, password=None, unsafe_skip_rsa_key_validation=skip
-        )
+        key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
-        if full_check and _loads_unchecked(pem):
+        if holds_private_key(pem):
             raise KeyFileError(
                 f"{source} is an RSA key whose numbers do not belong together (its primes, or "
                 "the numbers made from them, are wrong: a damaged or hand-edited key)"
@@ -212,9 +173,9 @@ def _wrapped(body: bytes, label: bytes) -> bytes:
     return b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, body.strip(), label)
 
 
-def _loads_unchecked(pem: bytes) -> bool:
-    """Whether the PEM (or bare base64 body) holds an RSA private key when its numbers are not
-    checked."""
+def holds_private_key(pem: bytes) -> bool:
+    """Whether the PEM (or bare base64 body) holds an RSA private key, its numbers unchecked:
+    to tell what a file is, never to sign with."""
     if b"-----BEGIN" in pem:
         texts = [pem]
     else:
