@@ -15,25 +15,13 @@ from drivers.vend_fake import FakeVendOutput
 from kiosk.alipay import client as client_module
 from kiosk.alipay.client import AlipayClient
 from kiosk.journal import Journal
-from kiosk.payment import FlowSettings, PaymentFlow, SaleResult
+from kiosk.payment import PaymentFlow, SaleResult
 from kiosk.payment_code import PaymentCode
 from kiosk.simulator import GatewaySimulator
 from tests.conftest import payment_code
+from tests.test_payment_flow import SETTINGS
 
 WAIT_S = 10.0  # for what must happen: a sale against the simulator on loopback
-
-SETTINGS = FlowSettings(
-    terminal_id="VM-TEST",
-    currency="USD",
-    trans_name="Vending purchase",
-    extend_info={"secondary_merchant_id": "M-1", "store_id": "S-1", "terminal_id": "VM-TEST"},
-    query_interval_s=0.05,
-    query_deadline_s=1.0,
-    vend_timeout_s=0.5,
-    cancel_tries_in_foreground=2,
-    retry_base_s=0.01,
-    retry_max_s=0.05,
-)
 
 
 @pytest.fixture
