@@ -236,8 +236,8 @@ class PaymentFlow:
             )
             # The row and its pay request in one commit: journaled before it is sent. The
             # code itself stays in memory (rule 6); the journal keeps its last 4 digits. The
-            # pay is signed on the client's own thread while the commit's fsync waits for the
-            # disk: neither waits for the other, and only sending waits for both.
+            # pay is signed on the client's own thread, started as the commit's fsync begins
+            # (the sign need not wait for the disk); sending waits for both.
             txn = self.journal.open_transaction(
                 ref=ref,
                 amount=amount,
