@@ -1228,10 +1228,11 @@ class Journal:
         is written) and when the last one was. Read through the open-transactions index and
         from the newest row back, so a journal of years stays quick to ask."""
         with self._lock:
+            attention = self.attention_refs()
             try:
-                open_rows = self._conn.execute(
-                    "SELECT ref, state FROM transactions WHERE final=0"
-                ).fetchall()
+                (open_count,) = self._conn.execute(
+                    "SELECT COUNT(*) FROM transactions WHERE final=0"
+                ).fetchone()
                 sales_today = 0
                 amount = Decimal(0)
                 older_in_a_row = 0
@@ -1257,10 +1258,9 @@ class Journal:
                 ).fetchone()
             except sqlite3.Error as exc:
                 raise self._classify(exc) from None
-        attention = sorted(str(ref) for ref, state in open_rows if state == "attention")
         return JournalFigures(
-            unfinished=len(open_rows) - len(attention),
-            attention_refs=tuple(attention),
+            unfinished=int(open_count) - len(attention),
+            attention_refs=attention,
             sales_today=sales_today,
             amount_today=amount,
             last_sale_at=last[0] if last else None,

@@ -806,9 +806,9 @@ SIGN_AHEAD_WAIT_S = 5.0
 
 
 class _SigningAhead:
-    """Signs a pay request on a thread of its own while the sale's thread journals the sale.
-    The RSA operation and the journal's fsync both let the interpreter go, so together they
-    take the time of the longer, not of both; the request still leaves only after its commit.
+    """Signs a pay request on a thread of its own while the sale's thread waits for the
+    journal's fsync, which lets the interpreter go (the RSA operation does not: the sale's
+    thread resumes once both are done); the request still leaves only after its commit.
     One order at a time, from one caller thread; the thread starts with its first order."""
 
     def __init__(self, sign: Callable[[PayOrder], dict[str, str]]) -> None:

@@ -144,7 +144,7 @@ def load_private_key(pem: bytes, source: str = "private key") -> rsa.RSAPrivateK
 
 def _load_private_key(pem: bytes, source: str) -> rsa.RSAPrivateKey:
     if b"-----BEGIN" not in pem:
-        for label in (b"PRIVATE KEY", b"RSA PRIVATE KEY"):
+        for label in _BARE_LABELS:
             try:
                 bare = serialization.load_pem_private_key(_wrapped(pem, label), password=None)
             except (ValueError, TypeError):
@@ -168,6 +168,10 @@ def _load_private_key(pem: bytes, source: str) -> rsa.RSAPrivateKey:
     return key
 
 
+# What a bare base64 body (Alipay's key tool) may be the inside of: PKCS#8, then PKCS#1.
+_BARE_LABELS = (b"PRIVATE KEY", b"RSA PRIVATE KEY")
+
+
 def _wrapped(body: bytes, label: bytes) -> bytes:
     """A bare base64 body (Alipay's key tool) as the PEM it is the inside of."""
     return b"-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, body.strip(), label)
@@ -176,10 +180,8 @@ def _wrapped(body: bytes, label: bytes) -> bytes:
 def holds_private_key(pem: bytes) -> bool:
     """Whether the PEM (or bare base64 body) holds an RSA private key, its numbers unchecked:
     to tell what a file is, never to sign with."""
-    if b"-----BEGIN" in pem:
-        texts = [pem]
-    else:
-        texts = [_wrapped(pem, label) for label in (b"PRIVATE KEY", b"RSA PRIVATE KEY")]
+    bare = b"-----BEGIN" not in pem
+    texts = [_wrapped(pem, label) for label in _BARE_LABELS] if bare else [pem]
     for text in texts:
         try:
             key = serialization.load_pem_private_key(
